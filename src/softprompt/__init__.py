@@ -1,0 +1,3 @@
+from .config import PromptInit, PromptTuningConfig, TaskType
+from .errors import SoftpromptError
+from .models import PromptModel, get_prompt_model

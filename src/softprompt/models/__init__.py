@@ -1,0 +1,16 @@
+"""Prompted models, one wrapper per model family; `get_prompt_model` picks the right one."""
+
+from .base import PromptModel
+from .decoder import DecoderPromptModel
+from .encoder import EncoderPromptModel
+from .factory import family_of, get_prompt_model
+from .seq2seq import Seq2SeqPromptModel
+
+__all__ = [
+    "PromptModel",
+    "EncoderPromptModel",
+    "DecoderPromptModel",
+    "Seq2SeqPromptModel",
+    "family_of",
+    "get_prompt_model",
+]

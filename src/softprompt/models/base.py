@@ -1,0 +1,168 @@
+"""What every family shares: a frozen backbone, a soft prompt spliced into the input embeddings, a head.
+
+Each batch is first re-aligned so that all padding sits on one side (the family's `pad_side`); the
+prompt is then inserted at a per-row offset. Pads therefore never sit between the prompt and the text,
+and a batch gives the same result whether the caller padded it left or right.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import PromptTuningConfig, TaskType
+from ..errors import SoftpromptError
+from ..prompt import PROMPT_FILE, PROMPT_KEY, SoftPrompt, initial_prompt
+
+HEAD_NAMES = ("classifier", "score", "classification_head")
+HEAD_PREFIX = "head."
+
+
+def align_order(mask: torch.Tensor, side: str) -> torch.Tensor:
+    """Per-row permutation that moves padding to `side`, keeping the order of the real tokens."""
+    key = mask.long() if side == "left" else (mask == 0).long()
+    return torch.argsort(key, dim=1, stable=True)
+
+
+def insertion_index(offsets: torch.Tensor, length: int, k: int) -> torch.Tensor:
+    """Gather index into cat([prompt, tokens]) that places the prompt at column offsets[i] of row i."""
+    j = torch.arange(length + k, device=offsets.device).unsqueeze(0)
+    off = offsets.unsqueeze(1)
+    return torch.where(j < off, j + k, torch.where(j < off + k, j - off, j))
+
+
+def splice(tokens: torch.Tensor, fill: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    src = torch.cat([fill, tokens], dim=1)
+    if src.dim() == 3:
+        index = index.unsqueeze(-1).expand(-1, -1, src.shape[-1])
+    return src.gather(1, index)
+
+
+class PromptModel(nn.Module):
+    """A Hugging Face model with a trainable soft prompt; everything of the base model stays frozen."""
+
+    pad_side = "right"
+    family = ""
+
+    def __init__(self, base: nn.Module, config: PromptTuningConfig, tokenizer=None) -> None:
+        super().__init__()
+        self.base = base
+        self.config = config
+        self.tokenizer = tokenizer
+        base.requires_grad_(False)
+        self.prompt = SoftPrompt(config.num_virtual_tokens, base.get_input_embeddings().embedding_dim)
+        self.head_name = self._find_head() if config.task_type is TaskType.SEQ_CLS else None
+        if self.head_name:
+            self.head.requires_grad_(True)
+
+    # -- construction ---------------------------------------------------------------------------------
+    def _find_head(self) -> str:
+        for name in HEAD_NAMES:
+            if isinstance(getattr(self.base, name, None), nn.Module):
+                return name
+        raise SoftpromptError(
+            f"{type(self.base).__name__} has no classification head; load it with AutoModelForSequenceClassification"
+        )
+
+    @property
+    def head(self) -> nn.Module | None:
+        return getattr(self.base, self.head_name) if self.head_name else None
+
+    def init_prompt(self, corpus: Iterable[str] | None = None, generator: torch.Generator | None = None) -> None:
+        embeddings = self.base.get_input_embeddings().weight
+        value = initial_prompt(self.config, embeddings, self.tokenizer, corpus, generator)
+        with torch.no_grad():
+            self.prompt.weight.copy_(value.to(self.prompt.weight.dtype))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # -- the prompted forward ------------------------------------------------------------------------
+    def _offsets(self, mask: torch.Tensor) -> torch.Tensor:
+        """Column where the prompt goes in each (already aligned) row."""
+        raise NotImplementedError
+
+    def _extra_inputs(self, mask: torch.Tensor, token_type_ids: torch.Tensor | None, fill) -> dict:
+        return {}
+
+    def prompted_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Keyword arguments for the base model, plus the alignment order and prompt offsets used."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = align_order(attention_mask, self.pad_side)
+        ids = input_ids.gather(1, order)
+        mask = attention_mask.gather(1, order)
+        batch, k = ids.shape[0], self.prompt.num_tokens
+        offsets = self._offsets(mask)
+        index = insertion_index(offsets, ids.shape[1], k)
+
+        def fill(value: torch.Tensor, constant) -> torch.Tensor:
+            return splice(value, value.new_full((batch, k), constant), index)
+
+        embeds = self.base.get_input_embeddings()(ids)
+        kwargs = {
+            "inputs_embeds": splice(embeds, self.prompt(batch).to(embeds.dtype), index),
+            "attention_mask": fill(mask, 1),
+        }
+        if token_type_ids is not None:
+            token_type_ids = token_type_ids.gather(1, order)
+        kwargs.update(self._extra_inputs(kwargs["attention_mask"], token_type_ids, fill))
+        if labels is not None:
+            if self.config.task_type is TaskType.CAUSAL_LM:
+                labels = fill(labels.gather(1, order), -100)  # virtual tokens never carry a label
+            kwargs["labels"] = labels.contiguous()
+        return kwargs, order, offsets
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        inputs, order, offsets = self.prompted_inputs(input_ids, attention_mask, token_type_ids, labels)
+        out = self.base(**inputs, **kwargs)
+        return self._postprocess(out, order, offsets)
+
+    def _postprocess(self, out, order: torch.Tensor, offsets: torch.Tensor):
+        return out
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint stores: the prompt and, for SEQ_CLS, the head."""
+        state = {PROMPT_KEY: self.prompt.weight.detach().float().contiguous().cpu()}
+        if self.head is not None:
+            for name, value in self.head.state_dict().items():
+                state[f"{HEAD_PREFIX}{name}"] = value.detach().contiguous().cpu()
+        return state
+
+    def save_prompt(self, directory: str | Path) -> Path:
+        path = Path(directory) / PROMPT_FILE
+        save_file(self.prompt_state(), str(path))
+        return path
+
+    def load_prompt(self, directory: str | Path) -> None:
+        path = Path(directory)
+        tensors = load_file(str(path / PROMPT_FILE if path.is_dir() else path))
+        prompt = tensors.pop(PROMPT_KEY)
+        if prompt.shape != self.prompt.weight.shape:
+            raise SoftpromptError(
+                f"checkpoint prompt has shape {tuple(prompt.shape)} but this model expects "
+                f"{tuple(self.prompt.weight.shape)}: the base model's hidden size or the prompt length differs"
+            )
+        with torch.no_grad():
+            self.prompt.weight.copy_(prompt)
+        head = {name[len(HEAD_PREFIX):]: t for name, t in tensors.items() if name.startswith(HEAD_PREFIX)}
+        if self.head is not None:
+            try:
+                self.head.load_state_dict(head)
+            except RuntimeError as err:
+                first = str(err).strip().splitlines()[-1].strip()
+                raise SoftpromptError(f"checkpoint head does not fit this model ({first})") from None

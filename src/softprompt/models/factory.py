@@ -1,0 +1,60 @@
+"""Pick the family wrapper for a Hugging Face model: the peft-style entry point."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from ..config import PromptTuningConfig, TaskType
+from ..errors import SoftpromptError
+from .base import PromptModel
+from .decoder import DecoderPromptModel
+from .encoder import EncoderPromptModel
+from .seq2seq import Seq2SeqPromptModel
+
+FAMILIES: dict[str, type[PromptModel]] = {
+    "encoder": EncoderPromptModel,
+    "decoder": DecoderPromptModel,
+    "seq2seq": Seq2SeqPromptModel,
+}
+
+
+def family_of(model_config) -> str:
+    """encoder (bidirectional, masked-LM pretrained), seq2seq, or decoder (everything causal)."""
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if model_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    return "decoder"
+
+
+def get_prompt_model(
+    model: nn.Module,
+    config: PromptTuningConfig,
+    tokenizer=None,
+    corpus: Iterable[str] | None = None,
+    generator: torch.Generator | None = None,
+) -> PromptModel:
+    """Wrap `model` (frozen from here on) with a soft prompt initialised as `config.init` says.
+
+    `corpus` (e.g. the training texts) is where token frequencies for vocabulary init are counted.
+    """
+    family = family_of(model.config)
+    allowed = {
+        "encoder": {TaskType.SEQ_CLS},
+        "decoder": {TaskType.SEQ_CLS, TaskType.CAUSAL_LM},
+        "seq2seq": {TaskType.SEQ_2_SEQ_LM},  # T5ForSequenceClassification cannot take inputs_embeds
+    }[family]
+    if config.task_type not in allowed:
+        names = ", ".join(sorted(t.value for t in allowed))
+        raise SoftpromptError(f"a {family} model ({model.config.model_type}) supports task type {names}, "
+                              f"not {config.task_type.value}")
+    if family == "decoder" and config.task_type is TaskType.SEQ_CLS and model.config.pad_token_id is None:
+        model.config.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0  # pooling needs one defined
+    wrapped = FAMILIES[family](model, config, tokenizer)
+    if config.num_virtual_tokens:
+        wrapped.init_prompt(corpus, generator)
+    return wrapped

@@ -1,0 +1,111 @@
+"""The soft prompt: k trainable vectors in the model's input-embedding space, and the ways to start them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .config import PromptInit, PromptTuningConfig
+from .errors import SoftpromptError
+
+PROMPT_FILE = "prompt.safetensors"
+PROMPT_KEY = "prompt"
+
+
+class SoftPrompt(nn.Module):
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_tokens, dim))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def frequent_token_ids(tokenizer, corpus: Iterable[str] | None, top: int) -> list[int]:
+    """The `top` most frequent non-special token ids.
+
+    Frequency is counted on the task's own training texts when they are given. Without them it is
+    approximated by id order: BPE and WordPiece vocabularies are built by merging the most frequent
+    pairs first, so low ids after the special and single-character block are the common words.
+    """
+    special = set(tokenizer.all_special_ids)
+    if corpus is not None:
+        counts: Counter[int] = Counter()
+        for text in corpus:
+            counts.update(i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i not in special)
+        if counts:
+            return [i for i, _ in counts.most_common(top)]
+    vocab = tokenizer.get_vocab()
+    words = sorted(i for t, i in vocab.items() if i not in special and len(t.strip("Ġ▁#")) > 1)
+    return words[:top]
+
+
+def _token_embedding_mean(tokenizer, embeddings: torch.Tensor, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise SoftpromptError(f"label word {text!r} tokenizes to nothing; pick a non-empty label word")
+    return embeddings[ids].mean(0)
+
+
+def load_prompt_file(path: str | Path) -> torch.Tensor:
+    path = Path(path)
+    file = path / PROMPT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise SoftpromptError(f"no prompt at {path}: give a checkpoint folder or a .safetensors prompt file")
+    tensors = load_file(str(file))
+    if PROMPT_KEY not in tensors:
+        raise SoftpromptError(f"{file} holds no '{PROMPT_KEY}' tensor; is it a softprompt checkpoint?")
+    return tensors[PROMPT_KEY]
+
+
+@torch.no_grad()
+def initial_prompt(
+    config: PromptTuningConfig,
+    embeddings: torch.Tensor,
+    tokenizer=None,
+    corpus: Iterable[str] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The starting (k, d) prompt for `config.init`, taken from the frozen input-embedding matrix."""
+    k, dim = config.num_virtual_tokens, embeddings.shape[1]
+    if config.init is PromptInit.RANDOM:
+        return torch.rand(k, dim, generator=generator, dtype=torch.float32) - 0.5
+    if config.init is PromptInit.FILE:
+        prompt = load_prompt_file(config.init_file)
+        if prompt.shape != (k, dim):
+            raise SoftpromptError(
+                f"prompt in {config.init_file} has shape {tuple(prompt.shape)}, this model needs ({k}, {dim}): "
+                "use the same prompt length and a base model with the same hidden size"
+            )
+        return prompt.float()
+    if tokenizer is None:
+        raise SoftpromptError(f"init='{config.init.value}' needs the tokenizer of the base model")
+
+    def sampled(n: int) -> torch.Tensor:
+        pool = torch.tensor(frequent_token_ids(tokenizer, corpus, config.vocab_sample_size))
+        pick = torch.randint(len(pool), (n,), generator=generator) if n > len(pool) else torch.randperm(
+            len(pool), generator=generator
+        )[:n]
+        return embeddings[pool[pick]].float()
+
+    if config.init is PromptInit.VOCAB:
+        return sampled(k)
+    if config.init is PromptInit.TEXT:
+        ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise SoftpromptError("init_text tokenizes to nothing; give a non-empty string")
+        ids = (ids * (k // len(ids) + 1))[:k]
+        return embeddings[ids].float().clone()
+    # class labels: one virtual token per label word, the rest from the vocabulary
+    rows = [_token_embedding_mean(tokenizer, embeddings, w).float() for w in config.label_words[:k]]
+    rest = sampled(k - len(rows)) if k > len(rows) else embeddings.new_zeros(0, dim).float()
+    return torch.cat([torch.stack(rows), rest]) if rows else rest

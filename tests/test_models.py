@@ -1,0 +1,160 @@
+"""Exact equivalences of the prompted forward for each family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import PromptTuningConfig, TaskType, get_prompt_model
+
+TEXTS = ["a gripping and funny film", "dull", "the plot never quite comes together , but the cast is fine"]
+ATOL = 1e-5
+
+
+def batch(tokenizer, side: str, texts=TEXTS):
+    tokenizer.padding_side = side
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    tokenizer.padding_side = "right"
+    return enc
+
+
+def wrap(model, k, task_type, tokenizer, init="random"):
+    torch.manual_seed(1)
+    return get_prompt_model(model, PromptTuningConfig(num_virtual_tokens=k, task_type=task_type, init=init), tokenizer)
+
+
+def real(logits, mask):
+    """Logits of the real tokens of each row, as a list (padding dropped)."""
+    return [row[m.bool()] for row, m in zip(logits, mask)]
+
+
+# -- zero-length prompt ------------------------------------------------------------------------------------
+def test_zero_length_prompt_is_the_base_model(tokenizer, tiny_bert, tiny_llama, tiny_t5):
+    enc = batch(tokenizer, "right")
+    with torch.no_grad():
+        base_cls = tiny_bert(**enc).logits
+        got_cls = wrap(tiny_bert, 0, "SEQ_CLS", tokenizer)(**enc).logits
+        base_lm = tiny_llama(**{k: v for k, v in enc.items() if k != "token_type_ids"}).logits
+        got_lm = wrap(tiny_llama, 0, "CAUSAL_LM", tokenizer)(enc["input_ids"], enc["attention_mask"]).logits
+        labels = enc["input_ids"][:, :4].contiguous()
+        base_s2s = tiny_t5(enc["input_ids"], enc["attention_mask"], labels=labels).logits
+        got_s2s = wrap(tiny_t5, 0, "SEQ_2_SEQ_LM", tokenizer)(enc["input_ids"], enc["attention_mask"],
+                                                               labels=labels).logits
+    torch.testing.assert_close(got_cls, base_cls, atol=ATOL, rtol=0)
+    for g, b in zip(real(got_lm, enc["attention_mask"]), real(base_lm, enc["attention_mask"])):
+        torch.testing.assert_close(g, b, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_s2s, base_s2s, atol=ATOL, rtol=0)
+
+
+# -- prompted forward == hand-built concat, one unpadded example at a time --------------------------------------
+def test_encoder_matches_hand_built_concat(tokenizer, tiny_bert):
+    model = wrap(tiny_bert, 5, "SEQ_CLS", tokenizer)
+    enc = batch(tokenizer, "right")
+    got = model(**enc).logits
+    emb = tiny_bert.get_input_embeddings()
+    for i, text in enumerate(TEXTS):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        e = emb(ids)
+        concat = torch.cat([e[:, :1], model.prompt.weight[None], e[:, 1:]], dim=1)  # [CLS] prompt text [SEP]
+        want = tiny_bert(inputs_embeds=concat, token_type_ids=torch.zeros(concat.shape[:2], dtype=torch.long)).logits
+        torch.testing.assert_close(got[i], want[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_decoder_matches_hand_built_concat(tokenizer, name, request):
+    base = request.getfixturevalue(name)
+    model = wrap(base, 6, "CAUSAL_LM", tokenizer)
+    for side in ("left", "right"):
+        enc = batch(tokenizer, side)
+        got = model(enc["input_ids"], enc["attention_mask"]).logits
+        assert got.shape[:2] == enc["input_ids"].shape  # logits line up with the caller's tokens
+        for i, text in enumerate(TEXTS):
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            concat = torch.cat([model.prompt.weight[None], base.get_input_embeddings()(ids)], dim=1)
+            want = base(inputs_embeds=concat).logits[0, 6:]
+            torch.testing.assert_close(got[i][enc["attention_mask"][i].bool()], want, atol=ATOL, rtol=0)
+
+
+def test_seq2seq_matches_hand_built_concat(tokenizer, tiny_t5):
+    model = wrap(tiny_t5, 4, "SEQ_2_SEQ_LM", tokenizer)
+    enc = batch(tokenizer, "right")
+    labels = torch.tensor([[2000, 2001, tokenizer.sep_token_id]] * len(TEXTS))
+    got = model(enc["input_ids"], enc["attention_mask"], labels=labels).logits
+    for i, text in enumerate(TEXTS):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        concat = torch.cat([model.prompt.weight[None], tiny_t5.get_input_embeddings()(ids)], dim=1)
+        want = tiny_t5(inputs_embeds=concat, labels=labels[:1]).logits
+        torch.testing.assert_close(got[i], want[0], atol=ATOL, rtol=0)
+
+
+# -- padding side never changes a result --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name,task_type",
+    [("tiny_bert", "SEQ_CLS"), ("tiny_llama", "CAUSAL_LM"), ("tiny_llama_cls", "SEQ_CLS"), ("tiny_t5", "SEQ_2_SEQ_LM")],
+)
+def test_left_and_right_padding_agree(tokenizer, name, task_type, request):
+    model = wrap(request.getfixturevalue(name), 5, task_type, tokenizer)
+    outs = {}
+    for side in ("left", "right"):
+        enc = batch(tokenizer, side)
+        kwargs = dict(attention_mask=enc["attention_mask"])
+        if task_type == "SEQ_CLS":
+            kwargs["labels"] = torch.tensor([0, 1, 1])
+        elif task_type == "CAUSAL_LM":
+            kwargs["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        else:
+            kwargs["labels"] = torch.tensor([[2000, tokenizer.sep_token_id]] * 3)
+        out = model(enc["input_ids"], **kwargs)
+        logits = real(out.logits, enc["attention_mask"]) if task_type == "CAUSAL_LM" else [out.logits]
+        outs[side] = (out.loss, logits)
+    torch.testing.assert_close(outs["left"][0], outs["right"][0], atol=ATOL, rtol=0)
+    for a, b in zip(outs["left"][1], outs["right"][1]):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_decoder_classifier_pools_last_real_token(tokenizer, tiny_llama_cls):
+    model = wrap(tiny_llama_cls, 3, "SEQ_CLS", tokenizer)
+    enc = batch(tokenizer, "right")
+    got = model(enc["input_ids"], enc["attention_mask"]).logits
+    for i, text in enumerate(TEXTS):
+        single = tokenizer(text, return_tensors="pt")
+        torch.testing.assert_close(got[i], model(single["input_ids"]).logits[0], atol=ATOL, rtol=0)
+
+
+def test_virtual_token_labels_are_ignored(tokenizer, tiny_llama):
+    model = wrap(tiny_llama, 4, "CAUSAL_LM", tokenizer)
+    enc = batch(tokenizer, "right")
+    inputs, _, offsets = model.prompted_inputs(enc["input_ids"], enc["attention_mask"], labels=enc["input_ids"])
+    for row, off in zip(inputs["labels"], offsets):
+        assert (row[off: off + 4] == -100).all()
+    assert inputs["labels"].shape[1] == enc["input_ids"].shape[1] + 4
+
+
+# -- what trains ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,task_type", [("tiny_bert", "SEQ_CLS"), ("tiny_llama", "CAUSAL_LM"),
+                                            ("tiny_t5", "SEQ_2_SEQ_LM")])
+def test_only_prompt_and_head_train(tokenizer, name, task_type, request):
+    base = request.getfixturevalue(name)
+    model = wrap(base, 4, task_type, tokenizer)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"prompt.weight"} | ({"base.classifier.weight", "base.classifier.bias"} if task_type == "SEQ_CLS"
+                                    else set())
+    assert trainable == expected
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters() if "classifier" not in n}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=0.1)
+    enc = batch(tokenizer, "right")
+    labels = {"SEQ_CLS": torch.tensor([0, 1, 1]),
+              "CAUSAL_LM": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100),
+              "SEQ_2_SEQ_LM": torch.tensor([[2000, 102]] * 3)}[task_type]
+    before = model.prompt.weight.detach().clone()
+    model.train()
+    for _ in range(3):
+        loss = model(enc["input_ids"], enc["attention_mask"], labels=labels).loss
+        loss.backward()
+        assert all(p.grad is None for n, p in base.named_parameters() if n in frozen)
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(before, model.prompt.weight)
+    for n, p in base.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n  # bit-identical backbone
