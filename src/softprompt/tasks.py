@@ -1,0 +1,132 @@
+"""Task specs: input fields, label names, metrics, and the template and verbalizer for text-to-text.
+
+Label names are in the index order the Hugging Face hub uses, so integer labels from the hub, string
+labels from the original GLUE files and 0/1 columns all map onto the same indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import SoftpromptError
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    fields: tuple[str, ...]  # input fields, as the template names them
+    labels: tuple[str, ...]  # label names by index; empty for regression
+    metrics: tuple[str, ...]  # the first one selects the best checkpoint
+    template: str = ""  # text-to-text input, with {field} slots; the label follows it
+    verbalizer: tuple[str, ...] = ()  # the words each label is generated as
+    hub: tuple[str, str | None] | None = None  # (dataset id, config) on the Hugging Face hub
+    hub_splits: tuple[str, str, str] = ("train", "validation", "test")
+    glue_folder: str | None = None  # folder name in the original GLUE distribution
+    glue_files: tuple[str, str, str] = ("train.tsv", "dev.tsv", "test.tsv")
+    columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # field/"label" -> accepted column names
+    positions: dict[str, int] = field(default_factory=dict)  # for header-less files (CoLA)
+
+    def __post_init__(self) -> None:
+        self.fields, self.labels, self.metrics = tuple(self.fields), tuple(self.labels), tuple(self.metrics)
+        self.verbalizer = tuple(self.verbalizer)
+        self.hub = tuple(self.hub) if self.hub else None
+        self.hub_splits, self.glue_files = tuple(self.hub_splits), tuple(self.glue_files)
+        self.columns = {k: tuple(v) for k, v in self.columns.items()}
+        if not self.template:
+            self.template = "\n".join(f"{f.capitalize()}: {{{f}}}" for f in self.fields) + "\nAnswer:"
+        if self.labels and not self.verbalizer:
+            self.verbalizer = tuple(f" {label}" for label in self.labels)
+        if self.labels and len(self.verbalizer) != len(self.labels):
+            raise SoftpromptError(f"task {self.name}: {len(self.labels)} labels but {len(self.verbalizer)} label words")
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.labels
+
+    def column_names(self, key: str) -> tuple[str, ...]:
+        return self.columns.get(key, ()) + (key,)
+
+    def render(self, fields: dict[str, str]) -> str:
+        return self.template.format(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskSpec":
+        return cls(**d)
+
+
+GLUE = "nyu-mll/glue"
+SUPER_GLUE = "aps/super_glue"
+PAIR = ("sentence1", "sentence2")
+YES_NO = (" no", " yes")
+
+
+def _builtin() -> dict[str, TaskSpec]:
+    tasks = [
+        TaskSpec("cola", ("sentence",), ("unacceptable", "acceptable"), ("mcc", "accuracy"),
+                 "Sentence: {sentence}\nIs this sentence grammatically correct? Answer:", YES_NO,
+                 hub=(GLUE, "cola"), glue_folder="CoLA", positions={"sentence": 3, "label": 1}),
+        TaskSpec("sst2", ("sentence",), ("negative", "positive"), ("accuracy",),
+                 "Review: {sentence}\nSentiment:", (" negative", " positive"),
+                 hub=(GLUE, "sst2"), glue_folder="SST-2"),
+        TaskSpec("mrpc", PAIR, ("not_equivalent", "equivalent"), ("accuracy", "f1"),
+                 "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nDo both sentences say the same thing? Answer:",
+                 YES_NO, hub=(GLUE, "mrpc"), glue_folder="MRPC",
+                 columns={"sentence1": ("#1 String",), "sentence2": ("#2 String",), "label": ("Quality",)}),
+        TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"),
+                 "Question 1: {question1}\nQuestion 2: {question2}\nDo both questions ask the same thing? Answer:",
+                 YES_NO, hub=(GLUE, "qqp"), glue_folder="QQP", columns={"label": ("is_duplicate",)}),
+        TaskSpec("stsb", PAIR, (), ("pearson", "spearman"),
+                 "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nSimilarity:",
+                 hub=(GLUE, "stsb"), glue_folder="STS-B", columns={"label": ("score",)}),
+        TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
+                 "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise imply the hypothesis? Answer:",
+                 (" yes", " maybe", " no"), hub=(GLUE, "mnli"),
+                 hub_splits=("train", "validation_matched", "test_matched"), glue_folder="MNLI",
+                 glue_files=("train.tsv", "dev_matched.tsv", "test_matched.tsv"),
+                 columns={"premise": ("sentence1",), "hypothesis": ("sentence2",), "label": ("gold_label",)}),
+        TaskSpec("mnli-mm", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
+                 "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise imply the hypothesis? Answer:",
+                 (" yes", " maybe", " no"), hub=(GLUE, "mnli"),
+                 hub_splits=("train", "validation_mismatched", "test_mismatched"), glue_folder="MNLI",
+                 glue_files=("train.tsv", "dev_mismatched.tsv", "test_mismatched.tsv"),
+                 columns={"premise": ("sentence1",), "hypothesis": ("sentence2",), "label": ("gold_label",)}),
+        TaskSpec("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",),
+                 "Question: {question}\nSentence: {sentence}\nDoes the sentence answer the question? Answer:",
+                 (" yes", " no"), hub=(GLUE, "qnli"), glue_folder="QNLI"),
+        TaskSpec("rte", PAIR, ("entailment", "not_entailment"), ("accuracy",),
+                 "{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:", (" True", " False"),
+                 hub=(GLUE, "rte"), glue_folder="RTE"),
+        TaskSpec("wnli", PAIR, ("not_entailment", "entailment"), ("accuracy",),
+                 "{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:", (" False", " True"),
+                 hub=(GLUE, "wnli"), glue_folder="WNLI"),
+        TaskSpec("boolq", ("passage", "question"), ("False", "True"), ("accuracy",),
+                 "Passage: {passage}\nQuestion: {question}?\nAnswer:", YES_NO, hub=(SUPER_GLUE, "boolq")),
+        TaskSpec("cb", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"),
+                 ("accuracy", "macro_f1"),
+                 "{premise}\nQuestion: {hypothesis} True, False, or Neither?\nAnswer:",
+                 (" True", " False", " Neither"), hub=(SUPER_GLUE, "cb")),
+        TaskSpec("superglue-rte", ("premise", "hypothesis"), ("entailment", "not_entailment"), ("accuracy",),
+                 "{premise}\nQuestion: {hypothesis} True or False?\nAnswer:", (" True", " False"),
+                 hub=(SUPER_GLUE, "rte")),
+        TaskSpec("wic", ("sentence1", "sentence2", "word"), ("False", "True"), ("accuracy",),
+                 "Sentence 1: {sentence1}\nSentence 2: {sentence2}\n"
+                 "Is '{word}' used with the same meaning in both sentences? Answer:", YES_NO,
+                 hub=(SUPER_GLUE, "wic")),
+        TaskSpec("rotten_tomatoes", ("text",), ("negative", "positive"), ("accuracy",),
+                 "Review: {text}\nSentiment:", (" negative", " positive")),
+    ]
+    return {t.name: t for t in tasks}
+
+
+TASKS: dict[str, TaskSpec] = _builtin()
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TaskSpec.from_dict(TASKS[name.lower()].to_dict())  # a copy: callers may change template/verbalizer
+    except KeyError:
+        raise SoftpromptError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}") from None
