@@ -1,0 +1,238 @@
+"""`softprompt train | eval | predict | info`: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+from .errors import SoftpromptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prompt tuning for frozen transformers: train only k soft-prompt vectors.")
+
+DEFAULT_BUDGET_S = 360.0
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _fmt(metrics: dict | None) -> str:
+    return "n/a" if not metrics else "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command()
+def train(
+    model: str = typer.Option("smollm2-135m", help="built-in name (smollm2-135m, minilm-l6), hub id or local folder"),
+    data: str = typer.Option("rotten_tomatoes", help="built-in dataset, CSV/TSV/JSONL file, folder (GLUE layout), "
+                                                     "or hub name such as glue/sst2"),
+    task: Optional[str] = typer.Option(None, help="built-in task spec (sst2, mrpc, rte, ...); inferred when possible"),
+    task_type: Optional[str] = typer.Option(None, help="SEQ_CLS (head), CAUSAL_LM or SEQ_2_SEQ_LM (label words)"),
+    text_column: Optional[List[str]] = typer.Option(None, help="input column(s) of a file, in the task's field order"),
+    label_column: Optional[str] = typer.Option(None, help="label column of a file"),
+    template: Optional[str] = typer.Option(None, help="text-to-text template with {field} slots"),
+    verbalizer: Optional[List[str]] = typer.Option(None, help="label word per label, in label order (repeat)"),
+    prompt_length: int = typer.Option(20, help="number of virtual tokens k"),
+    init: Optional[str] = typer.Option(None, help="random | vocab | class_labels | text | file"),
+    init_text: Optional[str] = typer.Option(None, help="text whose token embeddings start the prompt"),
+    init_file: Optional[str] = typer.Option(None, help="checkpoint folder or prompt .safetensors to start from"),
+    optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-2 adamw, 0.3 adafactor)"),
+    schedule: str = typer.Option("linear", help="linear | cosine | constant after warmup"),
+    warmup: float = typer.Option(0.05, help="warmup as a fraction of the budget"),
+    batch_size: int = typer.Option(16),
+    grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
+    max_steps: Optional[int] = typer.Option(None, help="optimizer-step budget"),
+    max_time: Optional[float] = typer.Option(None, help=f"training-time budget in seconds "
+                                                        f"(default {DEFAULT_BUDGET_S:.0f} when no budget is given)"),
+    epochs: Optional[float] = typer.Option(None, help="epoch budget"),
+    eval_every: int = typer.Option(50, help="evaluate on dev every N steps"),
+    patience: Optional[int] = typer.Option(None, help="stop after N evaluations without dev improvement"),
+    max_length: int = typer.Option(128, help="max input tokens (virtual tokens not counted)"),
+    max_train_examples: Optional[int] = typer.Option(None),
+    max_eval_examples: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0),
+    bf16: bool = typer.Option(False, help="bf16 autocast"),
+    output: str = typer.Option("runs/latest", help="run folder: best/ and last/ checkpoints, metrics.jsonl"),
+    resume: bool = typer.Option(False, help="continue the run in --output from its last/ checkpoint"),
+    baselines: bool = typer.Option(True, help="also score majority class, template alone and the untrained prompt"),
+    progress: bool = typer.Option(True, help="progress bar"),
+) -> None:
+    """Train a soft prompt. With no arguments: SmolLM2-135M on the embedded Rotten Tomatoes data."""
+    from .training import TrainConfig
+    from .training import train as run_training
+
+    _quiet_libraries()
+    budget = {"max_steps": max_steps, "max_time": max_time}
+    if max_steps is None and max_time is None and epochs is None and not resume:
+        budget["max_time"] = DEFAULT_BUDGET_S
+        typer.echo(f"budget: {DEFAULT_BUDGET_S:.0f} s of training (set --max-time, --max-steps or --epochs)")
+    cfg = TrainConfig(
+        model=model, data=data, task=task, task_type=task_type, text_columns=text_column or None,
+        label_column=label_column, template=template, verbalizer=verbalizer or None, prompt_length=prompt_length,
+        init=init, init_text=init_text, init_file=init_file, optimizer=optimizer, lr=lr, schedule=schedule,
+        warmup=warmup, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs or 1.0, eval_every=eval_every,
+        patience=patience, max_length=max_length, max_train_examples=max_train_examples,
+        max_eval_examples=max_eval_examples, seed=seed, bf16=bf16, output=output, baselines=baselines,
+        progress=progress, **budget,
+    )
+    result = run_training(cfg, resume=resume, log=typer.echo)
+    typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s")
+    for name, metrics in result.baselines.items():
+        typer.echo(f"baseline {name:<17} test  {_fmt(metrics)}")
+    typer.echo(f"dev   {_fmt(result.dev)}")
+    typer.echo(f"test  {_fmt(result.test)}")
+    typer.echo(f"checkpoint: {result.best_checkpoint}")
+
+
+def _load(checkpoint: str, model: Optional[str]):
+    from .pipeline import PromptedTask
+
+    _quiet_libraries()
+    return PromptedTask.from_checkpoint(checkpoint, model)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: str = typer.Argument(..., help="checkpoint folder (e.g. runs/latest/best)"),
+    data: Optional[str] = typer.Option(None, help="data to score (default: the data it was trained on)"),
+    split: str = typer.Option("test", help="dev | test"),
+    model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
+    batch_size: int = typer.Option(64),
+) -> None:
+    """Score a checkpoint on a labelled split and print its metrics as JSON."""
+    from .checkpoint import read_meta
+    from .data import load_data
+
+    if split not in ("dev", "test"):
+        raise SoftpromptError(f"--split must be dev or test, not {split!r}")
+    prompted = _load(checkpoint, model)
+    training = read_meta(checkpoint).get("training", {})
+    splits = load_data(data or training.get("data", ""), prompted.task, seed=training.get("seed", 0),
+                       text_columns=training.get("text_columns"), label_column=training.get("label_column"))
+    examples = getattr(splits, split)
+    if not splits.labelled(split):
+        raise SoftpromptError(f"the {split} split of {splits.source} has no labels to score against; try --split dev")
+    metrics = prompted.evaluate(examples, batch_size)
+    typer.echo(json.dumps({"checkpoint": checkpoint, "split": split, "n": len(examples), **metrics}))
+
+
+def _read_inputs(texts: list[str], file: Optional[str], fields: tuple[str, ...]):
+    from .data import Example
+
+    if file:
+        try:
+            lines = Path(file).read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise SoftpromptError(f"cannot read {file}: {err.strerror}") from None
+    elif texts:
+        lines = texts
+    else:
+        lines = sys.stdin.read().splitlines()
+    examples = []
+    for line in filter(str.strip, lines):
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise SoftpromptError(f"input line is not valid JSON: {line[:60]}") from None
+            values = {f: str(obj.get(f, "")) for f in fields}
+        else:
+            parts = line.split("\t")
+            if len(parts) != len(fields):
+                raise SoftpromptError(f"this task takes {len(fields)} field(s) ({', '.join(fields)}): give them "
+                                      "tab-separated or as a JSON object per line")
+            values = dict(zip(fields, parts))
+        examples.append(Example(values, None))
+    if not examples:
+        raise SoftpromptError("no input texts: pass them as arguments, with --file, or on stdin")
+    return examples
+
+
+@app.command()
+def predict(
+    checkpoint: str = typer.Argument(..., help="checkpoint folder"),
+    texts: Optional[List[str]] = typer.Argument(None, help="texts to classify (else --file or stdin)"),
+    file: Optional[str] = typer.Option(None, help="one input per line: text, tab-separated fields, or JSON"),
+    model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
+    batch_size: int = typer.Option(32),
+) -> None:
+    """Classify texts; prints one JSON line per input with the label and per-label scores."""
+    prompted = _load(checkpoint, model)
+    examples = _read_inputs(texts or [], file, prompted.task.fields)
+    for example, pred in zip(examples, prompted.predict(examples, batch_size)):
+        typer.echo(json.dumps({**example.fields, **pred}))
+
+
+@app.command()
+def info(checkpoint: Optional[str] = typer.Argument(None, help="checkpoint folder to describe")) -> None:
+    """Built-in models, datasets and tasks; or what a checkpoint holds."""
+    from .assets import BUILTIN_MODELS
+    from .data import BUILTIN_DATASETS
+    from .tasks import TASKS
+
+    if checkpoint:
+        from .checkpoint import read_meta
+
+        meta = read_meta(checkpoint)
+        size = sum(f.stat().st_size for f in Path(checkpoint).iterdir() if f.suffix == ".safetensors")
+        typer.echo(json.dumps({"base_model": meta["base_model"], "family": meta["family"], "prompt": meta["prompt"],
+                               "task": meta["task"]["name"], "template": meta["task"]["template"],
+                               "verbalizer": meta["task"]["verbalizer"], "step": meta.get("step"),
+                               "metrics": meta.get("metrics"), "bytes": size}, indent=2))
+        return
+    typer.echo("models:")
+    for name, text in BUILTIN_MODELS.items():
+        typer.echo(f"  {name:<16} {text}")
+    typer.echo("datasets:")
+    for name, text in BUILTIN_DATASETS.items():
+        typer.echo(f"  {name:<16} {text}")
+    typer.echo("tasks:")
+    for name, spec in TASKS.items():
+        kind = "regression" if spec.is_regression else "/".join(spec.labels)
+        typer.echo(f"  {name:<16} {', '.join(spec.fields):<28} {kind:<40} {', '.join(spec.metrics)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors become one line on stderr and exit code 2, never a traceback."""
+    from .training import TrainingInterrupted
+
+    try:
+        app(args=argv, prog_name="softprompt", standalone_mode=False)
+        return 0
+    except SoftpromptError as err:
+        _err(f"error: {err}")
+        return 2
+    except TrainingInterrupted as err:
+        _err(str(err))
+        return 130
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        _err("aborted")
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Examples -> token ids -> padded batches, for head classification and for text-to-text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import TaskType
+from .data import Example
+from .errors import SoftpromptError
+from .tasks import TaskSpec
+
+
+@dataclass
+class Feature:
+    input_ids: list[int]
+    label: int | float | None
+    token_type_ids: list[int] | None = None
+    target: list[int] | None = None  # text-to-text: token ids of the gold label words
+
+    def __len__(self) -> int:
+        return len(self.input_ids) + len(self.target or ())
+
+
+class TaskEncoder:
+    """Turns a task's examples into model inputs; the max length leaves room for the virtual tokens."""
+
+    def __init__(self, tokenizer, task: TaskSpec, task_type: TaskType, max_length: int) -> None:
+        self.tokenizer, self.task, self.task_type, self.max_length = tokenizer, task, task_type, max_length
+        if max_length < 8:
+            raise SoftpromptError(f"max input length {max_length} leaves no room for text; "
+                                  "shorten the prompt or raise --max-length")
+        self.label_ids: list[list[int]] = []
+        if task_type is not TaskType.SEQ_CLS:
+            if task.is_regression:
+                raise SoftpromptError(f"task {task.name} is regression: train it with a head (--task-type SEQ_CLS)")
+            eos = [tokenizer.eos_token_id] if task_type is TaskType.SEQ_2_SEQ_LM else []
+            self.label_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] + eos for w in task.verbalizer]
+            if any(not ids for ids in self.label_ids) or len({tuple(i) for i in self.label_ids}) < len(self.label_ids):
+                raise SoftpromptError(f"label words {task.verbalizer} must tokenize to distinct, non-empty ids")
+
+    @property
+    def text_to_text(self) -> bool:
+        return self.task_type is not TaskType.SEQ_CLS
+
+    def _prefix_ids(self, fields: dict[str, str]) -> list[int]:
+        """The rendered template, with the longest field cut (by tokens) until it fits; the tail survives."""
+        budget = self.max_length - max((len(i) for i in self.label_ids), default=0)
+        fields = dict(fields)
+        for _ in range(8):
+            ids = self.tokenizer(self.task.render(fields))["input_ids"]
+            excess = len(ids) - budget
+            if excess <= 0:
+                return ids
+            longest = max(fields, key=lambda f: len(fields[f]))
+            tokens = self.tokenizer(fields[longest], add_special_tokens=False)["input_ids"]
+            fields[longest] = self.tokenizer.decode(tokens[: max(0, len(tokens) - excess - 1)])
+        return ids[-budget:]
+
+    def encode(self, example: Example) -> Feature:
+        missing = [f for f in self.task.fields if f not in example.fields]
+        if missing:
+            raise SoftpromptError(f"example lacks field(s) {', '.join(missing)} that task {self.task.name} needs")
+        if self.text_to_text:
+            prefix = self._prefix_ids(example.fields)
+            target = self.label_ids[example.label] if example.label is not None else None
+            return Feature(prefix, example.label, target=target)
+        texts = [example.fields[f] for f in self.task.fields]
+        pair = (texts[0], " ".join(texts[1:])) if len(texts) > 1 else (texts[0],)
+        enc = self.tokenizer(*pair, truncation=True, max_length=self.max_length)
+        return Feature(enc["input_ids"], example.label, enc.get("token_type_ids"))
+
+    def encode_all(self, examples: list[Example]) -> list[Feature]:
+        return [self.encode(e) for e in examples]
+
+
+def pad(rows: list[list[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def collate(features: list[Feature], encoder: TaskEncoder) -> dict[str, torch.Tensor]:
+    """A training batch: dynamic padding to the longest row; labels where the loss is taken."""
+    pad_id = encoder.tokenizer.pad_token_id
+    if encoder.task_type is TaskType.CAUSAL_LM:
+        rows = [f.input_ids + f.target for f in features]
+        ids, mask = pad(rows, pad_id)
+        labels, _ = pad([[-100] * len(f.input_ids) + f.target for f in features], -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ids, mask = pad([f.input_ids for f in features], pad_id)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if encoder.task_type is TaskType.SEQ_2_SEQ_LM:
+        batch["labels"], _ = pad([f.target for f in features], -100)
+        return batch
+    if features[0].token_type_ids is not None:
+        batch["token_type_ids"], _ = pad([f.token_type_ids for f in features], 0)
+    dtype = torch.float if encoder.task.is_regression else torch.long
+    batch["labels"] = torch.tensor([f.label for f in features], dtype=dtype)
+    return batch

@@ -1,0 +1,86 @@
+"""A prompted model bound to its task: build one for training, rebuild one from a checkpoint, predict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .assets import load_backbone, load_config
+from .checkpoint import check_base, read_meta
+from .config import PromptTuningConfig, TaskType
+from .data import Example
+from .encoding import TaskEncoder
+from .errors import SoftpromptError
+from .metrics import compute_metrics
+from .models import PromptModel, family_of, get_prompt_model
+from .scoring import predictions, score
+from .tasks import TaskSpec
+
+
+def default_task_type(model_name: str, task: TaskSpec) -> TaskType:
+    """Encoders classify with a head; decoders and encoder-decoders generate label words (regression: head)."""
+    _, config = load_config(model_name)
+    family = family_of(config)
+    if family == "encoder" or task.is_regression:
+        return TaskType.SEQ_CLS
+    return TaskType.CAUSAL_LM if family == "decoder" else TaskType.SEQ_2_SEQ_LM
+
+
+@dataclass
+class PromptedTask:
+    model: PromptModel
+    encoder: TaskEncoder
+    task: TaskSpec
+    base_name: str
+
+    @classmethod
+    def build(cls, model_name: str, task: TaskSpec, prompt: PromptTuningConfig, max_length: int = 128,
+              corpus: Iterable[str] | None = None, seed: int = 0) -> "PromptedTask":
+        backbone = load_backbone(model_name, prompt.task_type, num_labels=max(len(task.labels), 1),
+                                 regression=task.is_regression)
+        limit = getattr(backbone.model.config, "max_position_embeddings", None)
+        if limit and max_length + prompt.num_virtual_tokens > limit:
+            max_length = limit - prompt.num_virtual_tokens
+        encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, max_length)
+        if prompt.init.value == "class_labels" and not prompt.label_words:
+            prompt.label_words = [w.strip() for w in task.verbalizer] or list(task.labels)
+        generator = torch.Generator().manual_seed(seed)
+        model = get_prompt_model(backbone.model, prompt, backbone.tokenizer, corpus, generator)
+        return cls(model, encoder, task, model_name)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, model_name: str | None = None) -> "PromptedTask":
+        """Everything comes from the folder; `model_name` only points at another copy of the same base."""
+        meta = read_meta(directory)
+        name = model_name or meta["base_model"]
+        _, config = load_config(name)
+        check_base(meta, config, name)
+        prompt = PromptTuningConfig.from_dict({**meta["prompt"], "init": "random"})
+        task = TaskSpec.from_dict(meta["task"])
+        backbone = load_backbone(name, prompt.task_type, num_labels=max(len(task.labels), 1),
+                                 regression=task.is_regression)
+        model = get_prompt_model(backbone.model, prompt, backbone.tokenizer)
+        model.load_prompt(directory)
+        encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, meta.get("max_length", 128))
+        return cls(model.eval(), encoder, task, meta["base_model"])
+
+    def scores(self, examples: list[Example], batch_size: int = 32, progress=None) -> torch.Tensor:
+        return score(self.model, self.encoder, self.encoder.encode_all(examples), batch_size, progress)
+
+    def evaluate(self, examples: list[Example], batch_size: int = 32, progress=None) -> dict[str, float]:
+        if not examples or any(e.label is None for e in examples):
+            raise SoftpromptError("evaluation needs labelled examples")
+        preds = predictions(self.scores(examples, batch_size, progress))
+        return compute_metrics(self.task.metrics, preds, [e.label for e in examples])
+
+    def predict(self, examples: list[Example], batch_size: int = 32) -> list[dict[str, Any]]:
+        """One dict per example: the label and per-label probabilities (or the value, for regression)."""
+        scores = self.scores(examples, batch_size)
+        if self.task.is_regression:
+            return [{"value": float(v)} for v in scores]
+        probs = torch.softmax(scores, dim=-1)
+        return [{"label": self.task.labels[int(p.argmax())],
+                 "scores": {name: round(float(x), 6) for name, x in zip(self.task.labels, p)}} for p in probs]

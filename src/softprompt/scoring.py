@@ -1,0 +1,81 @@
+"""Prediction: rank classification over label strings for text-to-text, head outputs otherwise.
+
+Rank classification scores each label string by its log-likelihood after the prompt and input, the
+paper's way of reading a class off a generative model; multi-token label strings sum their tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TaskType
+from .encoding import Feature, TaskEncoder, collate, pad
+from .models import PromptModel
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over masked positions of log p(target) under logits; targets already aligned with logits."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
+def _decoder_label_scores(model: PromptModel, prefixes: list[list[int]], label_ids: list[list[int]],
+                          pad_id: int) -> torch.Tensor:
+    if all(len(ids) == 1 for ids in label_ids):  # one forward: the next-token distribution after the prefix
+        ids, mask = pad(prefixes, pad_id)
+        logits = model(ids, mask).logits
+        last = logits[torch.arange(len(prefixes)), mask.sum(1) - 1]
+        return torch.log_softmax(last.float(), -1)[:, [i[0] for i in label_ids]]
+    columns = []
+    for label in label_ids:
+        ids, mask = pad([p + label for p in prefixes], pad_id)
+        logits = model(ids, mask).logits
+        # the logit at position t predicts token t+1: label token j sits at len(prefix)+j
+        targets = torch.full_like(ids, -100)
+        for i, p in enumerate(prefixes):
+            targets[i, len(p) - 1: len(p) - 1 + len(label)] = torch.tensor(label)
+        columns.append(_token_logprobs(logits, targets, (targets >= 0).float()))
+    return torch.stack(columns, dim=1)
+
+
+def _seq2seq_label_scores(model, prefixes, label_ids, pad_id) -> torch.Tensor:
+    ids, mask = pad(prefixes, pad_id)
+    encoded, enc_mask = model.encode(ids, mask)
+    columns = []
+    for label in label_ids:
+        labels = torch.tensor([label] * len(prefixes))
+        logits = model.base(encoder_outputs=encoded, attention_mask=enc_mask, labels=labels).logits
+        columns.append(_token_logprobs(logits, labels, torch.ones_like(labels, dtype=torch.float)))
+    return torch.stack(columns, dim=1)
+
+
+@torch.inference_mode()
+def score(model: PromptModel, encoder: TaskEncoder, features: list[Feature], batch_size: int = 32,
+          progress=None) -> torch.Tensor:
+    """(N, num_labels) label log-likelihoods (or log-softmax head logits); (N,) values for regression."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(features)), key=lambda i: len(features[i]))  # similar lengths pad less
+    out: list[torch.Tensor] = [None] * len(features)  # type: ignore[list-item]
+    pad_id = encoder.tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        chunk = [features[i] for i in order[start:start + batch_size]]
+        if encoder.task_type is TaskType.CAUSAL_LM:
+            scores = _decoder_label_scores(model, [f.input_ids for f in chunk], encoder.label_ids, pad_id)
+        elif encoder.task_type is TaskType.SEQ_2_SEQ_LM:
+            scores = _seq2seq_label_scores(model, [f.input_ids for f in chunk], encoder.label_ids, pad_id)
+        else:
+            batch = collate([Feature(f.input_ids, 0, f.token_type_ids) for f in chunk], encoder)
+            batch.pop("labels")
+            logits = model(**batch).logits.float()
+            scores = logits[:, 0] if encoder.task.is_regression else torch.log_softmax(logits, -1)
+        for i, s in zip(order[start:start + batch_size], scores):
+            out[i] = s
+        if progress is not None:
+            progress(len(chunk))
+    model.train(was_training)
+    return torch.stack(out)
+
+
+def predictions(scores: torch.Tensor) -> list:
+    return scores.tolist() if scores.dim() == 1 else scores.argmax(-1).tolist()

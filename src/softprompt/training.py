@@ -1,0 +1,384 @@
+"""The training loop: only the prompt (and head) learn; evaluation, early stopping, best and resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import read_meta, read_trainer_state, save_checkpoint
+from .config import PromptInit, PromptTuningConfig, TaskType
+from .data import Example, Splits, load_data
+from .encoding import Feature, collate
+from .errors import SoftpromptError
+from .models import get_prompt_model
+from .pipeline import PromptedTask, default_task_type
+from .tasks import get_task
+
+BEST, LAST, METRICS_LOG, RESULTS = "best", "last", "metrics.jsonl", "results.json"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; saved in each checkpoint so `--resume` and `eval` need nothing else."""
+
+    model: str = "smollm2-135m"
+    data: str = "rotten_tomatoes"
+    task: str | None = None  # built-in task spec; inferred from the data when it can be
+    task_type: str | None = None  # SEQ_CLS | CAUSAL_LM | SEQ_2_SEQ_LM; by model family when None
+    text_columns: list[str] | None = None
+    label_column: str | None = None
+    template: str | None = None
+    verbalizer: list[str] | None = None
+    prompt_length: int = 20
+    init: str | None = None  # class_labels for text-to-text, vocab for heads, when None
+    init_text: str | None = None
+    init_file: str | None = None
+    optimizer: str = "adamw"  # adamw | adafactor (the paper's, with lr 0.3)
+    lr: float | None = None  # 3e-2 for adamw, 0.3 for adafactor, when None
+    weight_decay: float = 1e-5
+    schedule: str = "linear"  # linear | cosine | constant, after warmup
+    warmup: float = 0.05  # fraction of the budget (steps or time)
+    max_grad_norm: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_batch_size: int = 64
+    max_steps: int | None = None
+    max_time: float | None = None  # seconds of training
+    epochs: float = 1.0  # used when neither max_steps nor max_time is given
+    eval_every: int = 50
+    patience: int | None = None  # evaluations without dev improvement before stopping
+    max_length: int = 128  # input tokens, not counting virtual ones
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    seed: int = 0
+    bf16: bool = False
+    output: str = "runs/latest"
+    eval_test: bool = True
+    baselines: bool = False  # also score majority class, template alone and the untrained prompt on test
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.prompt_length > 0, f"prompt length must be > 0, got {self.prompt_length}"),
+            (self.optimizer in ("adamw", "adafactor"), f"optimizer must be adamw or adafactor, not {self.optimizer!r}"),
+            (self.schedule in ("linear", "cosine", "constant"), f"unknown schedule {self.schedule!r}"),
+            (self.batch_size > 0 and self.grad_accum > 0 and self.eval_batch_size > 0, "batch sizes must be > 0"),
+            (self.max_steps is None or self.max_steps > 0, "--max-steps must be > 0"),
+            (self.max_time is None or self.max_time > 0, "--max-time must be > 0 seconds"),
+            (self.eval_every > 0, "--eval-every must be > 0"),
+            (0 <= self.warmup < 1, "--warmup is a fraction of the budget in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SoftpromptError(message)
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    best_checkpoint: Path
+    step: int
+    seconds: float
+    dev: dict[str, float]
+    test: dict[str, float] | None
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C: the state was saved; the message says how to resume."""
+
+
+def check_writable(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise SoftpromptError(f"cannot write to output folder {output} ({err.strerror}); choose another --output") from None
+
+
+def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    if limit is None or len(examples) <= limit:
+        return examples
+    return random.Random(seed).sample(examples, limit)
+
+
+def _batches(features: list[Feature], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Length-bucketed batches: shuffle, sort within windows of 50 batches, shuffle the batches."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(features)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: len(features[i]))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _lr_factor(schedule: str, warmup: float) -> Callable[[float], float]:
+    def factor(progress: float) -> float:
+        if progress < warmup:
+            return max(progress / warmup, 1e-3)
+        rest = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
+        if schedule == "linear":
+            return max(0.0, 1 - rest)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * rest))
+        return 1.0
+
+    return factor
+
+
+def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def load_splits(cfg: TrainConfig) -> Splits:
+    task = get_task(cfg.task) if cfg.task else None
+    splits = load_data(cfg.data, task, seed=cfg.seed, text_columns=cfg.text_columns, label_column=cfg.label_column)
+    if cfg.template:
+        missing = [f for f in splits.task.fields if "{" + f + "}" not in cfg.template]
+        if missing:
+            raise SoftpromptError(f"template must contain {', '.join('{' + f + '}' for f in missing)}")
+        splits.task.template = cfg.template
+    if cfg.verbalizer:
+        if len(cfg.verbalizer) != len(splits.task.labels):
+            raise SoftpromptError(f"--verbalizer needs {len(splits.task.labels)} label words "
+                                  f"({', '.join(splits.task.labels)}), got {len(cfg.verbalizer)}")
+        splits.task.verbalizer = tuple(cfg.verbalizer)
+    splits.train = _subsample(splits.train, cfg.max_train_examples, cfg.seed)
+    splits.dev = _subsample(splits.dev, cfg.max_eval_examples, cfg.seed)
+    splits.test = _subsample(splits.test, cfg.max_eval_examples, cfg.seed)
+    return splits
+
+
+def prompt_config(cfg: TrainConfig, task_type: TaskType) -> PromptTuningConfig:
+    default_init = PromptInit.VOCAB if task_type is TaskType.SEQ_CLS else PromptInit.CLASS_LABELS
+    init = PromptInit(cfg.init) if cfg.init else (PromptInit.FILE if cfg.init_file else
+                                                 PromptInit.TEXT if cfg.init_text else default_init)
+    return PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
+                              init_text=cfg.init_text, init_file=cfg.init_file)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.log = cfg, log
+        self.output = Path(cfg.output)
+        check_writable(self.output)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.splits = load_splits(cfg)
+        task = self.splits.task
+        task_type = TaskType(cfg.task_type) if cfg.task_type else default_task_type(cfg.model, task)
+        self.prompted = PromptedTask.build(cfg.model, task, prompt_config(cfg, task_type), cfg.max_length,
+                                           corpus=[" ".join(e.fields.values()) for e in self.splits.train[:5000]],
+                                           seed=cfg.seed)
+        self.model = self.prompted.model
+        self.encoder = self.prompted.encoder
+        lr = cfg.lr if cfg.lr is not None else (0.3 if cfg.optimizer == "adafactor" else 3e-2)
+        self.optimizer = _optimizer(cfg.optimizer, self.model.trainable_parameters(), lr, cfg.weight_decay)
+        self.factor = _lr_factor(cfg.schedule, cfg.warmup)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed": 0.0,
+                                      "best_metric": None, "best_step": None, "stale_evals": 0}
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def _meta(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"base_model": self.cfg.model, "task": self.splits.task.to_dict(), "max_length": self.encoder.max_length,
+                "training": asdict(self.cfg), "step": self.state["step"], "metrics": metrics or {}}
+
+    def _log_line(self, record: dict[str, Any]) -> None:
+        with (self.output / METRICS_LOG).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save_last(self) -> Path:
+        state = dict(self.state, optimizer=self.optimizer.state_dict(), rng=torch.get_rng_state())
+        return save_checkpoint(self.output / LAST, self.model, self._meta(), trainer_state=state)
+
+    def resume(self) -> None:
+        last = self.output / LAST
+        saved = read_trainer_state(last)
+        if saved is None:
+            raise SoftpromptError(f"nothing to resume in {self.output}: no {LAST}/ checkpoint with trainer state")
+        self.model.load_prompt(last)
+        self.optimizer.load_state_dict(saved.pop("optimizer"))
+        torch.set_rng_state(saved.pop("rng"))
+        self.state.update(saved)
+        self.log(f"resumed from {last} at step {self.state['step']}")
+
+    def _progress(self) -> float:
+        cfg, parts = self.cfg, []
+        if cfg.max_steps:
+            parts.append(self.state["step"] / cfg.max_steps)
+        if cfg.max_time:
+            parts.append(self.state["elapsed"] / cfg.max_time)
+        if not parts:
+            parts.append(self.state["step"] / self.total_steps_per_epochs)
+        return max(parts)
+
+    @property
+    def total_steps_per_epochs(self) -> int:
+        per_epoch = math.ceil(len(self.splits.train) / (self.cfg.batch_size * self.cfg.grad_accum))
+        return max(1, int(per_epoch * self.cfg.epochs))
+
+    def _done(self) -> bool:
+        return self._progress() >= 1.0
+
+    def evaluate(self, examples: list[Example]) -> dict[str, float]:
+        return self.prompted.evaluate(examples, self.cfg.eval_batch_size)
+
+    def _eval_and_keep_best(self) -> dict[str, float]:
+        metrics = self.evaluate(self.splits.dev)
+        key = self.splits.task.metrics[0]
+        self._log_line({"step": self.state["step"], "elapsed": round(self.state["elapsed"], 2),
+                        **{f"dev_{k}": v for k, v in metrics.items()}})
+        if self.state["best_metric"] is None or metrics[key] > self.state["best_metric"]:
+            self.state.update(best_metric=metrics[key], best_step=self.state["step"], stale_evals=0)
+            save_checkpoint(self.output / BEST, self.model, self._meta({"dev": metrics}))
+        else:
+            self.state["stale_evals"] += 1
+        return metrics
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _micro_batches(self, features: list[Feature]):
+        while True:
+            batches = _batches(features, self.cfg.batch_size, self.cfg.seed, self.state["epoch"])
+            while self.state["batch_in_epoch"] < len(batches):
+                idx = batches[self.state["batch_in_epoch"]]
+                self.state["batch_in_epoch"] += 1
+                yield collate([features[i] for i in idx], self.encoder)
+            self.state["epoch"] += 1
+            self.state["batch_in_epoch"] = 0
+
+    def _set_lr(self) -> float:
+        factor = self.factor(self._progress())
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        features = self.encoder.encode_all(self.splits.train)
+        self.log(f"{self.splits.source}: {len(self.splits.train)} train / {len(self.splits.dev)} dev / "
+                 f"{len(self.splits.test)} test; {self.model.family} model {cfg.model}, "
+                 f"{self.model.config.task_type.value}, {self.model.num_trainable_parameters():,} trainable parameters")
+        if self.state["best_metric"] is None:
+            self._eval_and_keep_best()  # the untrained prompt is the first candidate for best
+        key = self.splits.task.metrics[0]
+        last_metrics: dict[str, float] = {}
+        bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not cfg.progress, unit="step",
+                   dynamic_ncols=True, mininterval=1.0)
+        batches = self._micro_batches(features)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        self.model.train()
+        loss_ema, interrupted = None, False
+        try:
+            while not self._done():
+                start = time.perf_counter()
+                lr = self._set_lr()
+                total = 0.0
+                for _ in range(cfg.grad_accum):
+                    batch = next(batches)
+                    with autocast:
+                        loss = self.model(**batch).loss / cfg.grad_accum
+                    loss.backward()
+                    total += float(loss)
+                torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state["step"] += 1
+                self.state["elapsed"] += time.perf_counter() - start
+                loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
+                self._log_line({"step": self.state["step"], "loss": total, "lr": lr,
+                                "elapsed": round(self.state["elapsed"], 2)})
+                if self.state["step"] % cfg.eval_every == 0:
+                    last_metrics = self._eval_and_keep_best()
+                    if cfg.patience is not None and self.state["stale_evals"] >= cfg.patience:
+                        self.log(f"early stop: dev {key} has not improved for {cfg.patience} evaluations")
+                        break
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_ema:.4f}", **({f"dev_{key}": f"{last_metrics[key]:.4f}"}
+                                                            if last_metrics else {}))
+            if self.state["step"] % cfg.eval_every:
+                self._eval_and_keep_best()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+        last = self._save_last()
+        if interrupted:
+            raise TrainingInterrupted(
+                f"interrupted at step {self.state['step']}; saved {last}. Resume with: "
+                f"softprompt train --resume {self.output}"
+            )
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        best = self.output / BEST
+        self.model.load_prompt(best)
+        dev = self.evaluate(self.splits.dev)
+        test = self.evaluate(self.splits.test) if self.cfg.eval_test and self.splits.labelled("test") else None
+        meta = read_meta(best)
+        save_checkpoint(best, self.model, {**{k: meta[k] for k in ("base_model", "task", "max_length", "training")},
+                                           "step": self.state["best_step"], "metrics": {"dev": dev, "test": test}})
+        result = TrainResult(self.output, best, self.state["step"], self.state["elapsed"], dev, test)
+        (self.output / RESULTS).write_text(json.dumps({"best_step": self.state["best_step"],
+                                                       "steps": self.state["step"],
+                                                       "train_seconds": round(self.state["elapsed"], 1),
+                                                       "dev": dev, "test": test}, indent=2))
+        return result
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """Test metrics of the majority class, the template with no prompt, and the untrained prompt."""
+        examples = self.splits.test if self.splits.labelled("test") else self.splits.dev
+        task = self.splits.task
+        out: dict[str, dict[str, float]] = {}
+        if not task.is_regression:
+            from .metrics import compute_metrics
+
+            majority = Counter(e.label for e in self.splits.train).most_common(1)[0][0]
+            out["majority"] = compute_metrics(task.metrics, [majority] * len(examples), [e.label for e in examples])
+        out["untrained_prompt"] = self.evaluate(examples)
+        if self.encoder.text_to_text:
+            bare = PromptedTask(get_prompt_model(self.model.base, PromptTuningConfig(
+                num_virtual_tokens=0, task_type=self.model.config.task_type)), self.encoder, task, self.cfg.model)
+            out["template_only"] = bare.evaluate(examples, self.cfg.eval_batch_size)
+        return out
+
+
+def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+    """Run one training job end to end (the API behind `softprompt train`)."""
+    if resume:
+        meta = read_meta(Path(cfg.output) / LAST)
+        saved = TrainConfig(**{**meta["training"], "output": cfg.output, "progress": cfg.progress})
+        if cfg.max_steps:
+            saved.max_steps = cfg.max_steps
+        if cfg.max_time:
+            saved.max_time = cfg.max_time
+        cfg = saved
+    trainer = Trainer(cfg, log)
+    baselines = trainer.baselines() if cfg.baselines and not resume else {}
+    if resume:
+        trainer.resume()
+    result = trainer.train()
+    result.baselines = baselines
+    return result

@@ -1,0 +1,66 @@
+"""Metrics against hand-computed values; task specs are consistent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from softprompt import SoftpromptError
+from softprompt.metrics import compute_metrics
+from softprompt.tasks import TASKS, get_task
+
+
+def test_accuracy_and_binary_f1():
+    # tp=2, fp=1, fn=1, tn=1 -> precision 2/3, recall 2/3, f1 2/3; accuracy 3/5
+    got = compute_metrics(["accuracy", "f1"], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0])
+    assert got["accuracy"] == pytest.approx(0.6)
+    assert got["f1"] == pytest.approx(2 / 3)
+
+
+def test_mcc_known_value():
+    # same confusion matrix: (tp*tn - fp*fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)) = (2-1)/sqrt(3*3*2*2) = 1/6
+    assert compute_metrics(["mcc"], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0])["mcc"] == pytest.approx(1 / 6)
+
+
+def test_macro_f1_three_classes():
+    # class 0: p=1, r=1/2 -> 2/3; class 1: p=1/2, r=1 -> 2/3; class 2: p=r=1 -> 1
+    got = compute_metrics(["macro_f1"], [0, 1, 1, 2], [0, 0, 1, 2])["macro_f1"]
+    assert got == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_correlations():
+    got = compute_metrics(["pearson", "spearman"], [1.0, 2.0, 3.0, 5.0], [2.0, 4.0, 6.0, 7.0])
+    # pearson by hand: x-mean = [-1.75,-0.75,0.25,2.25], y-mean=[-2.75,-0.75,1.25,2.25]
+    num = 1.75 * 2.75 + 0.75 * 0.75 + 0.25 * 1.25 + 2.25 * 2.25
+    den = math.sqrt((1.75**2 + 0.75**2 + 0.25**2 + 2.25**2) * (2.75**2 + 0.75**2 + 1.25**2 + 2.25**2))
+    assert got["pearson"] == pytest.approx(num / den)
+    assert got["spearman"] == pytest.approx(1.0)
+    assert compute_metrics(["pearson"], [1.0, 1.0], [1.0, 2.0])["pearson"] == 0.0  # constant prediction
+
+
+def test_unknown_metric_is_a_user_error():
+    with pytest.raises(SoftpromptError, match="unknown metric"):
+        compute_metrics(["bleu"], [1], [1])
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_task_is_consistent(name):
+    task = get_task(name)
+    fields = {f: f"<{f}>" for f in task.fields}
+    rendered = task.render(fields)
+    assert all(f"<{f}>" in rendered for f in task.fields)
+    assert task.is_regression or len(task.verbalizer) == len(task.labels) == len(set(task.verbalizer))
+    assert task.metrics
+
+
+def test_glue_metrics_match_the_benchmark():
+    assert get_task("cola").metrics[0] == "mcc"
+    assert set(get_task("mrpc").metrics) == set(get_task("qqp").metrics) == {"accuracy", "f1"}
+    assert get_task("stsb").metrics == ("pearson", "spearman")
+    assert get_task("cb").metrics == ("accuracy", "macro_f1")
+
+
+def test_unknown_task():
+    with pytest.raises(SoftpromptError, match="built-in tasks"):
+        get_task("squad")
