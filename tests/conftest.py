@@ -73,3 +73,34 @@ def tiny_t5(tokenizer):
                    pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.pad_token_id,
                    eos_token_id=tokenizer.sep_token_id)
     return T5ForConditionalGeneration(cfg).eval()
+
+
+def _save(model, tokenizer, path: Path) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tokenizer, tmp_path_factory):
+    """Tiny random models saved as local folders, so they load by path like any hub model."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tokenizer), num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_key_value_heads=2, max_position_embeddings=256,
+                                         pad_token_id=tokenizer.pad_token_id, **common))
+    llama48 = LlamaForCausalLM(LlamaConfig(hidden_size=48, num_key_value_heads=2, max_position_embeddings=256,
+                                           pad_token_id=tokenizer.pad_token_id, **common))
+    bert = BertForSequenceClassification(BertConfig(hidden_size=32, max_position_embeddings=128, **common))
+    return {"llama": _save(llama, tokenizer, root / "llama"), "llama48": _save(llama48, tokenizer, root / "llama48"),
+            "bert": _save(bert, tokenizer, root / "bert")}
+
+
+@pytest.fixture
+def tiny_csv(tmp_path) -> str:
+    """80 labelled rows whose label is readable off one word, so even tiny models can move."""
+    words = {"good": "positive", "bad": "negative"}
+    rows = ["text,label"] + [f"the film was {w} number {i},{words[w]}" for i in range(40) for w in words]
+    path = tmp_path / "tiny.csv"
+    path.write_text("\n".join(rows))
+    return str(path)

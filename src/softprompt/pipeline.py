@@ -45,8 +45,6 @@ class PromptedTask:
         if limit and max_length + prompt.num_virtual_tokens > limit:
             max_length = limit - prompt.num_virtual_tokens
         encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, max_length)
-        if prompt.init.value == "class_labels" and not prompt.label_words:
-            prompt.label_words = [w.strip() for w in task.verbalizer] or list(task.labels)
         generator = torch.Generator().manual_seed(seed)
         model = get_prompt_model(backbone.model, prompt, backbone.tokenizer, corpus, generator)
         return cls(model, encoder, task, model_name)

@@ -22,7 +22,7 @@ from .encoding import Feature, collate
 from .errors import SoftpromptError
 from .models import get_prompt_model
 from .pipeline import PromptedTask, default_task_type
-from .tasks import get_task
+from .tasks import TaskSpec, get_task
 
 BEST, LAST, METRICS_LOG, RESULTS = "best", "last", "metrics.jsonl", "results.json"
 
@@ -171,12 +171,13 @@ def load_splits(cfg: TrainConfig) -> Splits:
     return splits
 
 
-def prompt_config(cfg: TrainConfig, task_type: TaskType) -> PromptTuningConfig:
+def prompt_config(cfg: TrainConfig, task_type: TaskType, task: TaskSpec) -> PromptTuningConfig:
     default_init = PromptInit.VOCAB if task_type is TaskType.SEQ_CLS else PromptInit.CLASS_LABELS
     init = PromptInit(cfg.init) if cfg.init else (PromptInit.FILE if cfg.init_file else
                                                  PromptInit.TEXT if cfg.init_text else default_init)
     return PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
-                              init_text=cfg.init_text, init_file=cfg.init_file)
+                              init_text=cfg.init_text, init_file=cfg.init_file,
+                              label_words=[w.strip() for w in task.verbalizer] or list(task.labels))
 
 
 class Trainer:
@@ -189,7 +190,7 @@ class Trainer:
         self.splits = load_splits(cfg)
         task = self.splits.task
         task_type = TaskType(cfg.task_type) if cfg.task_type else default_task_type(cfg.model, task)
-        self.prompted = PromptedTask.build(cfg.model, task, prompt_config(cfg, task_type), cfg.max_length,
+        self.prompted = PromptedTask.build(cfg.model, task, prompt_config(cfg, task_type, task), cfg.max_length,
                                            corpus=[" ".join(e.fields.values()) for e in self.splits.train[:5000]],
                                            seed=cfg.seed)
         self.model = self.prompted.model
@@ -210,8 +211,9 @@ class Trainer:
         with (self.output / METRICS_LOG).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _save_last(self) -> Path:
-        state = dict(self.state, optimizer=self.optimizer.state_dict(), rng=torch.get_rng_state())
+    def _save_last(self, rng: torch.Tensor | None = None) -> Path:
+        rng = torch.get_rng_state() if rng is None else rng
+        state = dict(self.state, optimizer=self.optimizer.state_dict(), rng=rng)
         return save_checkpoint(self.output / LAST, self.model, self._meta(), trainer_state=state)
 
     def resume(self) -> None:
@@ -294,6 +296,8 @@ class Trainer:
         try:
             while not self._done():
                 start = time.perf_counter()
+                # where this step starts: a Ctrl-C inside it rolls back to here, so resuming repeats it exactly
+                snapshot = (self.state["epoch"], self.state["batch_in_epoch"], torch.get_rng_state())
                 lr = self._set_lr()
                 total = 0.0
                 for _ in range(cfg.grad_accum):
@@ -301,7 +305,7 @@ class Trainer:
                     with autocast:
                         loss = self.model(**batch).loss / cfg.grad_accum
                     loss.backward()
-                    total += float(loss)
+                    total += float(loss.detach())
                 torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -322,9 +326,11 @@ class Trainer:
                 self._eval_and_keep_best()
         except KeyboardInterrupt:
             interrupted = True
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["epoch"], self.state["batch_in_epoch"], rng = snapshot
         finally:
             bar.close()
-        last = self._save_last()
+        last = self._save_last(rng if interrupted else None)
         if interrupted:
             raise TrainingInterrupted(
                 f"interrupted at step {self.state['step']}; saved {last}. Resume with: "

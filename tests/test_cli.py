@@ -1,0 +1,176 @@
+"""The CLI end to end on tiny models and tiny data, and every bad input as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt.cli import main
+
+TRAIN = ["train", "--max-steps", "4", "--eval-every", "2", "--batch-size", "8", "--prompt-length", "3",
+         "--no-progress", "--max-length", "24"]
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_eval_predict_info(tiny_dirs, tiny_csv, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = run(TRAIN + ["--model", tiny_dirs["llama"], "--data", tiny_csv, "--output", out_dir], capsys)
+    assert code == 0, err
+    assert "checkpoint: " + str(out_dir / "best") in out
+    assert "baseline majority" in out and "baseline template_only" in out and "test  accuracy=" in out
+    assert (out_dir / "best" / "prompt.safetensors").is_file() and (out_dir / "last" / "trainer_state.json").is_file()
+    logged = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
+    assert {r["step"] for r in logged if "dev_accuracy" in r} == {0, 2, 4}
+
+    code, out, err = run(["eval", out_dir / "best", "--split", "dev"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["n"] == 8 and 0 <= result["accuracy"] <= 1
+
+    code, out, err = run(["predict", out_dir / "best", "the film was good", "the film was bad"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["text"] for line in lines] == ["the film was good", "the film was bad"]
+    for line in lines:
+        assert line["label"] in ("negative", "positive")
+        assert sum(line["scores"].values()) == pytest.approx(1, abs=1e-4)
+
+    code, out, _ = run(["info", out_dir / "best"], capsys)
+    assert code == 0 and json.loads(out)["prompt"]["num_virtual_tokens"] == 3
+
+
+def test_predict_reads_stdin_through_the_console_script(tiny_dirs, tiny_csv, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--output", out_dir], capsys)[0] == 0
+    proc = subprocess.run([sys.executable, "-m", "softprompt", "predict", str(out_dir / "best")],
+                          input="a good one\na bad one\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 2 and "label" in json.loads(proc.stdout.splitlines()[0])
+
+
+def test_same_seed_same_run(tiny_dirs, tiny_csv, tmp_path, capsys):
+    losses = []
+    for name in ("a", "b"):
+        assert run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--output", tmp_path / name,
+                            "--no-baselines"], capsys)[0] == 0
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(x).get("loss") for x in lines])
+    assert losses[0] == losses[1]
+
+
+def test_ctrl_c_saves_and_resume_repeats_the_run_exactly(tiny_dirs, tiny_csv, tmp_path, capsys, monkeypatch):
+    import softprompt.training as training
+    from safetensors.torch import load_file
+
+    common = TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--no-baselines"]
+    assert run(common + ["--output", tmp_path / "full"], capsys)[0] == 0
+
+    calls = {"n": 0}
+    real_clip = training.torch.nn.utils.clip_grad_norm_
+
+    def interrupt_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # mid step 3: after its forward and backward, before the update
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", interrupt_on_third)
+    code, _, err = run(common + ["--output", tmp_path / "part"], capsys)
+    assert code == 130
+    assert f"softprompt train --resume {tmp_path / 'part'}" in err
+    assert json.loads((tmp_path / "part" / "last" / "trainer_state.json").read_text())["step"] == 2
+    monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", real_clip)
+
+    code, _, err = run(["train", "--resume", "--output", tmp_path / "part", "--no-progress"], capsys)
+    assert code == 0, err
+    full = load_file(str(tmp_path / "full" / "last" / "prompt.safetensors"))
+    resumed = load_file(str(tmp_path / "part" / "last" / "prompt.safetensors"))
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0)
+
+
+# -- bad input: one line on stderr, exit code 2, nothing half-written ----------------------------------------------
+def _assert_clean_error(code, err, pattern, out_dir: Path | None = None):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert pattern in lines[0], lines[0]
+    if out_dir is not None:
+        assert not (out_dir / "best").exists() and not (out_dir / "last").exists()
+
+
+def test_unknown_model_offline(tiny_csv, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(TRAIN + ["--model", "no-such-org/no-such-model", "--data", tiny_csv, "--output", tmp_path],
+                       capsys)
+    _assert_clean_error(code, err, "cannot load model 'no-such-org/no-such-model'", tmp_path)
+
+
+def test_file_without_text_or_label_columns(tiny_dirs, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("review,stars\nok,1\nmeh,0\n")
+    code, _, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", bad, "--output", tmp_path / "o"], capsys)
+    _assert_clean_error(code, err, "no text column", tmp_path / "o")
+    code, _, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", bad, "--text-column", "review",
+                                "--output", tmp_path / "o"], capsys)
+    _assert_clean_error(code, err, "no label column", tmp_path / "o")
+
+
+def test_dev_labels_unknown_to_train(tiny_dirs, tmp_path, capsys):
+    (tmp_path / "train.csv").write_text("text,label\na,pos\nb,neg\n")
+    (tmp_path / "dev.csv").write_text("text,label\nc,neutral\n")
+    code, _, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tmp_path, "--output", tmp_path / "o"], capsys)
+    _assert_clean_error(code, err, "dev label 'neutral' never occurs in train", tmp_path / "o")
+
+
+def test_empty_dataset(tiny_dirs, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", empty, "--output", tmp_path / "o"], capsys)
+    _assert_clean_error(code, err, "has no rows", tmp_path / "o")
+
+
+def test_checkpoint_for_another_base_model(tiny_dirs, tiny_csv, tmp_path, capsys):
+    assert run(TRAIN + ["--model", tiny_dirs["llama"], "--data", tiny_csv, "--output", tmp_path / "r",
+                        "--no-baselines"], capsys)[0] == 0
+    code, _, err = run(["eval", tmp_path / "r" / "best", "--model", tiny_dirs["llama48"]], capsys)
+    _assert_clean_error(code, err, "hidden_size 32 vs 48")
+    code, _, err = run(TRAIN + ["--model", tiny_dirs["llama48"], "--data", tiny_csv, "--init-file",
+                                tmp_path / "r" / "best", "--output", tmp_path / "o"], capsys)
+    _assert_clean_error(code, err, "shape (3, 32)", tmp_path / "o")
+
+
+@pytest.mark.parametrize("length", ["0", "-3"])
+def test_prompt_length_must_be_positive(tiny_csv, tmp_path, capsys, length):
+    argv = [a if a != "3" else length for a in TRAIN]
+    code, _, err = run(argv + ["--data", tiny_csv, "--output", tmp_path / "o"], capsys)
+    _assert_clean_error(code, err, "prompt length must be > 0")
+
+
+def test_unwritable_output_folder(tiny_csv, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run(TRAIN + ["--data", tiny_csv, "--output", blocker / "run"], capsys)
+    _assert_clean_error(code, err, "cannot write to output folder")
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "softprompt", "eval", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'} is not a softprompt checkpoint "
+                                                "(no softprompt.json)"]
