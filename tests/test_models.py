@@ -158,3 +158,23 @@ def test_only_prompt_and_head_train(tokenizer, name, task_type, request):
     for n, p in base.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n  # bit-identical backbone
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_tail_only_training_loss_equals_full_forward_loss(tokenizer, tiny_llama, side):
+    model = wrap(tiny_llama, 5, "CAUSAL_LM", tokenizer)
+    enc = batch(tokenizer, side)
+    labels = enc["input_ids"].clone()
+    labels[:, :3] = -100  # a label span that starts at different columns in different rows
+    labels[enc["attention_mask"] == 0] = -100
+    full = model(enc["input_ids"], enc["attention_mask"], labels=labels).loss
+    tail = model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
+    torch.testing.assert_close(tail, full, atol=ATOL, rtol=0)
+    grads = []
+    for loss_fn in (lambda: model(enc["input_ids"], enc["attention_mask"], labels=labels).loss,
+                    lambda: model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                                labels=labels)):
+        model.prompt.weight.grad = None
+        loss_fn().backward()
+        grads.append(model.prompt.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=ATOL, rtol=0)

@@ -1,3 +1,29 @@
+"""softprompt: prompt tuning (Lester et al., 2021) for frozen Hugging Face transformers.
+
+Low level, as in peft::
+
+    model = get_prompt_model(hf_model, PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM"), tokenizer)
+    loss = model(input_ids, attention_mask, labels=labels).loss   # only model.prompt (and a head) train
+
+A whole job::
+
+    result = train(TrainConfig(model="smollm2-135m", data="rotten_tomatoes", max_time=300))
+    PromptedTask.from_checkpoint(result.best_checkpoint).predict(["a gorgeous, moving film"])
+"""
+
+from .checkpoint import save_checkpoint
 from .config import PromptInit, PromptTuningConfig, TaskType
+from .data import Example, Splits, load_data, to_examples
 from .errors import SoftpromptError
-from .models import PromptModel, get_prompt_model
+from .metrics import compute_metrics
+from .models import DecoderPromptModel, EncoderPromptModel, PromptModel, Seq2SeqPromptModel, get_prompt_model
+from .pipeline import PromptedTask
+from .tasks import TASKS, TaskSpec, get_task
+from .training import TrainConfig, Trainer, TrainingInterrupted, TrainResult, train
+
+__all__ = [
+    "PromptTuningConfig", "TaskType", "PromptInit", "get_prompt_model", "PromptModel", "EncoderPromptModel",
+    "DecoderPromptModel", "Seq2SeqPromptModel", "PromptedTask", "TrainConfig", "Trainer", "TrainResult",
+    "TrainingInterrupted", "train", "TaskSpec", "TASKS", "get_task", "Example", "Splits", "load_data",
+    "to_examples", "compute_metrics", "save_checkpoint", "SoftpromptError",
+]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional
 
@@ -135,49 +134,45 @@ def evaluate(
     typer.echo(json.dumps({"checkpoint": checkpoint, "split": split, "n": len(examples), **metrics}))
 
 
-def _read_inputs(texts: list[str], file: Optional[str], fields: tuple[str, ...]):
-    from .data import Example
-
+def _read_inputs(texts: list[str], file: Optional[str]) -> list[str | dict]:
+    """Inputs from arguments, a file or stdin: a line is a text, tab-separated fields, or a JSON object."""
     if file:
         try:
             lines = Path(file).read_text(encoding="utf-8").splitlines()
         except OSError as err:
             raise SoftpromptError(f"cannot read {file}: {err.strerror}") from None
-    elif texts:
-        lines = texts
     else:
-        lines = sys.stdin.read().splitlines()
-    examples = []
+        lines = texts or sys.stdin.read().splitlines()
+    items: list[str | dict] = []
     for line in filter(str.strip, lines):
         if line.lstrip().startswith("{"):
             try:
-                obj = json.loads(line)
+                items.append(json.loads(line))
             except json.JSONDecodeError:
                 raise SoftpromptError(f"input line is not valid JSON: {line[:60]}") from None
-            values = {f: str(obj.get(f, "")) for f in fields}
         else:
-            parts = line.split("\t")
-            if len(parts) != len(fields):
-                raise SoftpromptError(f"this task takes {len(fields)} field(s) ({', '.join(fields)}): give them "
-                                      "tab-separated or as a JSON object per line")
-            values = dict(zip(fields, parts))
-        examples.append(Example(values, None))
-    if not examples:
+            items.append(line)
+    if not items:
         raise SoftpromptError("no input texts: pass them as arguments, with --file, or on stdin")
-    return examples
+    return items
 
 
 @app.command()
 def predict(
     checkpoint: str = typer.Argument(..., help="checkpoint folder"),
     texts: Optional[List[str]] = typer.Argument(None, help="texts to classify (else --file or stdin)"),
-    file: Optional[str] = typer.Option(None, help="one input per line: text, tab-separated fields, or JSON"),
+    file: Optional[str] = typer.Option(None, help="one input per line: a text, tab-separated fields, or JSON"),
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
     batch_size: int = typer.Option(32),
 ) -> None:
     """Classify texts; prints one JSON line per input with the label and per-label scores."""
+    from .data import to_examples
+
     prompted = _load(checkpoint, model)
-    examples = _read_inputs(texts or [], file, prompted.task.fields)
+    fields = prompted.task.fields
+    items = [dict(zip(fields, i.split("\t"))) if isinstance(i, str) and len(fields) > 1 else i
+             for i in _read_inputs(texts or [], file)]
+    examples = to_examples(items, fields)
     for example, pred in zip(examples, prompted.predict(examples, batch_size)):
         typer.echo(json.dumps({**example.fields, **pred}))
 

@@ -287,6 +287,22 @@ def _task_names() -> list[str]:
     return list(TASKS)
 
 
+def to_examples(items: Iterable[str | dict[str, Any]], fields: tuple[str, ...]) -> list[Example]:
+    """Unlabelled examples from plain strings (single-field tasks) or dicts keyed by field name."""
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            if len(fields) != 1:
+                raise SoftpromptError(f"this task takes {len(fields)} fields ({', '.join(fields)}): "
+                                      "give each input as a dict (a JSON object on the command line)")
+            item = {fields[0]: item}
+        missing = [f for f in fields if f not in item]
+        if missing:
+            raise SoftpromptError(f"input lacks field(s) {', '.join(missing)}; this task needs {', '.join(fields)}")
+        out.append(Example({f: str(item[f]) for f in fields}, None))
+    return out
+
+
 def load_data(source: str, task: TaskSpec | str | None = None, *, seed: int = 0,
               text_columns: list[str] | None = None, label_column: str | None = None) -> Splits:
     """Resolve `source` (builtin name, file, folder, or hub name) into labelled train/dev/test splits."""

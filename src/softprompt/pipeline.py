@@ -11,7 +11,7 @@ import torch
 from .assets import load_backbone, load_config
 from .checkpoint import check_base, read_meta
 from .config import PromptTuningConfig, TaskType
-from .data import Example
+from .data import Example, to_examples
 from .encoding import TaskEncoder
 from .errors import SoftpromptError
 from .metrics import compute_metrics
@@ -74,8 +74,12 @@ class PromptedTask:
         preds = predictions(self.scores(examples, batch_size, progress))
         return compute_metrics(self.task.metrics, preds, [e.label for e in examples])
 
-    def predict(self, examples: list[Example], batch_size: int = 32) -> list[dict[str, Any]]:
-        """One dict per example: the label and per-label probabilities (or the value, for regression)."""
+    def predict(self, inputs: list[str | dict[str, Any] | Example], batch_size: int = 32) -> list[dict[str, Any]]:
+        """One dict per input: the label and per-label probabilities (or the value, for regression).
+
+        Inputs are plain strings (single-text tasks), dicts keyed by the task's fields, or Examples.
+        """
+        examples = [i if isinstance(i, Example) else to_examples([i], self.task.fields)[0] for i in inputs]
         scores = self.scores(examples, batch_size)
         if self.task.is_regression:
             return [{"value": float(v)} for v in scores]

@@ -21,20 +21,18 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
 
 def _decoder_label_scores(model: PromptModel, prefixes: list[list[int]], label_ids: list[list[int]],
                           pad_id: int) -> torch.Tensor:
+    """Rows are left-aligned inside the model, so each row ends with its label: only the tail needs logits."""
     if all(len(ids) == 1 for ids in label_ids):  # one forward: the next-token distribution after the prefix
         ids, mask = pad(prefixes, pad_id)
-        logits = model(ids, mask).logits
-        last = logits[torch.arange(len(prefixes)), mask.sum(1) - 1]
+        last = model.tail_logits(ids, mask, 1)[:, 0]
         return torch.log_softmax(last.float(), -1)[:, [i[0] for i in label_ids]]
     columns = []
     for label in label_ids:
         ids, mask = pad([p + label for p in prefixes], pad_id)
-        logits = model(ids, mask).logits
-        # the logit at position t predicts token t+1: label token j sits at len(prefix)+j
-        targets = torch.full_like(ids, -100)
-        for i, p in enumerate(prefixes):
-            targets[i, len(p) - 1: len(p) - 1 + len(label)] = torch.tensor(label)
-        columns.append(_token_logprobs(logits, targets, (targets >= 0).float()))
+        # the logit at column t predicts token t+1: the last len(label)+1 columns cover the label
+        logits = model.tail_logits(ids, mask, len(label) + 1)[:, :-1]
+        targets = torch.tensor([label] * len(prefixes))
+        columns.append(_token_logprobs(logits, targets, torch.ones_like(targets, dtype=torch.float)))
     return torch.stack(columns, dim=1)
 
 

@@ -70,7 +70,7 @@ def _builtin() -> dict[str, TaskSpec]:
                  "Sentence: {sentence}\nIs this sentence grammatically correct? Answer:", YES_NO,
                  hub=(GLUE, "cola"), glue_folder="CoLA", positions={"sentence": 3, "label": 1}),
         TaskSpec("sst2", ("sentence",), ("negative", "positive"), ("accuracy",),
-                 "Review: {sentence}\nSentiment:", (" negative", " positive"),
+                 "Movie review: {sentence}\nThe sentiment of this review is", (" negative", " positive"),
                  hub=(GLUE, "sst2"), glue_folder="SST-2"),
         TaskSpec("mrpc", PAIR, ("not_equivalent", "equivalent"), ("accuracy", "f1"),
                  "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nDo both sentences say the same thing? Answer:",
@@ -117,7 +117,7 @@ def _builtin() -> dict[str, TaskSpec]:
                  "Is '{word}' used with the same meaning in both sentences? Answer:", YES_NO,
                  hub=(SUPER_GLUE, "wic")),
         TaskSpec("rotten_tomatoes", ("text",), ("negative", "positive"), ("accuracy",),
-                 "Review: {text}\nSentiment:", (" negative", " positive")),
+                 "Movie review: {text}\nThe sentiment of this review is", (" negative", " positive")),
     ]
     return {t.name: t for t in tasks}
 

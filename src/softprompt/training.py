@@ -303,7 +303,7 @@ class Trainer:
                 for _ in range(cfg.grad_accum):
                     batch = next(batches)
                     with autocast:
-                        loss = self.model(**batch).loss / cfg.grad_accum
+                        loss = self.model.training_loss(**batch) / cfg.grad_accum
                     loss.backward()
                     total += float(loss.detach())
                 torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.max_grad_norm)

@@ -134,6 +134,10 @@ class PromptModel(nn.Module):
     def _postprocess(self, out, order: torch.Tensor, offsets: torch.Tensor):
         return out
 
+    def training_loss(self, **batch) -> torch.Tensor:
+        """The loss the trainer minimises; families may compute it more cheaply than `forward` does."""
+        return self(**batch).loss
+
     # -- persistence ---------------------------------------------------------------------------------
     def prompt_state(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores: the prompt and, for SEQ_CLS, the head."""

@@ -39,6 +39,29 @@ class DecoderPromptModel(PromptModel):
         out.logits = logits.gather(1, torch.argsort(order, dim=1).unsqueeze(-1).expand_as(logits))
         return out
 
+    def tail_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
+        """Logits of the last `keep` columns only (real tokens, after left alignment).
+
+        The LM head over a 49k vocabulary at every position costs as much as several layers; label
+        words sit at the end of each row, so scoring and the label loss need only the tail.
+        """
+        inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
+        return self.base(**inputs, logits_to_keep=keep).logits
+
+    def training_loss(self, input_ids, attention_mask=None, labels=None, **kwargs) -> torch.Tensor:
+        """Mean next-token cross-entropy over labelled tokens, as `forward(...).loss`, from the tail only."""
+        if self.config.task_type is not TaskType.CAUSAL_LM:
+            return super().training_loss(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        inputs, _, _ = self.prompted_inputs(input_ids, attention_mask, labels=labels)
+        labels = inputs.pop("labels")
+        width, labelled = labels.shape[1], labels != -100
+        first = torch.where(labelled.any(1), labelled.int().argmax(1), width)  # first labelled column per row
+        keep = min(width, int((width - first).max()) + 1)
+        logits = self.base(**inputs, logits_to_keep=keep, **kwargs).logits
+        targets = labels[:, labels.shape[1] - keep + 1:]
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                 ignore_index=-100)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Greedy/sampled continuation after prompt + input; returns only the new token ids."""
