@@ -29,10 +29,6 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
-def _small(vocab: int) -> dict:
-    return dict(vocab_size=vocab)
-
-
 @pytest.fixture
 def tiny_bert(tokenizer):
     torch.manual_seed(0)
@@ -41,22 +37,22 @@ def tiny_bert(tokenizer):
     return BertForSequenceClassification(cfg).eval()
 
 
+def _llama_config(tokenizer, **extra) -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                       pad_token_id=tokenizer.pad_token_id, **extra)
+
+
 @pytest.fixture
 def tiny_llama(tokenizer):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(_llama_config(tokenizer)).eval()
 
 
 @pytest.fixture
 def tiny_llama_cls(tokenizer):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      pad_token_id=tokenizer.pad_token_id, num_labels=3)
-    return LlamaForSequenceClassification(cfg).eval()
+    return LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=3)).eval()
 
 
 @pytest.fixture
@@ -86,12 +82,13 @@ def tiny_dirs(tokenizer, tmp_path_factory):
     """Tiny random models saved as local folders, so they load by path like any hub model."""
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tokenizer), num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_key_value_heads=2, max_position_embeddings=256,
-                                         pad_token_id=tokenizer.pad_token_id, **common))
-    llama48 = LlamaForCausalLM(LlamaConfig(hidden_size=48, num_key_value_heads=2, max_position_embeddings=256,
-                                           pad_token_id=tokenizer.pad_token_id, **common))
-    bert = BertForSequenceClassification(BertConfig(hidden_size=32, max_position_embeddings=128, **common))
+    llama = LlamaForCausalLM(_llama_config(tokenizer))
+    llama48_config = _llama_config(tokenizer)
+    llama48_config.hidden_size = 48
+    llama48 = LlamaForCausalLM(llama48_config)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64,
+                                                    max_position_embeddings=128))
     return {"llama": _save(llama, tokenizer, root / "llama"), "llama48": _save(llama48, tokenizer, root / "llama48"),
             "bert": _save(bert, tokenizer, root / "bert")}
 

@@ -178,3 +178,19 @@ def test_tail_only_training_loss_equals_full_forward_loss(tokenizer, tiny_llama,
         loss_fn().backward()
         grads.append(model.prompt.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=ATOL, rtol=0)
+
+
+def test_decoder_generate_continues_after_prompt_and_input(tokenizer, tiny_llama):
+    """Greedy generation from a left-padded batch equals a hand-run greedy loop over each unpadded row."""
+    model = wrap(tiny_llama, 4, "CAUSAL_LM", tokenizer)
+    enc = batch(tokenizer, "left")
+    got = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=4, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    for i, text in enumerate(TEXTS):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        new = []
+        for _ in range(4):
+            full = torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1) if new else ids
+            concat = torch.cat([model.prompt.weight[None], tiny_llama.get_input_embeddings()(full)], dim=1)
+            new.append(int(tiny_llama(inputs_embeds=concat).logits[0, -1].argmax()))
+        assert got[i, -4:].tolist() == new

@@ -47,6 +47,20 @@ def _seq2seq_label_scores(model, prefixes, label_ids, pad_id) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
+def label_scores(model: PromptModel, encoder: TaskEncoder, features: list[Feature]) -> torch.Tensor:
+    """(B, num_labels) scores for one batch, differentiable (the rank-classification training loss uses it)."""
+    pad_id = encoder.tokenizer.pad_token_id
+    prefixes = [f.input_ids for f in features]
+    if encoder.task_type is TaskType.CAUSAL_LM:
+        return _decoder_label_scores(model, prefixes, encoder.label_ids, pad_id)
+    if encoder.task_type is TaskType.SEQ_2_SEQ_LM:
+        return _seq2seq_label_scores(model, prefixes, encoder.label_ids, pad_id)
+    batch = collate([Feature(f.input_ids, 0, f.token_type_ids) for f in features], encoder)
+    batch.pop("labels")
+    logits = model(**batch).logits.float()
+    return logits[:, 0] if encoder.task.is_regression else torch.log_softmax(logits, -1)
+
+
 @torch.inference_mode()
 def score(model: PromptModel, encoder: TaskEncoder, features: list[Feature], batch_size: int = 32,
           progress=None) -> torch.Tensor:
@@ -55,18 +69,9 @@ def score(model: PromptModel, encoder: TaskEncoder, features: list[Feature], bat
     model.eval()
     order = sorted(range(len(features)), key=lambda i: len(features[i]))  # similar lengths pad less
     out: list[torch.Tensor] = [None] * len(features)  # type: ignore[list-item]
-    pad_id = encoder.tokenizer.pad_token_id
     for start in range(0, len(order), batch_size):
         chunk = [features[i] for i in order[start:start + batch_size]]
-        if encoder.task_type is TaskType.CAUSAL_LM:
-            scores = _decoder_label_scores(model, [f.input_ids for f in chunk], encoder.label_ids, pad_id)
-        elif encoder.task_type is TaskType.SEQ_2_SEQ_LM:
-            scores = _seq2seq_label_scores(model, [f.input_ids for f in chunk], encoder.label_ids, pad_id)
-        else:
-            batch = collate([Feature(f.input_ids, 0, f.token_type_ids) for f in chunk], encoder)
-            batch.pop("labels")
-            logits = model(**batch).logits.float()
-            scores = logits[:, 0] if encoder.task.is_regression else torch.log_softmax(logits, -1)
+        scores = label_scores(model, encoder, chunk)
         for i, s in zip(order[start:start + batch_size], scores):
             out[i] = s
         if progress is not None:

@@ -6,7 +6,7 @@ labels from the original GLUE files and 0/1 columns all map onto the same indice
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import SoftpromptError
@@ -26,6 +26,7 @@ class TaskSpec:
     glue_files: tuple[str, str, str] = ("train.tsv", "dev.tsv", "test.tsv")
     columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # field/"label" -> accepted column names
     positions: dict[str, int] = field(default_factory=dict)  # for header-less files (CoLA)
+    instruction: str = ""  # text that starts the prompt under init='text' when no init text is given
 
     def __post_init__(self) -> None:
         self.fields, self.labels, self.metrics = tuple(self.fields), tuple(self.labels), tuple(self.metrics)
@@ -64,6 +65,14 @@ PAIR = ("sentence1", "sentence2")
 YES_NO = (" no", " yes")
 
 
+MNLI = TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
+                "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise imply the hypothesis? Answer:",
+                (" yes", " maybe", " no"), hub=(GLUE, "mnli"),
+                hub_splits=("train", "validation_matched", "test_matched"), glue_folder="MNLI",
+                glue_files=("train.tsv", "dev_matched.tsv", "test_matched.tsv"),
+                columns={"premise": ("sentence1",), "hypothesis": ("sentence2",), "label": ("gold_label",)})
+
+
 def _builtin() -> dict[str, TaskSpec]:
     tasks = [
         TaskSpec("cola", ("sentence",), ("unacceptable", "acceptable"), ("mcc", "accuracy"),
@@ -82,18 +91,9 @@ def _builtin() -> dict[str, TaskSpec]:
         TaskSpec("stsb", PAIR, (), ("pearson", "spearman"),
                  "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nSimilarity:",
                  hub=(GLUE, "stsb"), glue_folder="STS-B", columns={"label": ("score",)}),
-        TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
-                 "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise imply the hypothesis? Answer:",
-                 (" yes", " maybe", " no"), hub=(GLUE, "mnli"),
-                 hub_splits=("train", "validation_matched", "test_matched"), glue_folder="MNLI",
-                 glue_files=("train.tsv", "dev_matched.tsv", "test_matched.tsv"),
-                 columns={"premise": ("sentence1",), "hypothesis": ("sentence2",), "label": ("gold_label",)}),
-        TaskSpec("mnli-mm", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
-                 "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise imply the hypothesis? Answer:",
-                 (" yes", " maybe", " no"), hub=(GLUE, "mnli"),
-                 hub_splits=("train", "validation_mismatched", "test_mismatched"), glue_folder="MNLI",
-                 glue_files=("train.tsv", "dev_mismatched.tsv", "test_mismatched.tsv"),
-                 columns={"premise": ("sentence1",), "hypothesis": ("sentence2",), "label": ("gold_label",)}),
+        MNLI,
+        replace(MNLI, name="mnli-mm", hub_splits=("train", "validation_mismatched", "test_mismatched"),
+                glue_files=("train.tsv", "dev_mismatched.tsv", "test_mismatched.tsv")),
         TaskSpec("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",),
                  "Question: {question}\nSentence: {sentence}\nDoes the sentence answer the question? Answer:",
                  (" yes", " no"), hub=(GLUE, "qnli"), glue_folder="QNLI"),
@@ -119,6 +119,17 @@ def _builtin() -> dict[str, TaskSpec]:
         TaskSpec("rotten_tomatoes", ("text",), ("negative", "positive"), ("accuracy",),
                  "Movie review: {text}\nThe sentiment of this review is", (" negative", " positive")),
     ]
+    instructions = {
+        "cola": "Grammar check.\n\n", "sst2": "Sentiment analysis of movie reviews.\n\n",
+        "mrpc": "Paraphrase detection.\n\n", "qqp": "Duplicate question detection.\n\n",
+        "mnli": "Natural language inference.\n\n", "mnli-mm": "Natural language inference.\n\n",
+        "qnli": "Question answering inference.\n\n", "rte": "Textual entailment.\n\n",
+        "wnli": "Textual entailment.\n\n", "boolq": "Yes/no questions about a passage.\n\n",
+        "cb": "Textual entailment.\n\n", "superglue-rte": "Textual entailment.\n\n",
+        "wic": "Word sense disambiguation.\n\n", "rotten_tomatoes": "Sentiment analysis of movie reviews.\n\n",
+    }
+    for t in tasks:
+        t.instruction = instructions.get(t.name, "")
     return {t.name: t for t in tasks}
 
 

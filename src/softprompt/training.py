@@ -20,8 +20,9 @@ from .config import PromptInit, PromptTuningConfig, TaskType
 from .data import Example, Splits, load_data
 from .encoding import Feature, collate
 from .errors import SoftpromptError
-from .models import get_prompt_model
+from .metrics import compute_metrics
 from .pipeline import PromptedTask, default_task_type
+from .scoring import label_scores
 from .tasks import TaskSpec, get_task
 
 BEST, LAST, METRICS_LOG, RESULTS = "best", "last", "metrics.jsonl", "results.json"
@@ -39,10 +40,11 @@ class TrainConfig:
     label_column: str | None = None
     template: str | None = None
     verbalizer: list[str] | None = None
-    prompt_length: int = 20
-    init: str | None = None  # class_labels for text-to-text, vocab for heads, when None
+    prompt_length: int = 8
+    init: str | None = None  # text-to-text: text (the task's instruction) or class_labels; heads: vocab
     init_text: str | None = None
     init_file: str | None = None
+    loss: str = "rank"  # text-to-text: rank (cross-entropy over label scores) | lm (label-token LM loss, the paper's)
     optimizer: str = "adamw"  # adamw | adafactor (the paper's, with lr 0.3)
     lr: float | None = None  # 3e-2 for adamw, 0.3 for adafactor, when None
     weight_decay: float = 1e-5
@@ -55,7 +57,7 @@ class TrainConfig:
     max_steps: int | None = None
     max_time: float | None = None  # seconds of training
     epochs: float = 1.0  # used when neither max_steps nor max_time is given
-    eval_every: int = 50
+    eval_every: int = 40
     patience: int | None = None  # evaluations without dev improvement before stopping
     max_length: int = 128  # input tokens, not counting virtual ones
     max_train_examples: int | None = None
@@ -64,12 +66,13 @@ class TrainConfig:
     bf16: bool = False
     output: str = "runs/latest"
     eval_test: bool = True
-    baselines: bool = False  # also score majority class, template alone and the untrained prompt on test
+    baselines: bool = False  # also score the majority class and the untrained prompt on test
     progress: bool = True
 
     def __post_init__(self) -> None:
         checks = [
             (self.prompt_length > 0, f"prompt length must be > 0, got {self.prompt_length}"),
+            (self.loss in ("lm", "rank"), f"loss must be lm or rank, not {self.loss!r}"),
             (self.optimizer in ("adamw", "adafactor"), f"optimizer must be adamw or adafactor, not {self.optimizer!r}"),
             (self.schedule in ("linear", "cosine", "constant"), f"unknown schedule {self.schedule!r}"),
             (self.batch_size > 0 and self.grad_accum > 0 and self.eval_batch_size > 0, "batch sizes must be > 0"),
@@ -92,7 +95,6 @@ class TrainResult:
     dev: dict[str, float]
     test: dict[str, float] | None
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
-    interrupted: bool = False
 
 
 class TrainingInterrupted(Exception):
@@ -172,11 +174,15 @@ def load_splits(cfg: TrainConfig) -> Splits:
 
 
 def prompt_config(cfg: TrainConfig, task_type: TaskType, task: TaskSpec) -> PromptTuningConfig:
-    default_init = PromptInit.VOCAB if task_type is TaskType.SEQ_CLS else PromptInit.CLASS_LABELS
+    """Defaults by measurement: the task's instruction as text init keeps the zero-shot accuracy of the
+    template (class-label and vocabulary inits start far below it with a decoder); heads start from vocab."""
+    init_text = cfg.init_text or (task.instruction if task_type is not TaskType.SEQ_CLS else None)
+    default_init = (PromptInit.VOCAB if task_type is TaskType.SEQ_CLS else
+                    PromptInit.TEXT if init_text else PromptInit.CLASS_LABELS)
     init = PromptInit(cfg.init) if cfg.init else (PromptInit.FILE if cfg.init_file else
                                                  PromptInit.TEXT if cfg.init_text else default_init)
     return PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
-                              init_text=cfg.init_text, init_file=cfg.init_file,
+                              init_text=init_text, init_file=cfg.init_file,
                               label_words=[w.strip() for w in task.verbalizer] or list(task.labels))
 
 
@@ -250,6 +256,7 @@ class Trainer:
 
     def _eval_and_keep_best(self) -> dict[str, float]:
         metrics = self.evaluate(self.splits.dev)
+        self.state["last_eval_step"] = self.state["step"]
         key = self.splits.task.metrics[0]
         self._log_line({"step": self.state["step"], "elapsed": round(self.state["elapsed"], 2),
                         **{f"dev_{k}": v for k, v in metrics.items()}})
@@ -267,9 +274,15 @@ class Trainer:
             while self.state["batch_in_epoch"] < len(batches):
                 idx = batches[self.state["batch_in_epoch"]]
                 self.state["batch_in_epoch"] += 1
-                yield collate([features[i] for i in idx], self.encoder)
+                yield [features[i] for i in idx]
             self.state["epoch"] += 1
             self.state["batch_in_epoch"] = 0
+
+    def loss(self, features: list[Feature]) -> torch.Tensor:
+        if self.cfg.loss == "rank" and self.encoder.text_to_text:
+            labels = torch.tensor([f.label for f in features])
+            return torch.nn.functional.cross_entropy(label_scores(self.model, self.encoder, features), labels)
+        return self.model.training_loss(**collate(features, self.encoder))
 
     def _set_lr(self) -> float:
         factor = self.factor(self._progress())
@@ -283,8 +296,6 @@ class Trainer:
         self.log(f"{self.splits.source}: {len(self.splits.train)} train / {len(self.splits.dev)} dev / "
                  f"{len(self.splits.test)} test; {self.model.family} model {cfg.model}, "
                  f"{self.model.config.task_type.value}, {self.model.num_trainable_parameters():,} trainable parameters")
-        if self.state["best_metric"] is None:
-            self._eval_and_keep_best()  # the untrained prompt is the first candidate for best
         key = self.splits.task.metrics[0]
         last_metrics: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not cfg.progress, unit="step",
@@ -303,7 +314,7 @@ class Trainer:
                 for _ in range(cfg.grad_accum):
                     batch = next(batches)
                     with autocast:
-                        loss = self.model.training_loss(**batch) / cfg.grad_accum
+                        loss = self.loss(batch) / cfg.grad_accum
                     loss.backward()
                     total += float(loss.detach())
                 torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.max_grad_norm)
@@ -322,7 +333,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_ema:.4f}", **({f"dev_{key}": f"{last_metrics[key]:.4f}"}
                                                             if last_metrics else {}))
-            if self.state["step"] % cfg.eval_every:
+            if self.state.get("last_eval_step") != self.state["step"]:
                 self._eval_and_keep_best()
         except KeyboardInterrupt:
             interrupted = True
@@ -341,11 +352,10 @@ class Trainer:
     def _finish(self) -> TrainResult:
         best = self.output / BEST
         self.model.load_prompt(best)
-        dev = self.evaluate(self.splits.dev)
-        test = self.evaluate(self.splits.test) if self.cfg.eval_test and self.splits.labelled("test") else None
         meta = read_meta(best)
-        save_checkpoint(best, self.model, {**{k: meta[k] for k in ("base_model", "task", "max_length", "training")},
-                                           "step": self.state["best_step"], "metrics": {"dev": dev, "test": test}})
+        dev = meta["metrics"]["dev"]  # scored when it became best; dev does not change
+        test = self.evaluate(self.splits.test) if self.cfg.eval_test and self.splits.labelled("test") else None
+        save_checkpoint(best, self.model, {**meta, "metrics": {"dev": dev, "test": test}})
         result = TrainResult(self.output, best, self.state["step"], self.state["elapsed"], dev, test)
         (self.output / RESULTS).write_text(json.dumps({"best_step": self.state["best_step"],
                                                        "steps": self.state["step"],
@@ -354,20 +364,15 @@ class Trainer:
         return result
 
     def baselines(self) -> dict[str, dict[str, float]]:
-        """Test metrics of the majority class, the template with no prompt, and the untrained prompt."""
+        """Test metrics of the majority class and of the untrained prompt (for label words: the template with
+        the task's instruction as the prompt, i.e. zero-shot)."""
         examples = self.splits.test if self.splits.labelled("test") else self.splits.dev
         task = self.splits.task
         out: dict[str, dict[str, float]] = {}
         if not task.is_regression:
-            from .metrics import compute_metrics
-
             majority = Counter(e.label for e in self.splits.train).most_common(1)[0][0]
             out["majority"] = compute_metrics(task.metrics, [majority] * len(examples), [e.label for e in examples])
         out["untrained_prompt"] = self.evaluate(examples)
-        if self.encoder.text_to_text:
-            bare = PromptedTask(get_prompt_model(self.model.base, PromptTuningConfig(
-                num_virtual_tokens=0, task_type=self.model.config.task_type)), self.encoder, task, self.cfg.model)
-            out["template_only"] = bare.evaluate(examples, self.cfg.eval_batch_size)
         return out
 
 
