@@ -89,8 +89,12 @@ def tiny_dirs(tokenizer, tmp_path_factory):
     bert = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                                                     num_attention_heads=4, intermediate_size=64,
                                                     max_position_embeddings=128))
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=4, pad_token_id=tokenizer.pad_token_id,
+                                             decoder_start_token_id=tokenizer.pad_token_id,
+                                             eos_token_id=tokenizer.sep_token_id))
     return {"llama": _save(llama, tokenizer, root / "llama"), "llama48": _save(llama48, tokenizer, root / "llama48"),
-            "bert": _save(bert, tokenizer, root / "bert")}
+            "bert": _save(bert, tokenizer, root / "bert"), "t5": _save(t5, tokenizer, root / "t5")}
 
 
 @pytest.fixture

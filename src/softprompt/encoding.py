@@ -35,7 +35,8 @@ class TaskEncoder:
         if task_type is not TaskType.SEQ_CLS:
             if task.is_regression:
                 raise SoftpromptError(f"task {task.name} is regression: train it with a head (--task-type SEQ_CLS)")
-            eos = [tokenizer.eos_token_id] if task_type is TaskType.SEQ_2_SEQ_LM else []
+            end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+            eos = [end] if task_type is TaskType.SEQ_2_SEQ_LM and end is not None else []
             self.label_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] + eos for w in task.verbalizer]
             if any(not ids for ids in self.label_ids) or len({tuple(i) for i in self.label_ids}) < len(self.label_ids):
                 raise SoftpromptError(f"label words {task.verbalizer} must tokenize to distinct, non-empty ids")
