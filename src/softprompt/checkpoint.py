@@ -63,6 +63,9 @@ def _write_atomic(directory: Path, write) -> None:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
         write(tmp)
         if directory.exists():
