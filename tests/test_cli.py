@@ -199,6 +199,12 @@ def test_prompt_length_must_be_positive(tiny_csv, tmp_path, capsys, length):
     _assert_clean_error(code, err, "prompt length must be > 0")
 
 
+def test_template_with_an_unknown_slot(tiny_dirs, tiny_csv, tmp_path, capsys):
+    code, _, err = run(TRAIN + ["--model", tiny_dirs["llama"], "--data", tiny_csv, "--template", "{text} {mood}:",
+                                "--output", tmp_path / "o"], capsys)
+    _assert_clean_error(code, err, "does not fit fields text", tmp_path / "o")
+
+
 def test_unwritable_output_folder(tiny_csv, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -72,7 +72,7 @@ def train(
     max_train_examples: Optional[int] = typer.Option(None),
     max_eval_examples: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
-    bf16: bool = typer.Option(False, help="bf16 autocast"),
+    bf16: bool = typer.Option(False, help="bf16 autocast for training steps (evaluation stays fp32)"),
     output: str = typer.Option("runs/latest", help="run folder: best/ and last/ checkpoints, metrics.jsonl"),
     resume: bool = typer.Option(False, help="continue the run in --output from its last/ checkpoint"),
     baselines: bool = typer.Option(True, help="also score the majority class and the untrained prompt on test"),

@@ -40,6 +40,11 @@ class TaskSpec:
             self.verbalizer = tuple(f" {label}" for label in self.labels)
         if self.labels and len(self.verbalizer) != len(self.labels):
             raise SoftpromptError(f"task {self.name}: {len(self.labels)} labels but {len(self.verbalizer)} label words")
+        try:
+            self.render({f: "" for f in self.fields})
+        except (KeyError, IndexError, ValueError) as err:
+            raise SoftpromptError(f"template {self.template!r} does not fit fields {', '.join(self.fields)} ({err!r}); "
+                                  "use {field} slots and double any literal braces") from None
 
     @property
     def is_regression(self) -> bool:

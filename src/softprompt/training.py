@@ -8,7 +8,7 @@ import random
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -161,12 +161,12 @@ def load_splits(cfg: TrainConfig) -> Splits:
         missing = [f for f in splits.task.fields if "{" + f + "}" not in cfg.template]
         if missing:
             raise SoftpromptError(f"template must contain {', '.join('{' + f + '}' for f in missing)}")
-        splits.task.template = cfg.template
+        splits.task = replace(splits.task, template=cfg.template)  # re-validated by TaskSpec
     if cfg.verbalizer:
         if len(cfg.verbalizer) != len(splits.task.labels):
             raise SoftpromptError(f"--verbalizer needs {len(splits.task.labels)} label words "
                                   f"({', '.join(splits.task.labels)}), got {len(cfg.verbalizer)}")
-        splits.task.verbalizer = tuple(cfg.verbalizer)
+        splits.task = replace(splits.task, verbalizer=tuple(cfg.verbalizer))
     splits.train = _subsample(splits.train, cfg.max_train_examples, cfg.seed)
     splits.dev = _subsample(splits.dev, cfg.max_eval_examples, cfg.seed)
     splits.test = _subsample(splits.test, cfg.max_eval_examples, cfg.seed)
