@@ -219,3 +219,14 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'} is not a softprompt checkpoint "
                                                 "(no softprompt.json)"]
+
+
+def test_baselines_name_the_split_they_were_scored_on(tiny_dirs, tmp_path, capsys):
+    """GLUE-style data whose test split has no labels: baselines fall back to dev and say so."""
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"good {i}\t1\nbad {i}\t0\n" for i in range(8)))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngood x\t1\nbad y\t0\n")
+    (tmp_path / "test.tsv").write_text("index\tsentence\n0\tgood z\n")
+    code, out, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tmp_path, "--task", "sst2",
+                                  "--output", tmp_path / "r"], capsys)
+    assert code == 0, err
+    assert "baseline majority          dev" in out and "test  n/a (no test labels)" in out

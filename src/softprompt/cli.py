@@ -99,9 +99,9 @@ def train(
     result = run_training(cfg, resume=resume, log=typer.echo)
     typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s")
     for name, metrics in result.baselines.items():
-        typer.echo(f"baseline {name:<16}  test  {_fmt(metrics)}")
+        typer.echo(f"baseline {name:<16}  {result.baseline_split:<5} {_fmt(metrics)}")
     typer.echo(f"trained prompt             dev   {_fmt(result.dev)}")
-    typer.echo(f"trained prompt             test  {_fmt(result.test)}")
+    typer.echo(f"trained prompt             test  {_fmt(result.test) if result.test else 'n/a (no test labels)'}")
     typer.echo(f"checkpoint: {result.best_checkpoint}")
 
 

@@ -95,6 +95,7 @@ class TrainResult:
     dev: dict[str, float]
     test: dict[str, float] | None
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    baseline_split: str = "test"
 
 
 class TrainingInterrupted(Exception):
@@ -363,10 +364,14 @@ class Trainer:
                                                        "dev": dev, "test": test}, indent=2))
         return result
 
+    @property
+    def baseline_split(self) -> str:
+        return "test" if self.splits.labelled("test") else "dev"  # GLUE's test files carry no labels
+
     def baselines(self) -> dict[str, dict[str, float]]:
-        """Test metrics of the majority class and of the untrained prompt (for label words: the template with
-        the task's instruction as the prompt, i.e. zero-shot)."""
-        examples = self.splits.test if self.splits.labelled("test") else self.splits.dev
+        """Metrics of the majority class and of the untrained prompt (for label words: the template with the
+        task's instruction as the prompt, i.e. zero-shot), on test, or on dev where test has no labels."""
+        examples = getattr(self.splits, self.baseline_split)
         task = self.splits.task
         out: dict[str, dict[str, float]] = {}
         if not task.is_regression:
@@ -391,5 +396,5 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     if resume:
         trainer.resume()
     result = trainer.train()
-    result.baselines = baselines
+    result.baselines, result.baseline_split = baselines, trainer.baseline_split
     return result
