@@ -64,3 +64,18 @@ def test_glue_metrics_match_the_benchmark():
 def test_unknown_task():
     with pytest.raises(SoftpromptError, match="built-in tasks"):
         get_task("squad")
+
+
+def test_template_label_slot():
+    task = get_task("sst2")
+    task.template = "Review: {sentence}\nIt was{label}. Thanks!"
+    assert task.render({"sentence": "fine"}) == "Review: fine\nIt was"
+    task.template = "Review: {sentence}\nIt was"
+    assert task.render({"sentence": "fine"}) == "Review: fine\nIt was"
+
+
+def test_template_must_place_every_field_before_the_label():
+    from softprompt.tasks import TaskSpec
+
+    with pytest.raises(SoftpromptError, match="must place {sentence} before its {label} slot"):
+        TaskSpec("t", ("sentence",), ("a", "b"), ("accuracy",), "{label}: {sentence}")

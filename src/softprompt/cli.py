@@ -47,7 +47,8 @@ def train(
     task_type: Optional[str] = typer.Option(None, help="SEQ_CLS (head), CAUSAL_LM or SEQ_2_SEQ_LM (label words)"),
     text_column: Optional[List[str]] = typer.Option(None, help="input column(s) of a file, in the task's field order"),
     label_column: Optional[str] = typer.Option(None, help="label column of a file"),
-    template: Optional[str] = typer.Option(None, help="text-to-text template with {field} slots"),
+    template: Optional[str] = typer.Option(None, help="text-to-text template with {field} slots and an optional "
+                                                       "{label} slot (default: the label follows the template)"),
     verbalizer: Optional[List[str]] = typer.Option(None, help="label word per label, in label order (repeat)"),
     prompt_length: int = typer.Option(8, help="number of virtual tokens k"),
     init: Optional[str] = typer.Option(None, help="random | vocab | class_labels | text | file (default: the "

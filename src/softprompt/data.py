@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import SoftpromptError
-from .tasks import TaskSpec, get_task
+from .tasks import TASKS, TaskSpec, get_task
 
 FILE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 SPLIT_NAMES = ("train", "dev", "test")
@@ -193,10 +193,15 @@ def rotten_tomatoes(seed: int = 0) -> Splits:
     return Splits(task, *_seeded_split(rows, seed, RT_FRACTIONS), source="rotten_tomatoes")
 
 
+def _probe(task: TaskSpec | None, text_columns) -> TaskSpec:
+    """The task whose columns to look for; for user data, a stand-in until the labels are known."""
+    return task or TaskSpec("custom", tuple(text_columns or ("text",)), ("a", "b"), ("accuracy",))
+
+
 def from_file(path: Path, task: TaskSpec | None, seed: int, text_columns=None, label_column=None) -> Splits:
     """One labelled file, split 80/10/10 with `seed`."""
     rows = _read_rows(path)
-    probe = task or TaskSpec("custom", tuple(text_columns or ("text",)), ("a", "b"), ("accuracy",))
+    probe = _probe(task, text_columns)
     cols, label_col = _columns_for(rows, probe, str(path), text_columns, label_column)
     train, dev, test = _seeded_split(rows, seed)
     task = task or _infer_task(train, dev, probe.fields, label_col)
@@ -222,7 +227,7 @@ def from_folder(folder: Path, task: TaskSpec | None, text_columns=None, label_co
     if files[0] is None or files[1] is None:
         hint = f" or a GLUE folder holding {task.glue_folder}/" if task and task.glue_folder else ""
         raise SoftpromptError(f"{folder} needs train and dev files (train.tsv/.csv/.jsonl, dev.tsv){hint}")
-    probe = task or TaskSpec("custom", tuple(text_columns or ("text",)), ("a", "b"), ("accuracy",))
+    probe = _probe(task, text_columns)
     headers = [n for key in probe.fields + ("label",) for n in probe.column_names(key)]
     rows = [_read_rows(f, probe.positions, headers) if f else [] for f in files]
     cols, label_col = _columns_for(rows[0], probe, str(files[0]), text_columns, label_column)
@@ -254,10 +259,10 @@ def from_hub(name: str, task: TaskSpec | None, text_columns=None, label_column=N
 
     repo, config = parse_hub_name(name)
     if task is None:
-        matches = [t for t in _builtin_tasks() if t.hub == (repo, config)]
+        matches = [t.name for t in TASKS.values() if t.hub == (repo, config)]
         if not matches:
-            raise SoftpromptError(f"say which task {name!r} is with --task (built-in: {', '.join(_task_names())})")
-        task = matches[0]
+            raise SoftpromptError(f"say which task {name!r} is with --task (built-in: {', '.join(TASKS)})")
+        task = get_task(matches[0])
     try:
         loaded = datasets.load_dataset(repo, config)
     except Exception as err:  # the hub client raises many types; all mean the same to the user
@@ -276,18 +281,6 @@ def from_hub(name: str, task: TaskSpec | None, text_columns=None, label_column=N
         cols, label_col = _columns_for(rows, task, f"{name}[{split}]", text_columns, label_column, need_label=i < 2)
         splits.append(_to_examples(rows, task, cols, label_col, f"{name}[{split}]"))
     return Splits(task, *splits, source=name)
-
-
-def _builtin_tasks():
-    from .tasks import TASKS
-
-    return [get_task(n) for n in TASKS]
-
-
-def _task_names() -> list[str]:
-    from .tasks import TASKS
-
-    return list(TASKS)
 
 
 def to_examples(items: Iterable[str | dict[str, Any]], fields: tuple[str, ...]) -> list[Example]:

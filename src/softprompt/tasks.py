@@ -18,7 +18,7 @@ class TaskSpec:
     fields: tuple[str, ...]  # input fields, as the template names them
     labels: tuple[str, ...]  # label names by index; empty for regression
     metrics: tuple[str, ...]  # the first one selects the best checkpoint
-    template: str = ""  # text-to-text input, with {field} slots; the label follows it
+    template: str = ""  # text-to-text input with {field} slots; the label goes at {label}, or at the end
     verbalizer: tuple[str, ...] = ()  # the words each label is generated as
     hub: tuple[str, str | None] | None = None  # (dataset id, config) on the Hugging Face hub
     hub_splits: tuple[str, str, str] = ("train", "validation", "test")
@@ -40,6 +40,11 @@ class TaskSpec:
             self.verbalizer = tuple(f" {label}" for label in self.labels)
         if self.labels and len(self.verbalizer) != len(self.labels):
             raise SoftpromptError(f"task {self.name}: {len(self.labels)} labels but {len(self.verbalizer)} label words")
+        prefix = self.template.split("{label}", 1)[0]
+        missing = [f for f in self.fields if "{" + f + "}" not in prefix]
+        if missing:
+            raise SoftpromptError(f"template {self.template!r} must place {', '.join('{' + f + '}' for f in missing)} "
+                                  "before its {label} slot")
         try:
             self.render({f: "" for f in self.fields})
         except (KeyError, IndexError, ValueError) as err:
@@ -54,7 +59,11 @@ class TaskSpec:
         return self.columns.get(key, ()) + (key,)
 
     def render(self, fields: dict[str, str]) -> str:
-        return self.template.format(**fields)
+        """The input text: the template up to its {label} slot (the end, when it has none).
+
+        Text after the slot cannot change the label's likelihood under a causal LM, and an
+        encoder-decoder generates the label on the decoder side, so only the part before it is kept."""
+        return self.template.split("{label}", 1)[0].format(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

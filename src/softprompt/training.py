@@ -159,10 +159,7 @@ def load_splits(cfg: TrainConfig) -> Splits:
     task = get_task(cfg.task) if cfg.task else None
     splits = load_data(cfg.data, task, seed=cfg.seed, text_columns=cfg.text_columns, label_column=cfg.label_column)
     if cfg.template:
-        missing = [f for f in splits.task.fields if "{" + f + "}" not in cfg.template]
-        if missing:
-            raise SoftpromptError(f"template must contain {', '.join('{' + f + '}' for f in missing)}")
-        splits.task = replace(splits.task, template=cfg.template)  # re-validated by TaskSpec
+        splits.task = replace(splits.task, template=cfg.template)  # validated by TaskSpec
     if cfg.verbalizer:
         if len(cfg.verbalizer) != len(splits.task.labels):
             raise SoftpromptError(f"--verbalizer needs {len(splits.task.labels)} label words "
