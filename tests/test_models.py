@@ -160,12 +160,20 @@ def test_only_prompt_and_head_train(tokenizer, name, task_type, request):
             assert torch.equal(p, frozen[n]), n  # bit-identical backbone
 
 
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_tail_only_training_loss_equals_full_forward_loss(tokenizer, tiny_llama, side):
-    model = wrap(tiny_llama, 5, "CAUSAL_LM", tokenizer)
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("first_labelled", [False, True])
+def test_tail_only_training_loss_equals_full_forward_loss(tokenizer, name, side, shared, first_labelled, request):
+    """The tail loss, through the shared prompt prefix or the concatenated sequence, is forward's loss."""
+    model = wrap(request.getfixturevalue(name), 5, "CAUSAL_LM", tokenizer)
+    assert model.shared_prefix_reason() is None
+    if not shared:
+        model._shared_reason = "forced off for the test"
     enc = batch(tokenizer, side)
     labels = enc["input_ids"].clone()
-    labels[:, :3] = -100  # a label span that starts at different columns in different rows
+    if not first_labelled:
+        labels[:, :3] = -100  # a label span that starts at different columns in different rows
     labels[enc["attention_mask"] == 0] = -100
     full = model(enc["input_ids"], enc["attention_mask"], labels=labels).loss
     tail = model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
@@ -194,3 +202,21 @@ def test_decoder_generate_continues_after_prompt_and_input(tokenizer, tiny_llama
             concat = torch.cat([model.prompt.weight[None], tiny_llama.get_input_embeddings()(full)], dim=1)
             new.append(int(tiny_llama(inputs_embeds=concat).logits[0, -1].argmax()))
         assert got[i, -4:].tolist() == new
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_shared_prefix_tail_logits_equal_concat_and_cache_follows_the_prompt(tokenizer, name, request):
+    model = wrap(request.getfixturevalue(name), 6, "CAUSAL_LM", tokenizer)
+    enc = batch(tokenizer, "right")
+    with torch.no_grad():
+        shared = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+        model._shared_reason = "forced off"
+        concat = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+        del model._shared_reason
+        torch.testing.assert_close(shared, concat, atol=ATOL, rtol=0)
+        model.prompt.weight.add_(0.5)  # the kept keys/values must not outlive the prompt they came from
+        moved = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+        model._shared_reason = "forced off"
+        torch.testing.assert_close(moved, model.tail_logits(enc["input_ids"], enc["attention_mask"], 2),
+                                   atol=ATOL, rtol=0)
+    assert not torch.allclose(moved, shared)

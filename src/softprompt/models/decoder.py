@@ -4,14 +4,27 @@ Rows are left-aligned and the prompt goes right before each row's first real tok
 pads p1..pk text. Position ids count real tokens only, so left and right padding give identical
 results, the last column is always a real token (generation and last-token pooling rely on it), and the
 first real token's loss is predicted from the last virtual token, exactly as without padding.
+
+Shared prefix: attention is causal and the prompt comes first, so its keys and values at every layer do
+not depend on the input. The label loss and rank classification run the prompt once (a batch of one,
+with gradients) and hand its keys/values to every row through the transformers cache, instead of pushing
+k extra tokens through the model per example. Under no_grad the prompt's keys/values are kept until the
+prompt changes. Models whose cache or output head is not plain (sliding windows, logit soft-capping)
+use the concatenated sequence instead, said once in the log.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+
 import torch
+from transformers import DynamicCache
 
 from ..config import TaskType
-from .base import PromptModel
+from .base import PromptModel, align_order
+
+log = logging.getLogger(__name__)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -39,12 +52,82 @@ class DecoderPromptModel(PromptModel):
         out.logits = logits.gather(1, torch.argsort(order, dim=1).unsqueeze(-1).expand_as(logits))
         return out
 
+    # -- shared prefix --------------------------------------------------------------------------------
+    def shared_prefix_reason(self) -> str | None:
+        """Why this model cannot share the prompt's keys/values across a batch (None: it can)."""
+        config = self.base.config.get_text_config()
+        if self.config.task_type is not TaskType.CAUSAL_LM or not self.prompt.num_tokens:
+            return "no prompt to share"
+        if getattr(config, "sliding_window", None) or getattr(config, "final_logit_softcapping", None):
+            return "sliding-window attention or logit soft-capping"
+        params = inspect.signature(self.base.base_model.forward).parameters
+        if "cache" not in params and "past_key_values" not in params:
+            return f"{type(self.base.base_model).__name__} takes no cache"
+        return None
+
+    def _use_shared_prefix(self) -> bool:
+        if not hasattr(self, "_shared_reason"):
+            self._shared_reason = self.shared_prefix_reason()
+            if self._shared_reason and self._shared_reason != "no prompt to share":
+                log.warning("softprompt: %s cannot share the prompt across the batch (%s); using the concatenated "
+                            "sequence", type(self.base).__name__, self._shared_reason)
+        return self._shared_reason is None
+
+    def _cache_kwarg(self) -> str:
+        params = inspect.signature(self.base.base_model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def _prompt_states(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Per-layer keys/values of the prompt alone and its last hidden state; kept under no_grad."""
+        weight = self.prompt.weight
+        key = (weight.data_ptr(), weight._version, str(weight.device))
+        cached = getattr(self, "_prompt_kv", None)
+        if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        k = self.prompt.num_tokens
+        cache = DynamicCache(config=self.base.config)
+        dtype = self.base.get_input_embeddings().weight.dtype
+        out = self.base.base_model(inputs_embeds=weight[None].to(dtype), position_ids=torch.arange(k, device=weight.device)[None],
+                                   use_cache=True, **{self._cache_kwarg(): cache})
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        last = out.last_hidden_state[:, -1:]
+        if not torch.is_grad_enabled():
+            self._prompt_kv = (key, layers, last)
+        return layers, last
+
+    def _shared_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the caller's tokens (left-aligned), attending to the shared prompt keys/values."""
+        layers, _ = self._prompt_states()
+        batch, k = input_ids.shape[0], self.prompt.num_tokens
+        cache = DynamicCache(config=self.base.config)
+        for i, (keys, values) in enumerate(layers):
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), i)
+        full_mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
+        out = self.base.base_model(inputs_embeds=self.base.get_input_embeddings()(input_ids),
+                                   attention_mask=full_mask, position_ids=positions_from_mask(full_mask)[:, k:],
+                                   use_cache=True, **{self._cache_kwarg(): cache})
+        return out.last_hidden_state
+
+    def _tail_hidden(self, input_ids, attention_mask, keep: int) -> torch.Tensor | None:
+        """States of the last `keep` aligned columns via the shared prefix, or None where the concat path must
+        serve (the tail would reach into the prompt of a short row)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not self._use_shared_prefix() or keep > int(attention_mask.sum(1).min()):
+            return None
+        order = align_order(attention_mask, self.pad_side)
+        hidden = self._shared_hidden(input_ids.gather(1, order), attention_mask.gather(1, order))
+        return hidden[:, -keep:]
+
     def tail_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
         """Logits of the last `keep` columns only (real tokens, after left alignment).
 
         The LM head over a 49k vocabulary at every position costs as much as several layers; label
         words sit at the end of each row, so scoring and the label loss need only the tail.
         """
+        hidden = self._tail_hidden(input_ids, attention_mask, keep)
+        if hidden is not None:
+            return self.base.get_output_embeddings()(hidden)
         inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
         return self.base(**inputs, logits_to_keep=keep).logits
 
@@ -52,13 +135,17 @@ class DecoderPromptModel(PromptModel):
         """Mean next-token cross-entropy over labelled tokens, as `forward(...).loss`, from the tail only."""
         if self.config.task_type is not TaskType.CAUSAL_LM:
             return super().training_loss(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        inputs, _, _ = self.prompted_inputs(input_ids, attention_mask, labels=labels)
-        labels = inputs.pop("labels")
-        width, labelled = labels.shape[1], labels != -100
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = align_order(attention_mask, self.pad_side)
+        aligned = labels.gather(1, order)
+        width, labelled = aligned.shape[1], aligned != -100
         first = torch.where(labelled.any(1), labelled.int().argmax(1), width)  # first labelled column per row
-        keep = min(width, int((width - first).max()) + 1)
-        logits = self.base(**inputs, logits_to_keep=keep, **kwargs).logits
-        targets = labels[:, labels.shape[1] - keep + 1:]
+        keep = int((width - first).max()) + 1
+        if keep > int(attention_mask.sum(1).min()):  # a row's first real token is labelled: the prompt predicts it
+            return self(input_ids, attention_mask, labels=labels, **kwargs).loss
+        targets = aligned[:, width - keep + 1:]
+        logits = self.tail_logits(input_ids, attention_mask, keep)
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                                  ignore_index=-100)
 
