@@ -95,9 +95,10 @@ class DecoderPromptModel(PromptModel):
             self._prompt_kv = (key, layers, last)
         return layers, last
 
-    def _shared_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states of the caller's tokens (left-aligned), attending to the shared prompt keys/values."""
-        layers, _ = self._prompt_states()
+    def _shared_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Hidden states of the (left-aligned) tokens attending to the shared prompt keys/values, and the prompt's
+        last state (which predicts each row's first real token)."""
+        layers, last = self._prompt_states()
         batch, k = input_ids.shape[0], self.prompt.num_tokens
         cache = DynamicCache(config=self.base.config)
         for i, (keys, values) in enumerate(layers):
@@ -106,7 +107,7 @@ class DecoderPromptModel(PromptModel):
         out = self.base.base_model(inputs_embeds=self.base.get_input_embeddings()(input_ids),
                                    attention_mask=full_mask, position_ids=positions_from_mask(full_mask)[:, k:],
                                    use_cache=True, **{self._cache_kwarg(): cache})
-        return out.last_hidden_state
+        return out.last_hidden_state, last
 
     def _tail_hidden(self, input_ids, attention_mask, keep: int) -> torch.Tensor | None:
         """States of the last `keep` aligned columns via the shared prefix, or None where the concat path must
@@ -116,7 +117,7 @@ class DecoderPromptModel(PromptModel):
         if not self._use_shared_prefix() or keep > int(attention_mask.sum(1).min()):
             return None
         order = align_order(attention_mask, self.pad_side)
-        hidden = self._shared_hidden(input_ids.gather(1, order), attention_mask.gather(1, order))
+        hidden, _ = self._shared_hidden(input_ids.gather(1, order), attention_mask.gather(1, order))
         return hidden[:, -keep:]
 
     def tail_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
@@ -138,16 +139,24 @@ class DecoderPromptModel(PromptModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         order = align_order(attention_mask, self.pad_side)
-        aligned = labels.gather(1, order)
-        width, labelled = aligned.shape[1], aligned != -100
+        ids, mask, aligned = input_ids.gather(1, order), attention_mask.gather(1, order), labels.gather(1, order)
+        labelled = aligned != -100
+        if self._use_shared_prefix():
+            # the state that predicts column j: column j-1's, or the prompt's last for each row's first real token
+            hidden, last = self._shared_hidden(ids, mask)
+            before = torch.cat([last.expand(hidden.shape[0], 1, -1), hidden[:, :-1]], dim=1)
+            first_real = (mask.cumsum(1) == 1) & (mask == 1)
+            before = torch.where(first_real.unsqueeze(-1), last, before)
+            logits = self.base.get_output_embeddings()(before[labelled])  # the LM head only where there is a label
+            return torch.nn.functional.cross_entropy(logits.float(), aligned[labelled])
+        width = aligned.shape[1]
         first = torch.where(labelled.any(1), labelled.int().argmax(1), width)  # first labelled column per row
         keep = int((width - first).max()) + 1
-        if keep > int(attention_mask.sum(1).min()):  # a row's first real token is labelled: the prompt predicts it
+        if keep > int(mask.sum(1).min()):  # a row's first real token is labelled: the prompt end predicts it
             return self(input_ids, attention_mask, labels=labels, **kwargs).loss
-        targets = aligned[:, width - keep + 1:]
         logits = self.tail_logits(input_ids, attention_mask, keep)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                                 ignore_index=-100)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                 aligned[:, width - keep + 1:].flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
