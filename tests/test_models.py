@@ -220,3 +220,17 @@ def test_shared_prefix_tail_logits_equal_concat_and_cache_follows_the_prompt(tok
         torch.testing.assert_close(moved, model.tail_logits(enc["input_ids"], enc["attention_mask"], 2),
                                    atol=ATOL, rtol=0)
     assert not torch.allclose(moved, shared)
+
+
+def test_shared_prefix_matches_concat_under_bf16_autocast(tokenizer, tiny_llama):
+    model = wrap(tiny_llama, 6, "CAUSAL_LM", tokenizer)
+    enc = batch(tokenizer, "left")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    losses = []
+    for reason in (None, "forced off"):
+        if reason:
+            model._shared_reason = reason
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                              labels=labels))
+    torch.testing.assert_close(losses[0], losses[1], atol=2e-2, rtol=0)  # bf16 rounding, not a different loss
