@@ -109,7 +109,8 @@ def check_writable(output: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise SoftpromptError(f"cannot write to output folder {output} ({err.strerror}); choose another --output") from None
+        raise SoftpromptError(f"cannot write to output folder {output} ({err.strerror}); "
+                              "choose another --output") from None
 
 
 def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:

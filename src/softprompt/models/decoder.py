@@ -60,8 +60,7 @@ class DecoderPromptModel(PromptModel):
             return "no prompt to share"
         if getattr(config, "sliding_window", None) or getattr(config, "final_logit_softcapping", None):
             return "sliding-window attention or logit soft-capping"
-        params = inspect.signature(self.base.base_model.forward).parameters
-        if "cache" not in params and "past_key_values" not in params:
+        if self._cache_kwarg() is None:
             return f"{type(self.base.base_model).__name__} takes no cache"
         return None
 
@@ -73,9 +72,10 @@ class DecoderPromptModel(PromptModel):
                             "sequence", type(self.base).__name__, self._shared_reason)
         return self._shared_reason is None
 
-    def _cache_kwarg(self) -> str:
+    def _cache_kwarg(self) -> str | None:
+        """The backbone's name for the cache argument (transformers renamed past_key_values to cache)."""
         params = inspect.signature(self.base.base_model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        return next((name for name in ("cache", "past_key_values") if name in params), None)
 
     def _prompt_states(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Per-layer keys/values of the prompt alone and its last hidden state; kept under no_grad."""
@@ -87,8 +87,9 @@ class DecoderPromptModel(PromptModel):
         k = self.prompt.num_tokens
         cache = DynamicCache(config=self.base.config)
         dtype = self.base.get_input_embeddings().weight.dtype
-        out = self.base.base_model(inputs_embeds=weight[None].to(dtype), position_ids=torch.arange(k, device=weight.device)[None],
-                                   use_cache=True, **{self._cache_kwarg(): cache})
+        positions = torch.arange(k, device=weight.device)[None]
+        out = self.base.base_model(inputs_embeds=weight[None].to(dtype), position_ids=positions, use_cache=True,
+                                   **{self._cache_kwarg(): cache})
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         last = out.last_hidden_state[:, -1:]
         if not torch.is_grad_enabled():
