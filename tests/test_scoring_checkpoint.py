@@ -81,3 +81,15 @@ def test_save_load_gives_identical_outputs(tiny_dirs, tmp_path):
         assert torch.equal(loaded.scores(_examples()), before)
         size = (tmp_path / name / "prompt.safetensors").stat().st_size
         assert size < 4096  # KB-sized: the prompt (and head) only
+
+
+def test_multi_token_labels_from_one_shared_prefix_equal_one_pass_per_label(tokenizer, tiny_llama):
+    task = TaskSpec("toy", ("text",), ("a", "b", "c"), ("accuracy",), "{text} =",
+                    (" very good", " very bad indeed", " fine"))
+    encoder = TaskEncoder(tokenizer, task, TaskType.CAUSAL_LM, 64)
+    model = get_prompt_model(tiny_llama, PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"), tokenizer)
+    feats = encoder.encode_all([Example({"text": t}, 0) for t in ["a long sentence here", "short", "mid size one"]])
+    shared = score(model, encoder, feats, batch_size=3)
+    model._shared_reason = "forced off"
+    per_label = score(model, encoder, feats, batch_size=3)
+    torch.testing.assert_close(shared, per_label, atol=1e-4, rtol=0)

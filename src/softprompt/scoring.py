@@ -26,6 +26,11 @@ def _decoder_label_scores(model: PromptModel, prefixes: list[list[int]], label_i
         ids, mask = pad(prefixes, pad_id)
         last = model.tail_logits(ids, mask, 1)[:, 0]
         return torch.log_softmax(last.float(), -1)[:, [i[0] for i in label_ids]]
+    ids, mask = pad(prefixes, pad_id)
+    shared = model.continuation_logits(ids, mask, label_ids)
+    if shared is not None:  # the prompt and the input ran once for all label strings
+        return torch.stack([_token_logprobs(logits, torch.tensor([label] * len(prefixes)), torch.ones(
+            len(prefixes), len(label))) for logits, label in zip(shared, label_ids)], dim=1)
     columns = []
     for label in label_ids:
         ids, mask = pad([p + label for p in prefixes], pad_id)

@@ -96,19 +96,47 @@ class DecoderPromptModel(PromptModel):
             self._prompt_kv = (key, layers, last)
         return layers, last
 
-    def _shared_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Hidden states of the (left-aligned) tokens attending to the shared prompt keys/values, and the prompt's
-        last state (which predicts each row's first real token)."""
-        layers, last = self._prompt_states()
-        batch, k = input_ids.shape[0], self.prompt.num_tokens
+    def _run_cached(self, layers, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        """Run tokens after cached keys/values (expanded to the batch); `mask` covers cache and tokens."""
         cache = DynamicCache(config=self.base.config)
         for i, (keys, values) in enumerate(layers):
-            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), i)
-        full_mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
-        out = self.base.base_model(inputs_embeds=self.base.get_input_embeddings()(input_ids),
-                                   attention_mask=full_mask, position_ids=positions_from_mask(full_mask)[:, k:],
-                                   use_cache=True, **{self._cache_kwarg(): cache})
-        return out.last_hidden_state, last
+            cache.update(keys.expand(input_ids.shape[0], -1, -1, -1), values.expand(input_ids.shape[0], -1, -1, -1), i)
+        out = self.base.base_model(inputs_embeds=self.base.get_input_embeddings()(input_ids), attention_mask=mask,
+                                   position_ids=positions, use_cache=True, **{self._cache_kwarg(): cache})
+        return out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _shared_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Hidden states of the (left-aligned) tokens attending to the shared prompt keys/values, the prompt's
+        last state (which predicts each row's first real token), and the keys/values of prompt + tokens."""
+        layers, last = self._prompt_states()
+        full_mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], self.prompt.num_tokens), attention_mask], 1)
+        positions = positions_from_mask(full_mask)[:, self.prompt.num_tokens:]
+        hidden, layers = self._run_cached(layers, input_ids, full_mask, positions)
+        return hidden, last, (layers, full_mask, positions[:, -1:])
+
+    def continuation_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            continuations: list[list[int]]) -> list[torch.Tensor] | None:
+        """For each continuation (the same token list after every row), the logits predicting its tokens.
+
+        Prompt and input run once; each continuation then runs only its own tokens from their keys/values
+        (rank classification of multi-token label strings). None where the model cannot share a prefix.
+        """
+        if not self._use_shared_prefix():
+            return None
+        order = align_order(attention_mask, self.pad_side)
+        hidden, _, (layers, mask, last_position) = self._shared_hidden(input_ids.gather(1, order),
+                                                                       attention_mask.gather(1, order))
+        head = self.base.get_output_embeddings()
+        out = []
+        for tokens in continuations:
+            states = [hidden[:, -1:]]  # the input's last token predicts the continuation's first
+            if len(tokens) > 1:
+                ids = torch.tensor([tokens[:-1]] * hidden.shape[0], device=hidden.device)
+                more = torch.cat([mask, mask.new_ones(ids.shape)], dim=1)
+                steps = last_position + 1 + torch.arange(ids.shape[1], device=ids.device)
+                states.append(self._run_cached(layers, ids, more, steps)[0])
+            out.append(head(torch.cat(states, dim=1)))
+        return out
 
     def _tail_hidden(self, input_ids, attention_mask, keep: int) -> torch.Tensor | None:
         """States of the last `keep` aligned columns via the shared prefix, or None where the concat path must
@@ -118,7 +146,7 @@ class DecoderPromptModel(PromptModel):
         if not self._use_shared_prefix() or keep > int(attention_mask.sum(1).min()):
             return None
         order = align_order(attention_mask, self.pad_side)
-        hidden, _ = self._shared_hidden(input_ids.gather(1, order), attention_mask.gather(1, order))
+        hidden, _, _ = self._shared_hidden(input_ids.gather(1, order), attention_mask.gather(1, order))
         return hidden[:, -keep:]
 
     def tail_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
@@ -144,7 +172,7 @@ class DecoderPromptModel(PromptModel):
         labelled = aligned != -100
         if self._use_shared_prefix():
             # the state that predicts column j: column j-1's, or the prompt's last for each row's first real token
-            hidden, last = self._shared_hidden(ids, mask)
+            hidden, last, _ = self._shared_hidden(ids, mask)
             before = torch.cat([last.expand(hidden.shape[0], 1, -1), hidden[:, :-1]], dim=1)
             first_real = (mask.cumsum(1) == 1) & (mask == 1)
             before = torch.where(first_real.unsqueeze(-1), last, before)
