@@ -87,6 +87,13 @@ def test_text_to_text_variants_train_end_to_end(tiny_dirs, tiny_csv, tmp_path, c
     code, out, err = run(["predict", tmp_path / "r" / "best", "the film was good"], capsys)
     assert code == 0, err
     assert json.loads(out)["label"] in ("negative", "positive")
+    code, out, err = run(["predict", tmp_path / "r" / "best", "the film was good", "--generate",
+                          "--max-new-tokens", "3"], capsys)
+    if model == "t5":
+        _assert_clean_error(code, err, "generation needs a decoder checkpoint")
+    else:
+        assert code == 0, err
+        assert isinstance(json.loads(out)["generated"], str)
 
 
 def test_predict_reads_stdin_through_the_console_script(tiny_dirs, tiny_csv, tmp_path, capsys):

@@ -192,8 +192,11 @@ def test_decoder_generate_continues_after_prompt_and_input(tokenizer, tiny_llama
     """Greedy generation from a left-padded batch equals a hand-run greedy loop over each unpadded row."""
     model = wrap(tiny_llama, 4, "CAUSAL_LM", tokenizer)
     enc = batch(tokenizer, "left")
-    got = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=4, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+    got = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=4)  # from the kept prompt KV
+    model._shared_reason = "forced off"  # transformers' generate on the concatenated sequence
+    via_hf = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=4, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(got, via_hf[:, -4:])
     for i, text in enumerate(TEXTS):
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
         new = []

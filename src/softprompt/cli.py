@@ -168,6 +168,9 @@ def predict(
     file: Optional[str] = typer.Option(None, help="one input per line: a text, tab-separated fields, or JSON"),
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
     batch_size: int = typer.Option(32),
+    generate: bool = typer.Option(False, "--generate", help="print free text generated after the template "
+                                                            "instead of a label (decoder checkpoints)"),
+    max_new_tokens: int = typer.Option(20, help="with --generate: tokens to generate at most"),
 ) -> None:
     """Classify texts; prints one JSON line per input with the label and per-label scores."""
     from .data import to_examples
@@ -177,6 +180,10 @@ def predict(
     items = [dict(zip(fields, i.split("\t"))) if isinstance(i, str) and len(fields) > 1 else i
              for i in _read_inputs(texts or [], file)]
     examples = to_examples(items, fields)
+    if generate:
+        for example, text in zip(examples, prompted.generate(examples, max_new_tokens, batch_size)):
+            typer.echo(json.dumps({**example.fields, "generated": text}))
+        return
     for example, pred in zip(examples, prompted.predict(examples, batch_size)):
         typer.echo(json.dumps({**example.fields, **pred}))
 

@@ -12,7 +12,7 @@ from .assets import load_backbone, load_config
 from .checkpoint import check_base, read_meta
 from .config import PromptTuningConfig, TaskType
 from .data import Example, to_examples
-from .encoding import TaskEncoder
+from .encoding import TaskEncoder, pad
 from .errors import SoftpromptError
 from .metrics import compute_metrics
 from .models import PromptModel, family_of, get_prompt_model
@@ -73,6 +73,23 @@ class PromptedTask:
             raise SoftpromptError("evaluation needs labelled examples")
         preds = predictions(self.scores(examples, batch_size, progress))
         return compute_metrics(self.task.metrics, preds, [e.label for e in examples])
+
+    def generate(self, inputs: list[str | dict[str, Any] | Example], max_new_tokens: int = 20,
+                 batch_size: int = 32) -> list[str]:
+        """Free text after prompt + template (decoders trained with label words), greedy, cut at end-of-text."""
+        if self.encoder.task_type is not TaskType.CAUSAL_LM:
+            raise SoftpromptError("generation needs a decoder checkpoint trained with label words (CAUSAL_LM)")
+        examples = [i if isinstance(i, Example) else to_examples([i], self.task.fields)[0] for i in inputs]
+        features, tokenizer, texts = self.encoder.encode_all(examples), self.encoder.tokenizer, []
+        for start in range(0, len(features), batch_size):
+            ids, mask = pad([f.input_ids for f in features[start:start + batch_size]], tokenizer.pad_token_id)
+            with torch.inference_mode():
+                new = self.model.generate(ids, mask, max_new_tokens=max_new_tokens)
+            for row in new.tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        return texts
 
     def predict(self, inputs: list[str | dict[str, Any] | Example], batch_size: int = 32) -> list[dict[str, Any]]:
         """One dict per input: the label and per-label probabilities (or the value, for regression).

@@ -188,8 +188,25 @@ class DecoderPromptModel(PromptModel):
                                                  aligned[:, width - keep + 1:].flatten(), ignore_index=-100)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Greedy/sampled continuation after prompt + input; returns only the new token ids."""
-        inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
-        inputs.pop("position_ids")
-        return self.base.generate(**inputs, **kwargs)
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """Continuation after prompt + input; returns only the new token ids.
+
+        Greedy decoding runs from the kept prompt keys/values; sampling and other `generate` options go
+        through transformers' `generate` on the concatenated sequence."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if kwargs.get("do_sample") or not self._use_shared_prefix():
+            inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
+            inputs.pop("position_ids")
+            return self.base.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+        order = align_order(attention_mask, self.pad_side)
+        hidden, _, (layers, mask, position) = self._shared_hidden(input_ids.gather(1, order),
+                                                                  attention_mask.gather(1, order))
+        head, new = self.base.get_output_embeddings(), []
+        for _ in range(max_new_tokens):
+            token = head(hidden[:, -1]).argmax(-1, keepdim=True)
+            new.append(token)
+            mask, position = torch.cat([mask, mask.new_ones(token.shape)], dim=1), position + 1
+            hidden, layers = self._run_cached(layers, token, mask, position)
+        return torch.cat(new, dim=1)
