@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import PromptTuningConfig, TaskType, get_prompt_model
+from softprompt import PromptTuningConfig, get_prompt_model
 
 TEXTS = ["a gripping and funny film", "dull", "the plot never quite comes together , but the cast is fine"]
 ATOL = 1e-5

@@ -13,10 +13,9 @@ from .encoding import Feature, TaskEncoder, collate, pad
 from .models import PromptModel
 
 
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over masked positions of log p(target) under logits; targets already aligned with logits."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1)
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of log p(target) under logits (B, r, V); targets (B, r) aligned with them."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
 def _decoder_label_scores(model: PromptModel, prefixes: list[list[int]], label_ids: list[list[int]],
@@ -29,15 +28,15 @@ def _decoder_label_scores(model: PromptModel, prefixes: list[list[int]], label_i
     ids, mask = pad(prefixes, pad_id)
     shared = model.continuation_logits(ids, mask, label_ids)
     if shared is not None:  # the prompt and the input ran once for all label strings
-        return torch.stack([_token_logprobs(logits, torch.tensor([label] * len(prefixes)), torch.ones(
-            len(prefixes), len(label))) for logits, label in zip(shared, label_ids)], dim=1)
+        return torch.stack([_token_logprobs(logits, torch.tensor([label] * len(prefixes)))
+                            for logits, label in zip(shared, label_ids)], dim=1)
     columns = []
     for label in label_ids:
         ids, mask = pad([p + label for p in prefixes], pad_id)
         # the logit at column t predicts token t+1: the last len(label)+1 columns cover the label
         logits = model.tail_logits(ids, mask, len(label) + 1)[:, :-1]
         targets = torch.tensor([label] * len(prefixes))
-        columns.append(_token_logprobs(logits, targets, torch.ones_like(targets, dtype=torch.float)))
+        columns.append(_token_logprobs(logits, targets))
     return torch.stack(columns, dim=1)
 
 
@@ -48,7 +47,7 @@ def _seq2seq_label_scores(model, prefixes, label_ids, pad_id) -> torch.Tensor:
     for label in label_ids:
         labels = torch.tensor([label] * len(prefixes))
         logits = model.base(encoder_outputs=encoded, attention_mask=enc_mask, labels=labels).logits
-        columns.append(_token_logprobs(logits, labels, torch.ones_like(labels, dtype=torch.float)))
+        columns.append(_token_logprobs(logits, labels))
     return torch.stack(columns, dim=1)
 
 
