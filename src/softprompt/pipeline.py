@@ -65,6 +65,9 @@ class PromptedTask:
         encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, meta.get("max_length", 128))
         return cls(model.eval(), encoder, task, meta["base_model"])
 
+    def _examples(self, inputs: list[str | dict[str, Any] | Example]) -> list[Example]:
+        return [i if isinstance(i, Example) else to_examples([i], self.task.fields)[0] for i in inputs]
+
     def scores(self, examples: list[Example], batch_size: int = 32, progress=None) -> torch.Tensor:
         return score(self.model, self.encoder, self.encoder.encode_all(examples), batch_size, progress)
 
@@ -79,8 +82,7 @@ class PromptedTask:
         """Free text after prompt + template (decoders trained with label words), greedy, cut at end-of-text."""
         if self.encoder.task_type is not TaskType.CAUSAL_LM:
             raise SoftpromptError("generation needs a decoder checkpoint trained with label words (CAUSAL_LM)")
-        examples = [i if isinstance(i, Example) else to_examples([i], self.task.fields)[0] for i in inputs]
-        features, tokenizer, texts = self.encoder.encode_all(examples), self.encoder.tokenizer, []
+        features, tokenizer, texts = self.encoder.encode_all(self._examples(inputs)), self.encoder.tokenizer, []
         for start in range(0, len(features), batch_size):
             ids, mask = pad([f.input_ids for f in features[start:start + batch_size]], tokenizer.pad_token_id)
             with torch.inference_mode():
@@ -96,8 +98,7 @@ class PromptedTask:
 
         Inputs are plain strings (single-text tasks), dicts keyed by the task's fields, or Examples.
         """
-        examples = [i if isinstance(i, Example) else to_examples([i], self.task.fields)[0] for i in inputs]
-        scores = self.scores(examples, batch_size)
+        scores = self.scores(self._examples(inputs), batch_size)
         if self.task.is_regression:
             return [{"value": float(v)} for v in scores]
         probs = torch.softmax(scores, dim=-1)

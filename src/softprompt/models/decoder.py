@@ -105,6 +105,13 @@ class DecoderPromptModel(PromptModel):
                                    position_ids=positions, use_cache=True, **{self._cache_kwarg(): cache})
         return out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers]
 
+    def _aligned(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """The caller's batch left-aligned (what every shared-prefix path runs on), and the permutation used."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = align_order(attention_mask, self.pad_side)
+        return input_ids.gather(1, order), attention_mask.gather(1, order), order
+
     def _shared_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Hidden states of the (left-aligned) tokens attending to the shared prompt keys/values, the prompt's
         last state (which predicts each row's first real token), and the keys/values of prompt + tokens."""
@@ -123,9 +130,7 @@ class DecoderPromptModel(PromptModel):
         """
         if not self._use_shared_prefix():
             return None
-        order = align_order(attention_mask, self.pad_side)
-        hidden, _, (layers, mask, last_position) = self._shared_hidden(input_ids.gather(1, order),
-                                                                       attention_mask.gather(1, order))
+        hidden, _, (layers, mask, last_position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2])
         head = self.base.get_output_embeddings()
         out = []
         for tokens in continuations:
@@ -141,12 +146,10 @@ class DecoderPromptModel(PromptModel):
     def _tail_hidden(self, input_ids, attention_mask, keep: int) -> torch.Tensor | None:
         """States of the last `keep` aligned columns via the shared prefix, or None where the concat path must
         serve (the tail would reach into the prompt of a short row)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if not self._use_shared_prefix() or keep > int(attention_mask.sum(1).min()):
+        ids, mask, _ = self._aligned(input_ids, attention_mask)
+        if not self._use_shared_prefix() or keep > int(mask.sum(1).min()):
             return None
-        order = align_order(attention_mask, self.pad_side)
-        hidden, _, _ = self._shared_hidden(input_ids.gather(1, order), attention_mask.gather(1, order))
+        hidden, _, _ = self._shared_hidden(ids, mask)
         return hidden[:, -keep:]
 
     def tail_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
@@ -165,10 +168,8 @@ class DecoderPromptModel(PromptModel):
         """Mean next-token cross-entropy over labelled tokens, as `forward(...).loss`, from the tail only."""
         if self.config.task_type is not TaskType.CAUSAL_LM:
             return super().training_loss(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        order = align_order(attention_mask, self.pad_side)
-        ids, mask, aligned = input_ids.gather(1, order), attention_mask.gather(1, order), labels.gather(1, order)
+        ids, mask, order = self._aligned(input_ids, attention_mask)
+        aligned = labels.gather(1, order)
         labelled = aligned != -100
         if self._use_shared_prefix():
             # the state that predicts column j: column j-1's, or the prompt's last for each row's first real token
@@ -194,15 +195,11 @@ class DecoderPromptModel(PromptModel):
 
         Greedy decoding runs from the kept prompt keys/values; sampling and other `generate` options go
         through transformers' `generate` on the concatenated sequence."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         if kwargs.get("do_sample") or not self._use_shared_prefix():
             inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
             inputs.pop("position_ids")
             return self.base.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-        order = align_order(attention_mask, self.pad_side)
-        hidden, _, (layers, mask, position) = self._shared_hidden(input_ids.gather(1, order),
-                                                                  attention_mask.gather(1, order))
+        hidden, _, (layers, mask, position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2])
         head, new = self.base.get_output_embeddings(), []
         for _ in range(max_new_tokens):
             token = head(hidden[:, -1]).argmax(-1, keepdim=True)
