@@ -237,3 +237,32 @@ def test_shared_prefix_matches_concat_under_bf16_autocast(tokenizer, tiny_llama)
             losses.append(model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                               labels=labels))
     torch.testing.assert_close(losses[0], losses[1], atol=2e-2, rtol=0)  # bf16 rounding, not a different loss
+
+
+def test_grouped_attention_equals_transformers_sdpa_and_is_restored(tokenizer, tiny_llama):
+    """The CPU grouped-query path (no repeated key/value heads) gives the same logits and gradients as
+    transformers' SDPA with a padding mask, is really used, and leaves the model as it found it."""
+    from softprompt.models import attention
+
+    enc = batch(tokenizer, "left")
+    used = []
+    real_sdpa = attention.gqa_sdpa
+    attention.AttentionInterface.register(attention.NAME, lambda *a, **k: used.append(1) or real_sdpa(*a, **k))
+    try:
+        outs = []
+        for grouped in (False, True):
+            embeds = tiny_llama.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
+            if grouped:
+                with attention.grouped_attention(tiny_llama):
+                    logits = tiny_llama(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
+            else:
+                logits = tiny_llama(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
+            logits[enc["attention_mask"].bool()].logsumexp(-1).sum().backward()
+            outs.append((logits, embeds.grad))
+    finally:
+        attention.AttentionInterface.register(attention.NAME, real_sdpa)
+    assert len(used) == tiny_llama.config.num_hidden_layers
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    mask = enc["attention_mask"].bool()
+    torch.testing.assert_close(outs[1][0][mask], outs[0][0][mask], atol=ATOL, rtol=0)
+    torch.testing.assert_close(outs[1][1][mask], outs[0][1][mask], atol=ATOL, rtol=0)

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from ..config import TaskType
+from .attention import grouped_attention
 from .base import PromptModel, align_order
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ class DecoderPromptModel(PromptModel):
         cache = DynamicCache(config=self.base.config)
         for i, (keys, values) in enumerate(layers):
             cache.update(keys.expand(input_ids.shape[0], -1, -1, -1), values.expand(input_ids.shape[0], -1, -1, -1), i)
-        out = self.base.base_model(inputs_embeds=self.base.get_input_embeddings()(input_ids), attention_mask=mask,
-                                   position_ids=positions, use_cache=True, **{self._cache_kwarg(): cache})
+        with grouped_attention(self.base):
+            out = self.base.base_model(inputs_embeds=self.base.get_input_embeddings()(input_ids), attention_mask=mask,
+                                       position_ids=positions, use_cache=True, **{self._cache_kwarg(): cache})
         return out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers]
 
     def _aligned(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -159,10 +161,11 @@ class DecoderPromptModel(PromptModel):
         words sit at the end of each row, so scoring and the label loss need only the tail.
         """
         hidden = self._tail_hidden(input_ids, attention_mask, keep)
-        if hidden is not None:
-            return self.base.get_output_embeddings()(hidden)
+        if hidden is not None:  # a contiguous copy: on a strided view the head runs as a batched matmul, 5x slower
+            return self.base.get_output_embeddings()(hidden.contiguous())
         inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
-        return self.base(**inputs, logits_to_keep=keep).logits
+        width = inputs["inputs_embeds"].shape[1]  # indices rather than a count, for the same reason
+        return self.base(**inputs, logits_to_keep=torch.arange(width - keep, width, device=input_ids.device)).logits
 
     def training_loss(self, input_ids, attention_mask=None, labels=None, **kwargs) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled tokens, as `forward(...).loss`, from the tail only."""
