@@ -3,6 +3,7 @@ concat, peft prompt tuning (when installed) and softprompt's shared-prefix engin
 
     python benchmarks/step_time.py                 # SmolLM2-135M, batch 8, inputs 16/64/256, prompts 20/100
     python benchmarks/step_time.py --quick         # one cell, for a smoke check
+    python benchmarks/step_time.py --model llama-1b --bf16   # GPU: a Llama-3.2-1B-shaped decoder, random weights
 
 A training step is forward + backward to the prompt (to the input embeddings for the base) with the LM
 loss on every real token; the first real token is predicted by the last virtual token in every method.
@@ -56,10 +57,16 @@ def saved_bytes(fn) -> tuple[float, float]:
     return time.perf_counter() - start, total[0] / 2**20
 
 
-def measure(fn, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up
-    runs = [saved_bytes(fn) for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+def measure(steps: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds and max saved MB per method. Methods take turns within each repeat, so a slow spell of
+    this shared machine lands on all of them rather than on whichever ran during it."""
+    for fn in steps.values():
+        fn()  # warm-up
+    runs = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            runs[name].append(saved_bytes(fn))
+    return {name: (statistics.median(r[0] for r in rs), max(r[1] for r in rs)) for name, rs in runs.items()}
 
 
 def train_steps(base, ids, mask, p: int, device, dtype):
@@ -88,57 +95,82 @@ def train_steps(base, ids, mask, p: int, device, dtype):
     return steps
 
 
-def rank_throughput(base, tokenizer, p: int, examples, device, batch: int) -> dict[str, float]:
-    """Examples per second of rank classification (template + label words) for each method."""
+def rank_throughput(base, tokenizer, p: int, examples, device, batch: int, rounds: int) -> dict[str, float]:
+    """Examples per second of rank classification (template + label words) for each method; the methods take
+    turns, `rounds` times, and the median rate is kept."""
     from softprompt.tasks import get_task
 
     task = get_task("sst2")
     encoder = TaskEncoder(tokenizer, task, TaskType.CAUSAL_LM, 128)
     feats = encoder.encode_all(examples)
     label_ids = [ids[0] for ids in encoder.label_ids]
-    out = {}
     zero = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=0, task_type="CAUSAL_LM"))
     ours = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM"))
     concat = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM"))
     concat._shared_reason = "benchmark: the concatenated sequence"
-    for name, model in (("no prompt", zero), ("concat", concat), ("softprompt", ours)):
-        start = time.perf_counter()
-        score(model.to(device), encoder, feats, batch)
-        out[name] = len(feats) / (time.perf_counter() - start)
+    runs = {name: (lambda m=model: score(m.to(device), encoder, feats, batch))
+            for name, model in (("no prompt", zero), ("concat", concat), ("softprompt", ours))}
     if peft is not None:
-        model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p))
-        start = time.perf_counter()
-        with torch.inference_mode():
+        peft_model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p))
+
+        @torch.inference_mode()
+        def peft_run():
             for i in range(0, len(feats), batch):
                 rows = [f.input_ids for f in feats[i:i + batch]]
                 width = max(map(len, rows))
                 ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
                 mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+                logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, -1]
                 torch.log_softmax(logits.float(), -1)[:, label_ids].argmax(-1)
-        out["peft"] = len(feats) / (time.perf_counter() - start)
-    return out
+
+        runs["peft"] = peft_run
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            rates[name].append(len(feats) / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def llama_1b(device: str, dtype: torch.dtype):
+    """A Llama-3.2-1B-shaped decoder with random weights (timing needs the shape, not the training), and
+    SmolLM2's tokenizer, whose ids all fall inside its vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_backbone("smollm2-135m", TaskType.CAUSAL_LM).tokenizer
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    return model, tokenizer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="a built-in model, or llama-1b (random weights)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--prompts", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--glue", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
-    parser.add_argument("--infer-examples", type=int, default=256, help="SST-2 dev examples to classify (0: all)")
+    parser.add_argument("--infer-examples", type=int, default=128, help="SST-2 dev examples to classify (0: all)")
+    parser.add_argument("--rounds", type=int, default=3, help="inference passes per method (median kept)")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights (the GPU setting)")
     parser.add_argument("--quick", action="store_true", help="one cell (64/64), 64 inference examples")
     args = parser.parse_args()
     if args.quick:
-        args.lengths, args.prompts, args.infer_examples, args.repeats = [64], [64], 64, 3
+        args.lengths, args.prompts, args.infer_examples, args.repeats = [64], [64], 64, 5
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    backbone = load_backbone(args.model, TaskType.CAUSAL_LM)
-    base, tokenizer = backbone.model.to(device=device, dtype=dtype), backbone.tokenizer
+    if args.model == "llama-1b":
+        base, tokenizer = llama_1b(device, dtype)
+    else:
+        backbone = load_backbone(args.model, TaskType.CAUSAL_LM)
+        base, tokenizer = backbone.model, backbone.tokenizer
+    base = base.to(device=device, dtype=dtype)
     where = f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})"
     print(f"# {args.model} {str(dtype)[6:]} on {where}, batch {args.batch}, median of {args.repeats}")
     print("| input | prompt | method | step s | vs no prompt | bound (Bn+p)/Bn | saved MB |")
@@ -151,7 +183,7 @@ def main() -> None:
         ids = torch.randint(100, base.config.vocab_size - 100, (args.batch, n), device=device)
         mask = torch.ones_like(ids)
         steps = train_steps(base, ids, mask, p, device, dtype)
-        cell = {name: measure(fn, args.repeats) for name, fn in steps.items()}
+        cell = measure(steps, args.repeats)
         bound = (args.batch * n + p) / (args.batch * n)
         for name, (sec, mb) in cell.items():
             print(f"| {n} | {p} | {name} | {sec:.3f} | {sec / cell['no prompt'][0]:.2f} | {bound:.3f} | {mb:.0f} |")
@@ -164,8 +196,9 @@ def main() -> None:
         examples = examples[: args.infer_examples] if args.infer_examples else examples
     infer_p = max(args.prompts)
     if examples:
-        tput = rank_throughput(base, tokenizer, infer_p, examples, device, 32)
-        print(f"\n# rank classification, SST-2 dev ({len(examples)} examples), {infer_p} virtual tokens")
+        tput = rank_throughput(base, tokenizer, infer_p, examples, device, 32, args.rounds)
+        print(f"\n# rank classification, SST-2 dev ({len(examples)} examples), {infer_p} virtual tokens, "
+              f"median of {args.rounds} passes")
         print("| method | examples/s | vs no prompt |")
         print("|---|---|---|")
         for name, rate in tput.items():

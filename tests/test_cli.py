@@ -115,11 +115,13 @@ def test_same_seed_same_run(tiny_dirs, tiny_csv, tmp_path, capsys):
     assert losses[0] == losses[1]
 
 
-def test_ctrl_c_saves_and_resume_repeats_the_run_exactly(tiny_dirs, tiny_csv, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("reparam", [[], ["--residual-reparam", "4"]])
+def test_ctrl_c_saves_and_resume_repeats_the_run_exactly(tiny_dirs, tiny_csv, tmp_path, capsys, monkeypatch,
+                                                         reparam):
     import softprompt.training as training
     from safetensors.torch import load_file
 
-    common = TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--no-baselines"]
+    common = TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--no-baselines"] + reparam
     assert run(common + ["--output", tmp_path / "full"], capsys)[0] == 0
 
     calls = {"n": 0}

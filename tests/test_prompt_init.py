@@ -68,3 +68,32 @@ def test_config_validation():
         PromptTuningConfig(init="text")
     with pytest.raises(SoftpromptError, match=">= 0"):
         PromptTuningConfig(num_virtual_tokens=-1)
+
+
+def test_residual_reparam_starts_at_the_init_trains_and_folds_into_the_saved_prompt(tokenizer, tiny_llama, tmp_path):
+    """The reparameterised prompt starts exactly at its init, gradients reach the MLP, and the checkpoint holds
+    the folded prompt: a fresh model loading it gives the same logits as the reparameterised one."""
+    model = _wrap(tiny_llama, tokenizer, num_virtual_tokens=4, init="random")
+    start = model.prompt.weight.detach().clone()
+    model.prompt.add_reparam(8)
+    assert torch.equal(model.prompt.embeddings(), start)
+    enc = tokenizer(["a fine film", "bad"], padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for step in range(3):
+        model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).backward()
+        if step:  # from the second step on, the gain is off zero and the MLP itself learns
+            assert model.prompt.reparam.down.weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+    assert (model.prompt.embeddings() - model.prompt.weight).abs().max() > 0  # the MLP now moves the prompt
+    with torch.no_grad():
+        want = model(enc["input_ids"], enc["attention_mask"]).logits
+    model.save_prompt(tmp_path)
+    fresh = _wrap(tiny_llama, tokenizer, num_virtual_tokens=4, init="random")
+    fresh.load_prompt(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(enc["input_ids"], enc["attention_mask"]).logits, want, atol=1e-5, rtol=0)
+    model.prompt.fold()
+    assert model.prompt.reparam is None
+    torch.testing.assert_close(model.prompt.weight, fresh.prompt.weight, atol=0, rtol=0)

@@ -24,6 +24,7 @@ from .models import PromptModel
 META_FILE = "softprompt.json"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+TRAINING_PROMPT = "training_prompt."
 FORMAT = 1
 
 
@@ -92,6 +93,9 @@ def save_checkpoint(directory: str | Path, model: PromptModel, meta: dict[str, A
         if trainer_state is not None:
             tensors, plain = _flatten_optimizer(trainer_state["optimizer"])
             tensors["rng.torch"] = trainer_state["rng"]
+            # the prompt before folding, with its reparameterisation, so training resumes where it was
+            tensors.update({f"{TRAINING_PROMPT}{k}": v.detach().contiguous().cpu()
+                            for k, v in model.prompt.state_dict().items()})
             save_file(tensors, str(tmp / STATE_TENSORS))
             rest = {k: v for k, v in trainer_state.items() if k not in ("optimizer", "rng")}
             (tmp / STATE_JSON).write_text(json.dumps({"optimizer": plain, **rest}, indent=2, default=str))
@@ -121,6 +125,7 @@ def read_trainer_state(directory: str | Path) -> dict[str, Any] | None:
     rest = json.loads((directory / STATE_JSON).read_text())
     rest["optimizer"] = _unflatten_optimizer(tensors, rest["optimizer"])
     rest["rng"] = tensors["rng.torch"]
+    rest["prompt"] = {k[len(TRAINING_PROMPT):]: v for k, v in tensors.items() if k.startswith(TRAINING_PROMPT)}
     return rest
 
 

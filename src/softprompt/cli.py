@@ -51,6 +51,8 @@ def train(
                                                        "{label} slot (default: the label follows the template)"),
     verbalizer: Optional[List[str]] = typer.Option(None, help="label word per label, in label order (repeat)"),
     prompt_length: int = typer.Option(8, help="number of virtual tokens k"),
+    residual_reparam: int = typer.Option(0, help="train the prompt through a residual MLP with this bottleneck "
+                                                  "width, folded into a plain prompt at save (0: off)"),
     init: Optional[str] = typer.Option(None, help="random | vocab | class_labels | text | file (default: the "
                                                    "task's instruction as text for label words, vocab for heads)"),
     init_text: Optional[str] = typer.Option(None, help="text whose token embeddings start the prompt"),
@@ -91,7 +93,7 @@ def train(
     cfg = TrainConfig(
         model=model, data=data, task=task, task_type=task_type, text_columns=text_column or None,
         label_column=label_column, template=template, verbalizer=verbalizer or None, prompt_length=prompt_length,
-        init=init, init_text=init_text, init_file=init_file, loss=loss, optimizer=optimizer, lr=lr, schedule=schedule,
+        residual_reparam=residual_reparam, init=init, init_text=init_text, init_file=init_file, loss=loss, optimizer=optimizer, lr=lr, schedule=schedule,
         warmup=warmup, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs or 1.0, eval_every=eval_every,
         patience=patience, max_length=max_length, max_train_examples=max_train_examples,
         max_eval_examples=max_eval_examples, seed=seed, bf16=bf16, output=output, baselines=baselines,

@@ -17,17 +17,52 @@ PROMPT_FILE = "prompt.safetensors"
 PROMPT_KEY = "prompt"
 
 
+class ResidualReparam(nn.Module):
+    """P + LayerNorm(up(relu(down(P)))), a bottleneck MLP shared by the virtual tokens (Razdaibiedina et
+    al. 2023, residual prompt tuning): the tokens move together early in training, which steadies it at
+    high learning rates. The norm's gain starts at zero, so the prompt starts exactly at its init (a text
+    or vocabulary init keeps its zero-shot accuracy) and the MLP grows in as it learns."""
+
+    def __init__(self, dim: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(dim, bottleneck), nn.Linear(bottleneck, dim)
+        self.norm = nn.LayerNorm(dim)
+        nn.init.zeros_(self.norm.weight)
+
+    def forward(self, prompt: torch.Tensor) -> torch.Tensor:
+        return prompt + self.norm(self.up(torch.relu(self.down(prompt))))
+
+
 class SoftPrompt(nn.Module):
     def __init__(self, num_tokens: int, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_tokens, dim))
+        self.reparam: ResidualReparam | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.weight.shape[0]
 
+    def embeddings(self) -> torch.Tensor:
+        """The (k, d) vectors the model sees: the weight, through the reparameterisation while training."""
+        return self.weight if self.reparam is None else self.reparam(self.weight)
+
+    def version(self) -> tuple:
+        """Changes whenever `embeddings()` may: kept keys/values computed from the prompt are keyed on it."""
+        return tuple((p.data_ptr(), p._version, str(p.device)) for p in self.parameters())
+
+    def add_reparam(self, bottleneck: int) -> None:
+        self.reparam = ResidualReparam(self.weight.shape[1], bottleneck).to(self.weight.device)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Bake the reparameterisation into a plain prompt (what a checkpoint stores) and drop it."""
+        if self.reparam is not None:
+            self.weight.copy_(self.embeddings())
+            self.reparam = None
+
     def forward(self, batch_size: int) -> torch.Tensor:
-        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+        return self.embeddings().unsqueeze(0).expand(batch_size, -1, -1)
 
 
 def frequent_token_ids(tokenizer, corpus: Iterable[str] | None, top: int) -> list[int]:

@@ -41,6 +41,7 @@ class TrainConfig:
     template: str | None = None
     verbalizer: list[str] | None = None
     prompt_length: int = 8
+    residual_reparam: int = 0  # bottleneck width of the residual MLP over the prompt while training (0: off)
     init: str | None = None  # text-to-text: text (the task's instruction) or class_labels; heads: vocab
     init_text: str | None = None
     init_file: str | None = None
@@ -72,6 +73,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.prompt_length > 0, f"prompt length must be > 0, got {self.prompt_length}"),
+            (self.residual_reparam >= 0, "--residual-reparam is a bottleneck width >= 0 (0: off)"),
             (self.loss in ("lm", "rank"), f"loss must be lm or rank, not {self.loss!r}"),
             (self.optimizer in ("adamw", "adafactor"), f"optimizer must be adamw or adafactor, not {self.optimizer!r}"),
             (self.schedule in ("linear", "cosine", "constant"), f"unknown schedule {self.schedule!r}"),
@@ -200,6 +202,8 @@ class Trainer:
                                            seed=cfg.seed)
         self.model = self.prompted.model
         self.encoder = self.prompted.encoder
+        if cfg.residual_reparam:
+            self.model.prompt.add_reparam(cfg.residual_reparam)
         lr = cfg.lr if cfg.lr is not None else (0.3 if cfg.optimizer == "adafactor" else 3e-2)
         self.optimizer = _optimizer(cfg.optimizer, self.model.trainable_parameters(), lr, cfg.weight_decay)
         self.factor = _lr_factor(cfg.schedule, cfg.warmup)
@@ -226,7 +230,10 @@ class Trainer:
         saved = read_trainer_state(last)
         if saved is None:
             raise SoftpromptError(f"nothing to resume in {self.output}: no {LAST}/ checkpoint with trainer state")
-        self.model.load_prompt(last)
+        reparam = self.model.prompt.reparam  # the optimizer holds its parameters: load into them, keep them
+        self.model.load_prompt(last)  # the head, and the folded prompt
+        self.model.prompt.reparam = reparam
+        self.model.prompt.load_state_dict(saved.pop("prompt"))  # the prompt as it trains
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         torch.set_rng_state(saved.pop("rng"))
         self.state.update(saved)

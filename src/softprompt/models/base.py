@@ -141,7 +141,7 @@ class PromptModel(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------
     def prompt_state(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores: the prompt and, for SEQ_CLS, the head."""
-        state = {PROMPT_KEY: self.prompt.weight.detach().float().contiguous().cpu()}
+        state = {PROMPT_KEY: self.prompt.embeddings().detach().float().contiguous().cpu()}
         if self.head is not None:
             for name, value in self.head.state_dict().items():
                 state[f"{HEAD_PREFIX}{name}"] = value.detach().contiguous().cpu()
@@ -161,6 +161,7 @@ class PromptModel(nn.Module):
                 f"checkpoint prompt has shape {tuple(prompt.shape)} but this model expects "
                 f"{tuple(self.prompt.weight.shape)}: the base model's hidden size or the prompt length differs"
             )
+        self.prompt.reparam = None  # a checkpoint holds the folded prompt
         with torch.no_grad():
             self.prompt.weight.copy_(prompt)
         head = {name[len(HEAD_PREFIX):]: t for name, t in tensors.items() if name.startswith(HEAD_PREFIX)}

@@ -80,16 +80,16 @@ class DecoderPromptModel(PromptModel):
 
     def _prompt_states(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Per-layer keys/values of the prompt alone and its last hidden state; kept under no_grad."""
-        weight = self.prompt.weight
-        key = (weight.data_ptr(), weight._version, str(weight.device))
+        key = self.prompt.version()
         cached = getattr(self, "_prompt_kv", None)
         if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
             return cached[1], cached[2]
         k = self.prompt.num_tokens
         cache = DynamicCache(config=self.base.config)
         dtype = self.base.get_input_embeddings().weight.dtype
-        positions = torch.arange(k, device=weight.device)[None]
-        out = self.base.base_model(inputs_embeds=weight[None].to(dtype), position_ids=positions, use_cache=True,
+        prompt = self.prompt.embeddings()
+        positions = torch.arange(k, device=prompt.device)[None]
+        out = self.base.base_model(inputs_embeds=prompt[None].to(dtype), position_ids=positions, use_cache=True,
                                    **{self._cache_kwarg(): cache})
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         last = out.last_hidden_state[:, -1:]
