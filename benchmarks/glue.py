@@ -1,0 +1,221 @@
+"""GLUE under a fixed training-time budget: softprompt's recipe against peft prompt tuning (and LoRA on SST-2),
+same model, prompt length and budget, train -> dev, side by side in one process.
+
+    python benchmarks/glue.py                                   # SST-2, MRPC, RTE, CoLA, STS-B x both models
+    python benchmarks/glue.py --tasks sst2 --models smollm2-135m   # a subset; other rows in the table stay
+    python benchmarks/glue.py --quick                           # regression check, under 5 minutes
+
+Each row trains for the same seconds of training steps (evaluation is not counted, for any row) and is then
+scored once on the whole dev set (GLUE's test labels are private). peft rows follow what a peft user copies:
+AdamW lr 3e-2, linear decay, no warmup; decoders learn the label word with the LM loss from a text init,
+encoders a classifier head from peft's random init. Rows are kept in docs/results.json, and docs/results.md
+is written from it, so runs of different tasks add up to one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from softprompt.assets import load_backbone, resolve_model
+from softprompt.config import TaskType
+from softprompt.encoding import TaskEncoder, collate
+from softprompt.metrics import compute_metrics
+from softprompt.tasks import get_task
+from softprompt.training import TrainConfig, load_splits, train
+
+try:
+    import peft
+except ImportError:  # the peft rows are left out
+    peft = None
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT.parent / "shared" / "data" / "glue"
+TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
+MODELS = {"smollm2-135m": 900.0, "minilm-l6": 600.0}  # training seconds per run (the issue's budgets)
+PEFT_BATCH = {"smollm2-135m": 16, "minilm-l6": 32}
+
+
+def task_type(model: str, task) -> TaskType:
+    """Encoders and regression train a head; the decoder classifies by its label words."""
+    return TaskType.SEQ_CLS if model == "minilm-l6" or task.is_regression else TaskType.CAUSAL_LM
+
+
+def ours(model: str, task_name: str, budget: float, prompt_length: int, dev_limit: int | None, out: Path) -> dict:
+    task = get_task(task_name)
+    cfg = TrainConfig(model=model, data=str(GLUE / task.glue_folder), task=task_name,
+                      task_type=task_type(model, task).value, prompt_length=prompt_length, max_time=budget,
+                      eval_every=10**9, eval_test=False, max_eval_examples=dev_limit, progress=False,
+                      output=str(out))
+    result = train(cfg, log=lambda _: None)
+    return {"metrics": result.dev, "steps": result.step, "seconds": result.seconds,
+            "params": _trainable(out / "best")}
+
+
+def _trainable(checkpoint: Path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() for t in load_file(str(checkpoint / "prompt.safetensors")).values())
+
+
+def peft_run(method: str, model: str, task_name: str, budget: float, prompt_length: int, dev_limit: int | None,
+             seed: int = 0) -> dict:
+    """peft prompt tuning (or LoRA r=8 on q/v) trained as its users do, for `budget` seconds of steps."""
+    task = get_task(task_name)
+    kind = task_type(model, task)
+    torch.manual_seed(seed)
+    backbone = load_backbone(model, kind, num_labels=max(len(task.labels), 1), regression=task.is_regression)
+    # the same train/dev examples as the softprompt row (the same --dev-limit subset)
+    splits = load_splits(TrainConfig(model=model, data=str(GLUE / task.glue_folder), task=task_name,
+                                     max_eval_examples=dev_limit, seed=seed))
+    dev = splits.dev
+    encoder = TaskEncoder(backbone.tokenizer, task, kind, 128)
+    if method == "lora":
+        config = peft.LoraConfig(task_type=kind.value, r=8, lora_alpha=16, lora_dropout=0.05,
+                                 target_modules=["q_proj", "v_proj"])
+        lr = 5e-4
+    elif kind is TaskType.CAUSAL_LM:
+        config = peft.PromptTuningConfig(task_type=kind.value, num_virtual_tokens=prompt_length,
+                                         prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                                         prompt_tuning_init_text=task.instruction.strip() or task.name,
+                                         tokenizer_name_or_path=str(resolve_model(model)))
+        lr = 3e-2
+    else:
+        config = peft.PromptTuningConfig(task_type=kind.value, num_virtual_tokens=prompt_length)
+        lr = 3e-2
+    net = peft.get_peft_model(backbone.model, config)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    features = encoder.encode_all(splits.train)
+    batch = PEFT_BATCH[model]
+    rng = torch.Generator().manual_seed(seed)
+    order, cursor, steps, elapsed = torch.randperm(len(features), generator=rng).tolist(), 0, 0, 0.0
+    net.train()
+    while elapsed < budget:
+        start = time.perf_counter()
+        if cursor + batch > len(order):
+            order, cursor = torch.randperm(len(features), generator=rng).tolist(), 0
+        inputs = collate([features[i] for i in order[cursor:cursor + batch]], encoder)
+        cursor += batch
+        for group in optimizer.param_groups:
+            group["lr"] = lr * max(0.0, 1 - elapsed / budget)
+        net(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        elapsed += time.perf_counter() - start
+    metrics = compute_metrics(task.metrics, _peft_predict(net, encoder, dev, kind), [e.label for e in dev])
+    return {"metrics": metrics, "steps": steps, "seconds": elapsed, "params": sum(p.numel() for p in params)}
+
+
+@torch.inference_mode()
+def _peft_predict(net, encoder: TaskEncoder, examples, kind: TaskType) -> list:
+    """Head outputs, or the label word with the highest next-token probability after the template."""
+    net.eval()
+    features, out = encoder.encode_all(examples), []
+    label_ids = [ids[0] for ids in encoder.label_ids]  # the verbalizers here are one token each
+    for start in range(0, len(features), 32):
+        chunk = features[start:start + 32]
+        if kind is TaskType.CAUSAL_LM:
+            width = max(len(f.input_ids) for f in chunk)
+            pad_id = encoder.tokenizer.pad_token_id
+            ids = torch.tensor([[pad_id] * (width - len(f.input_ids)) + f.input_ids for f in chunk])
+            mask = torch.tensor([[0] * (width - len(f.input_ids)) + [1] * len(f.input_ids) for f in chunk])
+            logits = net(input_ids=ids, attention_mask=mask).logits[:, -1, label_ids]
+            out += logits.argmax(-1).tolist()
+        else:
+            inputs = collate(chunk, encoder)
+            inputs.pop("labels")
+            logits = net(**inputs).logits.float()
+            out += logits[:, 0].tolist() if encoder.task.is_regression else logits.argmax(-1).tolist()
+    return out
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    lines = ["# GLUE under equal training time: softprompt vs peft", "",
+             "Written by `python benchmarks/glue.py` from docs/results.json (each row: the command's settings, "
+             "the date it ran). Train -> dev, one seed, 2 CPU cores, fp32; seconds are training steps only.", ""]
+    for task in TASKS:
+        mine = [r for r in rows if r["task"] == task]
+        if not mine:
+            continue
+        metric_names = get_task(task).metrics
+        lines += [f"## {task}", "", "| model | method | " + " | ".join(metric_names) +
+                  " | steps | train s | trainable params | budget s | ran |",
+                  "|---|---|" + "---|" * (len(metric_names) + 5)]
+        for r in mine:
+            values = " | ".join(f"{100 * r['metrics'][m]:.2f}" if m not in ("pearson", "spearman", "mcc")
+                                else f"{r['metrics'][m]:.4f}" for m in metric_names)
+            lines.append(f"| {r['model']} | {r['method']} | {values} | {r['steps']} | {r['seconds']:.0f} | "
+                         f"{r['params']:,} | {r['budget']:.0f} | {r['date']} |")
+        lines.append("")
+        for model in dict.fromkeys(r["model"] for r in mine):
+            by = {r["method"]: r for r in mine if r["model"] == model}
+            metric = metric_names[0]
+            fmt = lambda m: f"{by[m]['metrics'][metric]:.4f}" if m in by else "na"  # noqa: E731
+            lines.append(f"RESULT task={task} model={model} metric={metric} softprompt={fmt('softprompt')} "
+                         f"peft={fmt('peft prompt tuning')} budget_s={by[next(iter(by))]['budget']:.0f}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=["softprompt", "peft"], choices=["softprompt", "peft", "lora"],
+                        help="lora runs on SST-2 with the decoder only")
+    parser.add_argument("--budget", type=float, help="training seconds per run (default: 900 smollm2, 600 minilm)")
+    parser.add_argument("--prompt-length", type=int, default=20)
+    parser.add_argument("--dev-limit", type=int, help="score only the first N dev examples")
+    parser.add_argument("--quick", action="store_true", help="SST-2, both models, 40 s each, 300 dev examples")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "results.json"),
+                        help="rows are merged into this file and docs/results.md is rewritten (not with --quick)")
+    args = parser.parse_args()
+    if not GLUE.is_dir():
+        sys.exit(f"no GLUE data at {GLUE}: this benchmark reads the original GLUE layout (TASK/train.tsv, dev.tsv)")
+    if args.quick:
+        args.tasks, args.budget, args.dev_limit = ["sst2"], 40.0, 300
+        args.methods = [m for m in args.methods if m != "lora"]
+    store = Path(args.results)
+    rows = json.loads(store.read_text()) if store.is_file() and not args.quick else []
+    for task in args.tasks:
+        for model in args.models:
+            budget = args.budget or MODELS[model]
+            for method in args.methods:
+                if method == "lora" and (task != "sst2" or model != "smollm2-135m"):
+                    continue
+                if method != "softprompt" and peft is None:
+                    print(f"peft is not installed: {method} row skipped")
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    if method == "softprompt":
+                        row = ours(model, task, budget, args.prompt_length, args.dev_limit, Path(tmp))
+                    else:
+                        row = peft_run(method, model, task, budget, args.prompt_length, args.dev_limit)
+                name = {"peft": "peft prompt tuning", "lora": "peft LoRA r=8 q,v"}.get(method, method)
+                row.update(task=task, model=model, method=name, budget=budget, date=time.strftime("%Y-%m-%d"))
+                print(json.dumps(row), flush=True)
+                rows = [r for r in rows if (r["task"], r["model"], r["method"]) != (task, model, name)] + [row]
+    if not args.quick:
+        store.write_text(json.dumps(rows, indent=1))
+        write_table(rows, ROOT / "docs" / "results.md")
+    for task in args.tasks:
+        metric = get_task(task).metrics[0]
+        for model in args.models:
+            by = {r["method"]: r["metrics"][metric] for r in rows if r["task"] == task and r["model"] == model}
+            fmt = lambda v: "na" if v is None or math.isnan(v) else f"{v:.4f}"  # noqa: E731
+            budget = args.budget or MODELS[model]
+            print(f"RESULT task={task} model={model} metric={metric} softprompt={fmt(by.get('softprompt'))} "
+                  f"peft={fmt(by.get('peft prompt tuning'))} budget_s={budget:.0f}")
+
+
+if __name__ == "__main__":
+    main()
