@@ -9,7 +9,7 @@ Each row trains for the same seconds of training steps (evaluation is not counte
 scored once on the whole dev set (GLUE's test labels are private). peft rows follow what a peft user copies:
 AdamW lr 3e-2, linear decay, no warmup; decoders learn the label word with the LM loss from a text init,
 encoders a classifier head from peft's random init. Rows are kept in docs/results.json, and docs/results.md
-is written from it, so runs of different tasks add up to one table.
+is written beside it, so runs of different tasks add up to one table.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from softprompt.assets import load_backbone, resolve_model
 from softprompt.config import TaskType
-from softprompt.encoding import TaskEncoder, collate
+from softprompt.encoding import TaskEncoder, collate, pad
 from softprompt.metrics import compute_metrics
 from softprompt.tasks import get_task
 from softprompt.training import TrainConfig, load_splits, train
@@ -102,7 +103,7 @@ def peft_run(method: str, model: str, task_name: str, budget: float, prompt_leng
         start = time.perf_counter()
         if cursor + batch > len(order):
             order, cursor = torch.randperm(len(features), generator=rng).tolist(), 0
-        inputs = collate([features[i] for i in order[cursor:cursor + batch]], encoder)
+        inputs = _peft_batch([features[i] for i in order[cursor:cursor + batch]], encoder, kind)
         cursor += batch
         for group in optimizer.param_groups:
             group["lr"] = lr * max(0.0, 1 - elapsed / budget)
@@ -113,6 +114,16 @@ def peft_run(method: str, model: str, task_name: str, budget: float, prompt_leng
         elapsed += time.perf_counter() - start
     metrics = compute_metrics(task.metrics, _peft_predict(net, encoder, dev, kind), [e.label for e in dev])
     return {"metrics": metrics, "steps": steps, "seconds": elapsed, "params": sum(p.numel() for p in params)}
+
+
+def _peft_batch(features, encoder: TaskEncoder, kind: TaskType) -> dict:
+    """Our collate, but a decoder's head batch padded on the left: transformers pools a decoder's last column
+    when it gets embeddings (as it does from peft), so right padding would pool a pad."""
+    inputs = collate(features, encoder)
+    if kind is TaskType.SEQ_CLS and not encoder.tokenizer.cls_token:
+        inputs["input_ids"], inputs["attention_mask"] = pad([f.input_ids for f in features],
+                                                            encoder.tokenizer.pad_token_id, side="left")
+    return inputs
 
 
 @torch.inference_mode()
@@ -131,7 +142,7 @@ def _peft_predict(net, encoder: TaskEncoder, examples, kind: TaskType) -> list:
             logits = net(input_ids=ids, attention_mask=mask).logits[:, -1, label_ids]
             out += logits.argmax(-1).tolist()
         else:
-            inputs = collate(chunk, encoder)
+            inputs = _peft_batch(chunk, encoder, kind)
             inputs.pop("labels")
             logits = net(**inputs).logits.float()
             out += logits[:, 0].tolist() if encoder.task.is_regression else logits.argmax(-1).tolist()
@@ -179,10 +190,11 @@ def main() -> None:
     parser.add_argument("--results", default=str(ROOT / "docs" / "results.json"),
                         help="rows are merged into this file and docs/results.md is rewritten (not with --quick)")
     args = parser.parse_args()
+    transformers.logging.set_verbosity_error()  # the fresh heads' load reports, once per row
     if not GLUE.is_dir():
         sys.exit(f"no GLUE data at {GLUE}: this benchmark reads the original GLUE layout (TASK/train.tsv, dev.tsv)")
     if args.quick:
-        args.tasks, args.budget, args.dev_limit = ["sst2"], 40.0, 300
+        args.tasks, args.budget, args.dev_limit = ["sst2"], args.budget or 40.0, args.dev_limit or 300
         args.methods = [m for m in args.methods if m != "lora"]
     store = Path(args.results)
     rows = json.loads(store.read_text()) if store.is_file() and not args.quick else []
@@ -206,7 +218,7 @@ def main() -> None:
                 rows = [r for r in rows if (r["task"], r["model"], r["method"]) != (task, model, name)] + [row]
     if not args.quick:
         store.write_text(json.dumps(rows, indent=1))
-        write_table(rows, ROOT / "docs" / "results.md")
+        write_table(rows, store.with_suffix(".md"))
     for task in args.tasks:
         metric = get_task(task).metrics[0]
         for model in args.models:

@@ -115,7 +115,7 @@ def test_same_seed_same_run(tiny_dirs, tiny_csv, tmp_path, capsys):
     assert losses[0] == losses[1]
 
 
-@pytest.mark.parametrize("reparam", [[], ["--residual-reparam", "4"]])
+@pytest.mark.parametrize("reparam", [["--residual-reparam", "0"], ["--residual-reparam", "4"]])
 def test_ctrl_c_saves_and_resume_repeats_the_run_exactly(tiny_dirs, tiny_csv, tmp_path, capsys, monkeypatch,
                                                          reparam):
     import softprompt.training as training

@@ -51,8 +51,9 @@ def train(
                                                        "{label} slot (default: the label follows the template)"),
     verbalizer: Optional[List[str]] = typer.Option(None, help="label word per label, in label order (repeat)"),
     prompt_length: int = typer.Option(8, help="number of virtual tokens k"),
-    residual_reparam: int = typer.Option(0, help="train the prompt through a residual MLP with this bottleneck "
-                                                  "width, folded into a plain prompt at save (0: off)"),
+    residual_reparam: Optional[int] = typer.Option(None, help="train the prompt through a residual MLP with this "
+                                                            "bottleneck width, folded into a plain prompt at save "
+                                                            "(0: off; default 64 with a head, off for label words)"),
     init: Optional[str] = typer.Option(None, help="random | vocab | class_labels | text | file (default: the "
                                                    "task's instruction as text for label words, vocab for heads)"),
     init_text: Optional[str] = typer.Option(None, help="text whose token embeddings start the prompt"),
