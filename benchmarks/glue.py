@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="training seconds per run (default: 900 smollm2, 600 minilm)")
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--dev-limit", type=int, help="score only the first N dev examples")
-    parser.add_argument("--quick", action="store_true", help="SST-2, both models, 40 s each, 300 dev examples")
+    parser.add_argument("--quick", action="store_true", help="SST-2, both models, 30 s each, 200 dev examples")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results.json"),
                         help="rows are merged into this file and docs/results.md is rewritten (not with --quick)")
     args = parser.parse_args()
@@ -194,7 +194,7 @@ def main() -> None:
     if not GLUE.is_dir():
         sys.exit(f"no GLUE data at {GLUE}: this benchmark reads the original GLUE layout (TASK/train.tsv, dev.tsv)")
     if args.quick:
-        args.tasks, args.budget, args.dev_limit = ["sst2"], args.budget or 40.0, args.dev_limit or 300
+        args.tasks, args.budget, args.dev_limit = ["sst2"], args.budget or 30.0, args.dev_limit or 200
         args.methods = [m for m in args.methods if m != "lora"]
     store = Path(args.results)
     rows = json.loads(store.read_text()) if store.is_file() and not args.quick else []

@@ -94,8 +94,9 @@ def train(
     cfg = TrainConfig(
         model=model, data=data, task=task, task_type=task_type, text_columns=text_column or None,
         label_column=label_column, template=template, verbalizer=verbalizer or None, prompt_length=prompt_length,
-        residual_reparam=residual_reparam, init=init, init_text=init_text, init_file=init_file, loss=loss, optimizer=optimizer, lr=lr, schedule=schedule,
-        warmup=warmup, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs or 1.0, eval_every=eval_every,
+        residual_reparam=residual_reparam, init=init, init_text=init_text, init_file=init_file, loss=loss,
+        optimizer=optimizer, lr=lr, schedule=schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
+        epochs=epochs or 1.0, eval_every=eval_every,
         patience=patience, max_length=max_length, max_train_examples=max_train_examples,
         max_eval_examples=max_eval_examples, seed=seed, bf16=bf16, output=output, baselines=baselines,
         progress=progress, **budget,

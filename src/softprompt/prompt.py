@@ -18,10 +18,11 @@ PROMPT_KEY = "prompt"
 
 
 class ResidualReparam(nn.Module):
-    """P + LayerNorm(up(relu(down(P)))), a bottleneck MLP shared by the virtual tokens (Razdaibiedina et
-    al. 2023, residual prompt tuning): the tokens move together early in training, which steadies it at
-    high learning rates. The norm's gain starts at zero, so the prompt starts exactly at its init (a text
-    or vocabulary init keeps its zero-shot accuracy) and the MLP grows in as it learns."""
+    """P + LayerNorm(up(relu(down(P)))), a bottleneck MLP shared by the virtual tokens (residual prompt
+    tuning, Razdaibiedina et al. 2023, who report steadier training across learning rates): the tokens
+    share parameters, so they move together early on. The norm's gain starts at zero, so the prompt starts
+    exactly at its init (a text or vocabulary init keeps its zero-shot accuracy) and the MLP grows in as it
+    learns."""
 
     def __init__(self, dim: int, bottleneck: int) -> None:
         super().__init__()
