@@ -57,10 +57,11 @@ def ours(model: str, task_name: str, budget: float, prompt_length: int, dev_limi
                       output=str(out))
     result = train(cfg, log=lambda _: None)
     return {"metrics": result.dev, "steps": result.step, "seconds": result.seconds,
-            "params": _trainable(out / "best")}
+            "params": result.trained_parameters, "stored": _stored(out / "best")}
 
 
-def _trainable(checkpoint: Path) -> int:
+def _stored(checkpoint: Path) -> int:
+    """Parameters in the checkpoint: the residual MLP is folded into the prompt at save."""
     from safetensors.torch import load_file
 
     return sum(t.numel() for t in load_file(str(checkpoint / "prompt.safetensors")).values())
@@ -113,7 +114,8 @@ def peft_run(method: str, model: str, task_name: str, budget: float, prompt_leng
         steps += 1
         elapsed += time.perf_counter() - start
     metrics = compute_metrics(task.metrics, _peft_predict(net, encoder, dev, kind), [e.label for e in dev])
-    return {"metrics": metrics, "steps": steps, "seconds": elapsed, "params": sum(p.numel() for p in params)}
+    trained = sum(p.numel() for p in params)
+    return {"metrics": metrics, "steps": steps, "seconds": elapsed, "params": trained, "stored": trained}
 
 
 def _peft_batch(features, encoder: TaskEncoder, kind: TaskType) -> dict:
@@ -152,20 +154,21 @@ def _peft_predict(net, encoder: TaskEncoder, examples, kind: TaskType) -> list:
 def write_table(rows: list[dict], path: Path) -> None:
     lines = ["# GLUE under equal training time: softprompt vs peft", "",
              "Written by `python benchmarks/glue.py` from docs/results.json (each row: the command's settings, "
-             "the date it ran). Train -> dev, one seed, 2 CPU cores, fp32; seconds are training steps only.", ""]
+             "the date it ran). Train -> dev, one seed, 2 CPU cores, fp32; seconds are training steps only. "
+             "How the recipe was chosen, and the targets: [recipe.md](recipe.md).", ""]
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
         if not mine:
             continue
         metric_names = get_task(task).metrics
         lines += [f"## {task}", "", "| model | method | " + " | ".join(metric_names) +
-                  " | steps | train s | trainable params | budget s | ran |",
-                  "|---|---|" + "---|" * (len(metric_names) + 5)]
+                  " | steps | train s | trained params | stored params | budget s | ran |",
+                  "|---|---|" + "---|" * (len(metric_names) + 6)]
         for r in mine:
             values = " | ".join(f"{100 * r['metrics'][m]:.2f}" if m not in ("pearson", "spearman", "mcc")
                                 else f"{r['metrics'][m]:.4f}" for m in metric_names)
             lines.append(f"| {r['model']} | {r['method']} | {values} | {r['steps']} | {r['seconds']:.0f} | "
-                         f"{r['params']:,} | {r['budget']:.0f} | {r['date']} |")
+                         f"{r['params']:,} | {r.get('stored', r['params']):,} | {r['budget']:.0f} | {r['date']} |")
         lines.append("")
         for model in dict.fromkeys(r["model"] for r in mine):
             by = {r["method"]: r for r in mine if r["model"] == model}

@@ -99,6 +99,7 @@ class TrainResult:
     seconds: float
     dev: dict[str, float]
     test: dict[str, float] | None
+    trained_parameters: int = 0  # what the optimizer updated (a residual MLP included; the checkpoint is smaller)
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     baseline_split: str = "test"
 
@@ -368,7 +369,8 @@ class Trainer:
         dev = meta["metrics"]["dev"]  # scored when it became best; dev does not change
         test = self.evaluate(self.splits.test) if self.cfg.eval_test and self.splits.labelled("test") else None
         save_checkpoint(best, self.model, {**meta, "metrics": {"dev": dev, "test": test}})
-        result = TrainResult(self.output, best, self.state["step"], self.state["elapsed"], dev, test)
+        result = TrainResult(self.output, best, self.state["step"], self.state["elapsed"], dev, test,
+                             sum(p.numel() for group in self.optimizer.param_groups for p in group["params"]))
         (self.output / RESULTS).write_text(json.dumps({"best_step": self.state["best_step"],
                                                        "steps": self.state["step"],
                                                        "train_seconds": round(self.state["elapsed"], 1),
