@@ -13,3 +13,9 @@ def test_training_on_real_data_beats_the_untrained_prompt(tmp_path):
     untrained = result.baselines["untrained_prompt"]["accuracy"]
     assert result.test["accuracy"] >= untrained + 0.05
     assert result.test["accuracy"] >= result.baselines["majority"]["accuracy"] + 0.03
+    # a head trains through the residual MLP by default; the checkpoint keeps only the folded prompt and head
+    from safetensors.torch import load_file
+
+    stored = sum(t.numel() for t in load_file(str(result.best_checkpoint / "prompt.safetensors")).values())
+    assert stored == 8 * 384 + (384 * 2 + 2)
+    assert result.trained_parameters == stored + (384 * 64 + 64) + (64 * 384 + 384) + 2 * 384
