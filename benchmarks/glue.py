@@ -137,10 +137,7 @@ def _peft_predict(net, encoder: TaskEncoder, examples, kind: TaskType) -> list:
     for start in range(0, len(features), 32):
         chunk = features[start:start + 32]
         if kind is TaskType.CAUSAL_LM:
-            width = max(len(f.input_ids) for f in chunk)
-            pad_id = encoder.tokenizer.pad_token_id
-            ids = torch.tensor([[pad_id] * (width - len(f.input_ids)) + f.input_ids for f in chunk])
-            mask = torch.tensor([[0] * (width - len(f.input_ids)) + [1] * len(f.input_ids) for f in chunk])
+            ids, mask = pad([f.input_ids for f in chunk], encoder.tokenizer.pad_token_id, side="left")
             logits = net(input_ids=ids, attention_mask=mask).logits[:, -1, label_ids]
             out += logits.argmax(-1).tolist()
         else:
@@ -187,6 +184,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["softprompt", "peft"], choices=["softprompt", "peft", "lora"],
                         help="lora runs on SST-2 with the decoder only")
     parser.add_argument("--budget", type=float, help="training seconds per run (default: 900 smollm2, 600 minilm)")
+    parser.add_argument("--glue", default=str(GLUE), help="folder with the original GLUE layout (TASK/train.tsv)")
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--dev-limit", type=int, help="score only the first N dev examples")
     parser.add_argument("--quick", action="store_true", help="SST-2, both models, 30 s each, 200 dev examples")
@@ -194,6 +192,8 @@ def main() -> None:
                         help="rows are merged into this file and docs/results.md is rewritten (not with --quick)")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()  # the fresh heads' load reports, once per row
+    global GLUE
+    GLUE = Path(args.glue)
     if not GLUE.is_dir():
         sys.exit(f"no GLUE data at {GLUE}: this benchmark reads the original GLUE layout (TASK/train.tsv, dev.tsv)")
     if args.quick:
