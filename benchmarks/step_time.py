@@ -25,7 +25,7 @@ from softprompt import PromptTuningConfig, get_prompt_model
 from softprompt.assets import load_backbone
 from softprompt.config import TaskType
 from softprompt.data import load_data
-from softprompt.encoding import TaskEncoder
+from softprompt.encoding import TaskEncoder, pad
 from softprompt.scoring import score
 
 try:
@@ -115,11 +115,10 @@ def rank_throughput(base, tokenizer, p: int, examples, device, batch: int, round
 
         @torch.inference_mode()
         def peft_run():
-            for i in range(0, len(feats), batch):
-                rows = [f.input_ids for f in feats[i:i + batch]]
-                width = max(map(len, rows))
-                ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
-                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            by_length = sorted(feats, key=len)  # batches of similar lengths, as `score` makes for the others
+            for i in range(0, len(by_length), batch):
+                ids, mask = pad([f.input_ids for f in by_length[i:i + batch]], tokenizer.pad_token_id, side="left")
+                ids, mask = ids.to(device), mask.to(device)
                 logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, -1]
                 torch.log_softmax(logits.float(), -1)[:, label_ids].argmax(-1)
 
