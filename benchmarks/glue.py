@@ -178,6 +178,7 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    global GLUE  # --glue points every row at another copy of the data
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -192,7 +193,6 @@ def main() -> None:
                         help="rows are merged into this file and docs/results.md is rewritten (not with --quick)")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()  # the fresh heads' load reports, once per row
-    global GLUE
     GLUE = Path(args.glue)
     if not GLUE.is_dir():
         sys.exit(f"no GLUE data at {GLUE}: this benchmark reads the original GLUE layout (TASK/train.tsv, dev.tsv)")
