@@ -364,13 +364,14 @@ class Trainer:
 
     def _finish(self) -> TrainResult:
         best = self.output / BEST
+        trained = self.model.num_trainable_parameters()  # before loading drops the residual MLP
         self.model.load_prompt(best)
         meta = read_meta(best)
         dev = meta["metrics"]["dev"]  # scored when it became best; dev does not change
         test = self.evaluate(self.splits.test) if self.cfg.eval_test and self.splits.labelled("test") else None
         save_checkpoint(best, self.model, {**meta, "metrics": {"dev": dev, "test": test}})
         result = TrainResult(self.output, best, self.state["step"], self.state["elapsed"], dev, test,
-                             sum(p.numel() for group in self.optimizer.param_groups for p in group["params"]))
+                             trained)
         (self.output / RESULTS).write_text(json.dumps({"best_step": self.state["best_step"],
                                                        "steps": self.state["step"],
                                                        "train_seconds": round(self.state["elapsed"], 1),
