@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -160,15 +162,34 @@ def test_only_prompt_and_head_train(tokenizer, name, task_type, request):
             assert torch.equal(p, frozen[n]), n  # bit-identical backbone
 
 
+@contextmanager
+def spy_attention(name: str, fn):
+    """Register `fn` under `name` with a call counter for the duration; yields the list of calls."""
+    from softprompt.models import attention
+
+    used = []
+    attention.AttentionInterface.register(name, lambda *a, **k: used.append(1) or fn(*a, **k))
+    try:
+        yield used
+    finally:
+        attention.AttentionInterface.register(name, fn)
+
+
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("path", ["packed", "cached", "concat"])
 @pytest.mark.parametrize("first_labelled", [False, True])
-def test_tail_only_training_loss_equals_full_forward_loss(tokenizer, name, side, shared, first_labelled, request):
-    """The tail loss, through the shared prompt prefix or the concatenated sequence, is forward's loss."""
+def test_tail_only_training_loss_equals_full_forward_loss(tokenizer, name, side, path, first_labelled, request,
+                                                          monkeypatch):
+    """The tail loss, through the shared prompt prefix (prompt and rows packed into one sequence, or rows after
+    the prompt's cached keys/values) or the concatenated sequence, is forward's loss, gradient included."""
+    from softprompt.models import attention, decoder
+
     model = wrap(request.getfixturevalue(name), 5, "CAUSAL_LM", tokenizer)
     assert model.shared_prefix_reason() is None
-    if not shared:
+    if path == "cached":
+        monkeypatch.setattr(decoder, "can_pack", lambda model: False)
+    if path == "concat":
         model._shared_reason = "forced off for the test"
     enc = batch(tokenizer, side)
     labels = enc["input_ids"].clone()
@@ -179,13 +200,16 @@ def test_tail_only_training_loss_equals_full_forward_loss(tokenizer, name, side,
     tail = model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
     torch.testing.assert_close(tail, full, atol=ATOL, rtol=0)
     grads = []
-    for loss_fn in (lambda: model(enc["input_ids"], enc["attention_mask"], labels=labels).loss,
-                    lambda: model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                                labels=labels)):
-        model.prompt.weight.grad = None
-        loss_fn().backward()
-        grads.append(model.prompt.weight.grad.clone())
+    with spy_attention(attention.PACKED, attention.packed_sdpa) as used:
+        for loss_fn in (lambda: model(enc["input_ids"], enc["attention_mask"], labels=labels).loss,
+                        lambda: model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                                    labels=labels)):
+            model.prompt.weight.grad = None
+            loss_fn().backward()
+            grads.append(model.prompt.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=ATOL, rtol=0)
+    assert bool(used) == (path == "packed")
+    assert model.base.config._attn_implementation == "sdpa"
 
 
 def test_decoder_generate_continues_after_prompt_and_input(tokenizer, tiny_llama):
@@ -245,10 +269,7 @@ def test_grouped_attention_equals_transformers_sdpa_and_is_restored(tokenizer, t
     from softprompt.models import attention
 
     enc = batch(tokenizer, "left")
-    used = []
-    real_sdpa = attention.gqa_sdpa
-    attention.AttentionInterface.register(attention.NAME, lambda *a, **k: used.append(1) or real_sdpa(*a, **k))
-    try:
+    with spy_attention(attention.NAME, attention.gqa_sdpa) as used:
         outs = []
         for grouped in (False, True):
             embeds = tiny_llama.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
@@ -259,8 +280,6 @@ def test_grouped_attention_equals_transformers_sdpa_and_is_restored(tokenizer, t
                 logits = tiny_llama(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
             logits[enc["attention_mask"].bool()].logsumexp(-1).sum().backward()
             outs.append((logits, embeds.grad))
-    finally:
-        attention.AttentionInterface.register(attention.NAME, real_sdpa)
     assert len(used) == tiny_llama.config.num_hidden_layers
     assert tiny_llama.config._attn_implementation == "sdpa"
     mask = enc["attention_mask"].bool()

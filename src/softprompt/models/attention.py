@@ -1,6 +1,10 @@
-"""Grouped-query attention without repeated key/value heads when a mask is present (CPU).
+"""Attention functions swapped into transformers models for the shared prompt prefix.
 
-transformers' SDPA path copies every key/value head once per query head of its group whenever the
+Packed training step: the prompt's k tokens and all B rows of n tokens run as one sequence of k + B*n
+(every linear layer sees one big matrix, the prompt is computed once); only attention splits it, the
+prompt attending to itself and each row to the prompt and itself, so nothing attends across rows.
+
+Grouped-query attention without repeated key/value heads when a mask is present (CPU): transformers' SDPA path copies every key/value head once per query head of its group whenever the
 attention mask is explicit, and the shared prefix always needs one (queries are fewer than keys). On
 CPU, torch's SDPA accepts the mask and grouped heads together, so the copy, which costs as much as the
 attention itself there, can go. Other devices keep transformers' own path.
@@ -9,13 +13,27 @@ attention itself there, can go. Other devices keep transformers' own path.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "softprompt_gqa_sdpa"
+PACKED = "softprompt_packed"
 _TORCH_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+_layout: ContextVar[tuple[int, torch.Tensor]] = ContextVar("softprompt_packed_layout")
+
+
+def _sdpa(query, key, value, **kwargs):
+    """SDPA over grouped heads; torch before 2.5 gets the key/value heads repeated instead."""
+    if query.shape[1] == key.shape[1]:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kwargs)
+    if _TORCH_HAS_GQA:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True, **kwargs)
+    group = query.shape[1] // key.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), **kwargs)
 
 
 def gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -23,14 +41,57 @@ def gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, sc
     """transformers' attention-function signature; query (B, H, q, d), key/value (B, G, kv, d)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = query.shape[2] > 1 and attention_mask is None and causal  # no mask only when q == kv or q == 1
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
-        enable_gqa=query.shape[1] != key.shape[1])
+    out = _sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal)
     return out.transpose(1, 2).contiguous(), None
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """query (1, H, k + B*n, d), key/value (1, G, k + B*n, d) in the packed layout; returns (1, k + B*n, H, d)."""
+    k, row_mask = _layout.get()  # row_mask (B, 1, n, k + n): which prompt and row keys each row token sees
+    rows, n = row_mask.shape[0], row_mask.shape[2]
+
+    def per_row(t):  # (1, heads, k + B*n, d) -> the rows' part as (B, heads, n, d)
+        return t[0, :, k:].unflatten(1, (rows, n)).transpose(0, 1)
+
+    prompt_out = _sdpa(query[:, :, :k], key[:, :, :k], value[:, :, :k], dropout_p=dropout, scale=scaling,
+                       is_causal=True)
+    keys = torch.cat([key[:, :, :k].expand(rows, -1, -1, -1), per_row(key)], dim=2)
+    values = torch.cat([value[:, :, :k].expand(rows, -1, -1, -1), per_row(value)], dim=2)
+    row_out = _sdpa(per_row(query), keys, values, attn_mask=row_mask, dropout_p=dropout, scale=scaling)
+    out = torch.cat([prompt_out[0], row_out.transpose(0, 1).flatten(1, 2)], dim=1)  # (H, k + B*n, d)
+    return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # packed_sdpa builds its own masks from the layout
 
 
 AttentionInterface.register(NAME, gqa_sdpa)
 AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionInterface.register(PACKED, packed_sdpa)
+AttentionMaskInterface.register(PACKED, _no_mask)
+
+
+def can_pack(model: torch.nn.Module) -> bool:
+    """The packed step replaces SDPA, so it runs where the model uses SDPA."""
+    return model.config._attn_implementation == "sdpa"
+
+
+@contextmanager
+def packed_attention(model: torch.nn.Module, prompt_tokens: int, row_mask: torch.Tensor):
+    """Run `model` on the packed layout while inside: `row_mask` (B, n) marks each row's real tokens."""
+    n = row_mask.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=row_mask.device).tril()
+    visible = torch.cat([causal.new_ones(n, prompt_tokens), causal], dim=1)  # (n, k + n)
+    keys = torch.cat([row_mask.new_ones(row_mask.shape[0], prompt_tokens), row_mask], dim=1).bool()
+    token = _layout.set((prompt_tokens, (visible[None] & keys[:, None])[:, None]))
+    config = model.config
+    config._attn_implementation = PACKED
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+        _layout.reset(token)
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from ..config import TaskType
-from .attention import grouped_attention
+from .attention import can_pack, grouped_attention, packed_attention
 from .base import PromptModel, align_order
 
 log = logging.getLogger(__name__)
@@ -114,14 +114,30 @@ class DecoderPromptModel(PromptModel):
         order = align_order(attention_mask, self.pad_side)
         return input_ids.gather(1, order), attention_mask.gather(1, order), order
 
-    def _shared_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Hidden states of the (left-aligned) tokens attending to the shared prompt keys/values, the prompt's
-        last state (which predicts each row's first real token), and the keys/values of prompt + tokens."""
+    def _shared_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_cache: bool = False):
+        """Hidden states of the (left-aligned) tokens attending to the shared prompt, the prompt's last state
+        (which predicts each row's first real token), and, with `keep_cache`, the keys/values of prompt +
+        tokens. A training step runs prompt and rows packed into one sequence; otherwise the rows run after
+        the prompt's (kept) keys/values."""
+        k = self.prompt.num_tokens
+        full_mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], k), attention_mask], 1)
+        positions = positions_from_mask(full_mask)[:, k:]
+        if torch.is_grad_enabled() and not keep_cache and can_pack(self.base):
+            return (*self._packed_hidden(input_ids, attention_mask, positions), None)
         layers, last = self._prompt_states()
-        full_mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], self.prompt.num_tokens), attention_mask], 1)
-        positions = positions_from_mask(full_mask)[:, self.prompt.num_tokens:]
         hidden, layers = self._run_cached(layers, input_ids, full_mask, positions)
         return hidden, last, (layers, full_mask, positions[:, -1:])
+
+    def _packed_hidden(self, input_ids, attention_mask, positions):
+        """One forward over prompt + every row as a single sequence of k + B*n; see attention.packed_sdpa."""
+        k, (rows, n) = self.prompt.num_tokens, input_ids.shape
+        embeds = self.base.get_input_embeddings()(input_ids)
+        packed = torch.cat([self.prompt.embeddings().to(embeds.dtype), embeds.flatten(0, 1)])[None]
+        packed_positions = torch.cat([torch.arange(k, device=positions.device), positions.flatten()])[None]
+        with packed_attention(self.base, k, attention_mask):
+            hidden = self.base.base_model(inputs_embeds=packed, position_ids=packed_positions,
+                                          use_cache=False).last_hidden_state[0]
+        return hidden[k:].view(rows, n, -1), hidden[None, k - 1:k]
 
     def continuation_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             continuations: list[list[int]]) -> list[torch.Tensor] | None:
@@ -132,7 +148,8 @@ class DecoderPromptModel(PromptModel):
         """
         if not self._use_shared_prefix():
             return None
-        hidden, _, (layers, mask, last_position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2])
+        hidden, _, (layers, mask, last_position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2],
+                                                                       keep_cache=True)
         head = self.base.get_output_embeddings()
         out = []
         for tokens in continuations:
@@ -202,7 +219,8 @@ class DecoderPromptModel(PromptModel):
             inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
             inputs.pop("position_ids")
             return self.base.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-        hidden, _, (layers, mask, position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2])
+        hidden, _, (layers, mask, position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2],
+                                                                  keep_cache=True)
         head, new = self.base.get_output_embeddings(), []
         for _ in range(max_new_tokens):
             token = head(hidden[:, -1]).argmax(-1, keepdim=True)
