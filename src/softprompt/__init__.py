@@ -9,21 +9,31 @@ A whole job::
 
     result = train(TrainConfig(model="smollm2-135m", data="rotten_tomatoes", max_time=300))
     PromptedTask.from_checkpoint(result.best_checkpoint).predict(["a gorgeous, moving film"])
+
+Several runs and a report::
+
+    sweep(TrainConfig(max_time=120, output="runs/sweep"), {"prompt_length": [8, 20], "lr": [3e-2, 0.1]})
+    write_report(["runs/sweep"], "runs/sweep/report.html")
 """
 
 from .checkpoint import save_checkpoint
 from .config import PromptInit, PromptTuningConfig, TaskType
 from .data import Example, Splits, load_data, to_examples
 from .errors import SoftpromptError
+from .interpret import Neighbour, nearest_tokens, prompt_similarity
 from .metrics import compute_metrics
 from .models import DecoderPromptModel, EncoderPromptModel, PromptModel, Seq2SeqPromptModel, get_prompt_model
 from .pipeline import PromptedTask
+from .report import write_report
+from .sweep import sweep
 from .tasks import TASKS, TaskSpec, get_task
+from .tracking import RunLog, read_metrics
 from .training import TrainConfig, Trainer, TrainingInterrupted, TrainResult, train
 
 __all__ = [
     "PromptTuningConfig", "TaskType", "PromptInit", "get_prompt_model", "PromptModel", "EncoderPromptModel",
     "DecoderPromptModel", "Seq2SeqPromptModel", "PromptedTask", "TrainConfig", "Trainer", "TrainResult",
     "TrainingInterrupted", "train", "TaskSpec", "TASKS", "get_task", "Example", "Splits", "load_data",
-    "to_examples", "compute_metrics", "save_checkpoint", "SoftpromptError",
+    "to_examples", "compute_metrics", "save_checkpoint", "SoftpromptError", "RunLog", "read_metrics", "sweep",
+    "write_report", "nearest_tokens", "prompt_similarity", "Neighbour",
 ]

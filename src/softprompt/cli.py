@@ -1,4 +1,4 @@
-"""`softprompt train | eval | predict | info`: a thin layer over the Python API."""
+"""`softprompt train | eval | predict | info | report | inspect | sweep`: a thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -81,26 +81,14 @@ def train(
     resume: bool = typer.Option(False, help="continue the run in --output from its last/ checkpoint"),
     baselines: bool = typer.Option(True, help="also score the majority class and the untrained prompt on test"),
     progress: bool = typer.Option(True, help="progress bar"),
+    report_to: Optional[str] = typer.Option(None, help="trackers besides metrics.jsonl, comma-separated: "
+                                                       "wandb,tensorboard,trackio,mlflow"),
 ) -> None:
     """Train a soft prompt. With no arguments: SmolLM2-135M on the embedded Rotten Tomatoes data."""
-    from .training import TrainConfig
     from .training import train as run_training
 
     _quiet_libraries()
-    budget = {"max_steps": max_steps, "max_time": max_time}
-    if max_steps is None and max_time is None and epochs is None and not resume:
-        budget["max_steps"] = DEFAULT_STEPS
-        typer.echo(f"budget: {DEFAULT_STEPS} steps (set --max-steps, --max-time or --epochs)")
-    cfg = TrainConfig(
-        model=model, data=data, task=task, task_type=task_type, text_columns=text_column or None,
-        label_column=label_column, template=template, verbalizer=verbalizer or None, prompt_length=prompt_length,
-        residual_reparam=residual_reparam, init=init, init_text=init_text, init_file=init_file, loss=loss,
-        optimizer=optimizer, lr=lr, schedule=schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
-        epochs=epochs or 1.0, eval_every=eval_every,
-        patience=patience, max_length=max_length, max_train_examples=max_train_examples,
-        max_eval_examples=max_eval_examples, seed=seed, bf16=bf16, output=output, baselines=baselines,
-        progress=progress, **budget,
-    )
+    cfg = _train_config(dict(locals()))
     result = run_training(cfg, resume=resume, log=typer.echo)
     typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s")
     for name, metrics in result.baselines.items():
@@ -108,6 +96,21 @@ def train(
     typer.echo(f"trained prompt             dev   {_fmt(result.dev)}")
     typer.echo(f"trained prompt             test  {_fmt(result.test) if result.test else 'n/a (no test labels)'}")
     typer.echo(f"checkpoint: {result.best_checkpoint}")
+
+
+def _train_config(options: dict):
+    """The TrainConfig behind `train`'s options (also what `sweep` forwards to each run)."""
+    from .training import TrainConfig
+
+    options = {k: v for k, v in options.items() if k != "run_training"}
+    budget = {"max_steps": options.pop("max_steps"), "max_time": options.pop("max_time")}
+    epochs, resume = options.pop("epochs"), options.pop("resume")
+    if budget["max_steps"] is None and budget["max_time"] is None and epochs is None and not resume:
+        budget["max_steps"] = DEFAULT_STEPS
+        typer.echo(f"budget: {DEFAULT_STEPS} steps (set --max-steps, --max-time or --epochs)")
+    options["text_columns"] = options.pop("text_column") or None
+    options["verbalizer"] = options["verbalizer"] or None
+    return TrainConfig(**options, epochs=epochs or 1.0, **budget)
 
 
 def _load(checkpoint: str, model: Optional[str]):
@@ -219,6 +222,81 @@ def info(checkpoint: Optional[str] = typer.Argument(None, help="checkpoint folde
     for name, spec in TASKS.items():
         kind = "regression" if spec.is_regression else "/".join(spec.labels)
         typer.echo(f"  {name:<16} {', '.join(spec.fields):<28} {kind:<40} {', '.join(spec.metrics)}")
+
+
+@app.command()
+def report(
+    runs: List[str] = typer.Argument(..., help="run folders (or folders of runs, such as a sweep)"),
+    output: Optional[str] = typer.Option(None, help="HTML file to write (default: report.html in the first folder)"),
+    top: int = typer.Option(5, help="nearest vocabulary tokens shown per virtual token"),
+    model: Optional[str] = typer.Option(None, help="another copy of the runs' base model"),
+) -> None:
+    """Write one self-contained interactive HTML report (works offline) for one or more runs."""
+    from .report import write_report
+
+    _quiet_libraries()
+    path = write_report(runs, output or Path(runs[0]) / "report.html", top=top, model=model)
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+def inspect(
+    checkpoint: str = typer.Argument(..., help="checkpoint folder (e.g. runs/latest/best)"),
+    top: int = typer.Option(5, help="nearest vocabulary tokens per virtual token"),
+    model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
+) -> None:
+    """The nearest vocabulary tokens (cosine) of each virtual token of a trained prompt."""
+    from .interpret import nearest_tokens
+
+    if top < 1:
+        raise SoftpromptError("--top must be at least 1")
+    prompted = _load(checkpoint, model)
+    weight = prompted.model.prompt.weight
+    rows = nearest_tokens(weight, prompted.model.base.get_input_embeddings().weight, prompted.encoder.tokenizer, top)
+    typer.echo(f"{checkpoint}: {weight.shape[0]} virtual tokens of {prompted.base_name}, nearest tokens by cosine")
+    for i, row in enumerate(rows):
+        typer.echo(f"{i:>4}  " + "  ".join(f"{n.token!r:>14} {n.cosine:.3f}" for n in row))
+
+
+def _values(text: Optional[str], kind) -> list:
+    if not text:
+        return []
+    try:
+        return [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SoftpromptError(f"cannot read {text!r} as a comma-separated list of {kind.__name__} values") from None
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(
+    ctx: typer.Context,
+    prompt_lengths: Optional[str] = typer.Option(None, help="comma-separated prompt lengths, e.g. 8,20"),
+    inits: Optional[str] = typer.Option(None, help="comma-separated inits, e.g. text,class_labels,vocab"),
+    lrs: Optional[str] = typer.Option(None, help="comma-separated learning rates, e.g. 0.03,0.1"),
+    report: bool = typer.Option(True, help="write report.html for all runs at the end"),
+) -> None:
+    """Train a small grid (prompt length x init x lr) one run after another and report them together.
+
+    Every other option is a `train` option and applies to every run; --output is the sweep's folder."""
+    from .sweep import sweep as run_sweep
+
+    _quiet_libraries()
+    train_command = typer.main.get_command(app).commands["train"]
+    args = list(ctx.args)
+    if "--output" not in args and not any(a.startswith("--output=") for a in args):
+        args += ["--output", "runs/sweep"]
+    try:
+        options = train_command.make_context("softprompt sweep", args).params
+    except click.ClickException as err:
+        raise SoftpromptError(f"sweep: {err.format_message()}") from None
+    if options.get("resume"):
+        raise SoftpromptError("sweep runs start fresh; resume a single run with softprompt train --resume")
+    grid = {"prompt_length": _values(prompt_lengths, int), "init": _values(inits, str), "lr": _values(lrs, float)}
+    results = run_sweep(_train_config(options), grid, log=typer.echo, report=report)
+    for setting, result in results:
+        typer.echo(f"{setting}  steps={result.step}  dev {_fmt(result.dev)}")
+    typer.echo(f"sweep: {options['output']}" + (f" (report: {Path(options['output']) / 'report.html'})"
+                                                  if report else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,3 +29,11 @@ def compute_metrics(names: Sequence[str], predictions: Sequence, references: Seq
         raise SoftpromptError("metrics need as many predictions as references, and at least one")
     p, r = np.asarray(predictions), np.asarray(references)
     return {name: float(METRICS[name](p, r)) for name in names}
+
+
+def confusion_matrix(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> list[list[int]]:
+    """Counts by [true label][predicted label]."""
+    matrix = [[0] * num_labels for _ in range(num_labels)]
+    for p, r in zip(predictions, references):
+        matrix[int(r)][int(p)] += 1
+    return matrix

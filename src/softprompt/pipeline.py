@@ -72,10 +72,15 @@ class PromptedTask:
         return score(self.model, self.encoder, self.encoder.encode_all(examples), batch_size, progress)
 
     def evaluate(self, examples: list[Example], batch_size: int = 32, progress=None) -> dict[str, float]:
+        return self.evaluate_with_predictions(examples, batch_size, progress)[0]
+
+    def evaluate_with_predictions(self, examples: list[Example], batch_size: int = 32,
+                                  progress=None) -> tuple[dict[str, float], list]:
+        """The task's metrics and the predictions they came from (class ids, or values for regression)."""
         if not examples or any(e.label is None for e in examples):
             raise SoftpromptError("evaluation needs labelled examples")
         preds = predictions(self.scores(examples, batch_size, progress))
-        return compute_metrics(self.task.metrics, preds, [e.label for e in examples])
+        return compute_metrics(self.task.metrics, preds, [e.label for e in examples]), preds
 
     def generate(self, inputs: list[str | dict[str, Any] | Example], max_new_tokens: int = 20,
                  batch_size: int = 32) -> list[str]:

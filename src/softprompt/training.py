@@ -20,12 +20,13 @@ from .config import PromptInit, PromptTuningConfig, TaskType
 from .data import Example, Splits, load_data
 from .encoding import Feature, collate
 from .errors import SoftpromptError
-from .metrics import compute_metrics
+from .metrics import compute_metrics, confusion_matrix
 from .pipeline import PromptedTask, default_task_type
 from .scoring import label_scores
 from .tasks import TaskSpec, get_task
+from .tracking import RunLog, parse_report_to, require_trackers
 
-BEST, LAST, METRICS_LOG, RESULTS = "best", "last", "metrics.jsonl", "results.json"
+BEST, LAST, RESULTS = "best", "last", "results.json"
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainConfig:
     eval_test: bool = True
     baselines: bool = False  # also score the majority class and the untrained prompt on test
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: wandb, tensorboard, ...
 
     def __post_init__(self) -> None:
         checks = [
@@ -89,6 +91,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise SoftpromptError(message)
+        self.report_to = parse_report_to(self.report_to)
 
 
 @dataclass
@@ -196,6 +199,7 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.output = Path(cfg.output)
         check_writable(self.output)
+        require_trackers(cfg.report_to)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.splits = load_splits(cfg)
@@ -222,10 +226,6 @@ class Trainer:
     def _meta(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"base_model": self.cfg.model, "task": self.splits.task.to_dict(), "max_length": self.encoder.max_length,
                 "training": asdict(self.cfg), "step": self.state["step"], "metrics": metrics or {}}
-
-    def _log_line(self, record: dict[str, Any]) -> None:
-        with (self.output / METRICS_LOG).open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
     def _save_last(self, rng: torch.Tensor | None = None) -> Path:
         rng = torch.get_rng_state() if rng is None else rng
@@ -268,14 +268,18 @@ class Trainer:
         return self.prompted.evaluate(examples, self.cfg.eval_batch_size)
 
     def _eval_and_keep_best(self) -> dict[str, float]:
-        metrics = self.evaluate(self.splits.dev)
+        metrics, preds = self.prompted.evaluate_with_predictions(self.splits.dev, self.cfg.eval_batch_size)
         self.state["last_eval_step"] = self.state["step"]
         key = self.splits.task.metrics[0]
-        self._log_line({"step": self.state["step"], "elapsed": round(self.state["elapsed"], 2),
-                        **{f"dev_{k}": v for k, v in metrics.items()}})
+        self.run_log.log({"step": self.state["step"], "elapsed": round(self.state["elapsed"], 2),
+                          **{f"dev_{k}": v for k, v in metrics.items()}})
         if self.state["best_metric"] is None or metrics[key] > self.state["best_metric"]:
             self.state.update(best_metric=metrics[key], best_step=self.state["step"], stale_evals=0)
-            save_checkpoint(self.output / BEST, self.model, self._meta({"dev": metrics}))
+            scores: dict[str, Any] = {"dev": metrics}
+            if not self.splits.task.is_regression:
+                scores["dev_confusion"] = confusion_matrix(preds, [e.label for e in self.splits.dev],
+                                                           len(self.splits.task.labels))
+            save_checkpoint(self.output / BEST, self.model, self._meta(scores))
         else:
             self.state["stale_evals"] += 1
         return metrics
@@ -317,15 +321,17 @@ class Trainer:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
         self.model.train()
         loss_ema, interrupted = None, False
+        self.run_log = RunLog(self.output, cfg.report_to, name=self.output.name, config=asdict(cfg))
         try:
             while not self._done():
                 start = time.perf_counter()
                 # where this step starts: a Ctrl-C inside it rolls back to here, so resuming repeats it exactly
                 snapshot = (self.state["epoch"], self.state["batch_in_epoch"], torch.get_rng_state())
                 lr = self._set_lr()
-                total = 0.0
+                total, tokens = 0.0, 0
                 for _ in range(cfg.grad_accum):
                     batch = next(batches)
+                    tokens += sum(len(f) for f in batch)
                     with autocast:
                         loss = self.loss(batch) / cfg.grad_accum
                     loss.backward()
@@ -334,10 +340,12 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] += 1
-                self.state["elapsed"] += time.perf_counter() - start
+                seconds = time.perf_counter() - start
+                self.state["elapsed"] += seconds
                 loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
-                self._log_line({"step": self.state["step"], "loss": total, "lr": lr,
-                                "elapsed": round(self.state["elapsed"], 2)})
+                self.run_log.log({"step": self.state["step"], "loss": total, "lr": lr,
+                                  "elapsed": round(self.state["elapsed"], 2), "steps_per_s": round(1 / seconds, 4),
+                                  "tokens_per_s": round(tokens / seconds, 1)})
                 if self.state["step"] % cfg.eval_every == 0:
                     last_metrics = self._eval_and_keep_best()
                     if cfg.patience is not None and self.state["stale_evals"] >= cfg.patience:
@@ -354,6 +362,7 @@ class Trainer:
             self.state["epoch"], self.state["batch_in_epoch"], rng = snapshot
         finally:
             bar.close()
+            self.run_log.close()
         last = self._save_last(rng if interrupted else None)
         if interrupted:
             raise TrainingInterrupted(
@@ -369,13 +378,16 @@ class Trainer:
         meta = read_meta(best)
         dev = meta["metrics"]["dev"]  # scored when it became best; dev does not change
         test = self.evaluate(self.splits.test) if self.cfg.eval_test and self.splits.labelled("test") else None
-        save_checkpoint(best, self.model, {**meta, "metrics": {"dev": dev, "test": test}})
+        save_checkpoint(best, self.model, {**meta, "metrics": {**meta["metrics"], "test": test}})
         result = TrainResult(self.output, best, self.state["step"], self.state["elapsed"], dev, test,
                              trained)
         (self.output / RESULTS).write_text(json.dumps({"best_step": self.state["best_step"],
                                                        "steps": self.state["step"],
                                                        "train_seconds": round(self.state["elapsed"], 1),
-                                                       "dev": dev, "test": test}, indent=2))
+                                                       "trained_parameters": trained,
+                                                       "dev": dev, "test": test,
+                                                       "dev_confusion": meta["metrics"].get("dev_confusion")},
+                                                      indent=2))
         return result
 
     @property

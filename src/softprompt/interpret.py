@@ -1,0 +1,35 @@
+"""What a trained prompt looks like from the vocabulary's side (Lester et al., 2021, section 7).
+
+Each virtual token is compared by cosine similarity with every row of the frozen input-embedding
+matrix; its nearest real tokens often name the task or its labels. Prompts of different runs on the
+same base model are compared with each other the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Neighbour:
+    token: str
+    token_id: int
+    cosine: float
+
+
+def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, top: int = 5) -> list[list[Neighbour]]:
+    """For each virtual token (a row of `prompt`), the `top` vocabulary tokens closest by cosine."""
+    prompt = torch.nn.functional.normalize(prompt.detach().float(), dim=-1)
+    vocab = torch.nn.functional.normalize(embeddings.detach().float(), dim=-1)
+    values, ids = (prompt @ vocab.T).topk(min(top, vocab.shape[0]), dim=-1)
+    return [[Neighbour(tokenizer.decode([int(i)]), int(i), round(float(v), 4)) for v, i in zip(row_v, row_i)]
+            for row_v, row_i in zip(values, ids)]
+
+
+def prompt_similarity(prompts: list[torch.Tensor]) -> list[list[float | None]]:
+    """Cosine similarity between the mean virtual tokens of each pair of prompts (None where the hidden
+    sizes differ: prompts of different base models share no space)."""
+    means = [torch.nn.functional.normalize(p.detach().float().mean(0), dim=0) for p in prompts]
+    return [[round(float(a @ b), 4) if a.shape == b.shape else None for b in means] for a in means]
