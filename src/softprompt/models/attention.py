@@ -53,10 +53,11 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     def per_row(t):  # (1, heads, k + B*n, d) -> the rows' part as (B, heads, n, d)
         return t[0, :, k:].unflatten(1, (rows, n)).transpose(0, 1)
 
-    prompt_out = _sdpa(query[:, :, :k], key[:, :, :k], value[:, :, :k], dropout_p=dropout, scale=scaling,
-                       is_causal=True)
-    keys = torch.cat([key[:, :, :k].expand(rows, -1, -1, -1), per_row(key)], dim=2)
-    values = torch.cat([value[:, :, :k].expand(rows, -1, -1, -1), per_row(value)], dim=2)
+    # copies, so that what the prompt's attention saves for backward does not pin the packed keys/values
+    prompt_keys, prompt_values = key[:, :, :k].clone(), value[:, :, :k].clone()
+    prompt_out = _sdpa(query[:, :, :k], prompt_keys, prompt_values, dropout_p=dropout, scale=scaling, is_causal=True)
+    keys = torch.cat([prompt_keys.expand(rows, -1, -1, -1), per_row(key)], dim=2)
+    values = torch.cat([prompt_values.expand(rows, -1, -1, -1), per_row(value)], dim=2)
     row_out = _sdpa(per_row(query), keys, values, attn_mask=row_mask, dropout_p=dropout, scale=scaling)
     out = torch.cat([prompt_out[0], row_out.transpose(0, 1).flatten(1, 2)], dim=1)  # (H, k + B*n, d)
     return out.transpose(0, 1).unsqueeze(0).contiguous(), None
