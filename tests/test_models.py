@@ -20,9 +20,10 @@ def batch(tokenizer, side: str, texts=TEXTS):
     return enc
 
 
-def wrap(model, k, task_type, tokenizer, init="random"):
+def wrap(model, k, task_type, tokenizer, init="random", **config):
     torch.manual_seed(1)
-    return get_prompt_model(model, PromptTuningConfig(num_virtual_tokens=k, task_type=task_type, init=init), tokenizer)
+    return get_prompt_model(model, PromptTuningConfig(num_virtual_tokens=k, task_type=task_type, init=init, **config),
+                            tokenizer)
 
 
 def real(logits, mask):
@@ -46,6 +47,27 @@ def test_zero_length_prompt_is_the_base_model(tokenizer, tiny_bert, tiny_llama, 
     for g, b in zip(real(got_lm, enc["attention_mask"]), real(base_lm, enc["attention_mask"])):
         torch.testing.assert_close(g, b, atol=ATOL, rtol=0)
     torch.testing.assert_close(got_s2s, base_s2s, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_encoder_mean_pooling_matches_hand_built_mean(tokenizer, tiny_bert, side):
+    """pooling='mean': the head sees the mean of the text's final states (no virtual tokens, no pads), with
+    either padding side; the loss is the cross-entropy of those logits."""
+    model = wrap(tiny_bert, 4, "SEQ_CLS", tokenizer, pooling="mean")
+    enc = batch(tokenizer, side)
+    labels = torch.tensor([0, 1, 1])
+    out = model(**enc, labels=labels)
+    emb = tiny_bert.get_input_embeddings()
+    for i, text in enumerate(TEXTS):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        e = emb(ids)
+        concat = torch.cat([e[:, :1], model.prompt.weight[None], e[:, 1:]], dim=1)
+        states = tiny_bert.bert(inputs_embeds=concat, token_type_ids=torch.zeros(concat.shape[:2], dtype=torch.long))
+        text_states = torch.cat([states.last_hidden_state[0, :1], states.last_hidden_state[0, 5:]])
+        want = tiny_bert.classifier(text_states.mean(0))
+        torch.testing.assert_close(out.logits[i], want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels), atol=ATOL, rtol=0)
+    assert not torch.allclose(out.logits, wrap(tiny_bert, 4, "SEQ_CLS", tokenizer)(**enc).logits)
 
 
 # -- prompted forward == hand-built concat, one unpadded example at a time --------------------------------------

@@ -57,6 +57,8 @@ def train(
     init: Optional[str] = typer.Option(None, help="random | vocab | class_labels | text | file (default: the "
                                                    "task's instruction as text for label words, vocab for heads)"),
     init_text: Optional[str] = typer.Option(None, help="text whose token embeddings start the prompt"),
+    pooling: str = typer.Option("cls", help="encoder heads: cls (the model's pooled [CLS]) | mean (mean of the "
+                                            "text's final states; for sentence-embedding models)"),
     init_file: Optional[str] = typer.Option(None, help="checkpoint folder or prompt .safetensors to start from"),
     loss: str = typer.Option("rank", help="text-to-text loss: rank (cross-entropy over the label strings' "
                                            "scores) | lm (LM loss on the label tokens, the paper's)"),

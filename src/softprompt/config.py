@@ -36,6 +36,7 @@ class PromptTuningConfig:
     init_file: str | None = None
     label_words: list[str] = field(default_factory=list)
     vocab_sample_size: int = 5000  # the paper samples from T5's 5,000 most common tokens
+    pooling: str = "cls"  # SEQ_CLS encoders: the model's own pooled [CLS] (cls), or the mean of the text's states
 
     def __post_init__(self) -> None:
         self.task_type = TaskType(self.task_type)
@@ -46,6 +47,8 @@ class PromptTuningConfig:
             raise SoftpromptError("init='text' needs init_text: the string whose token embeddings start the prompt")
         if self.init is PromptInit.FILE and not self.init_file:
             raise SoftpromptError("init='file' needs init_file: a checkpoint folder or a .safetensors prompt file")
+        if self.pooling not in ("cls", "mean"):
+            raise SoftpromptError(f"pooling must be cls or mean, not {self.pooling!r}")
         if self.init is PromptInit.CLASS_LABELS and not self.label_words:
             raise SoftpromptError("init='class_labels' needs label_words (the verbalizer of the task)")
 

@@ -46,6 +46,7 @@ class TrainConfig:
     # 64 with a head (+6 points SST-2 dev, minilm-l6, 90 s) and off for label words (-2.5 points, smollm2-135m)
     residual_reparam: int | None = None
     init: str | None = None  # text-to-text: text (the task's instruction) or class_labels; heads: vocab
+    pooling: str = "cls"  # encoder heads: cls (the model's pooled [CLS]) or mean (of the text's final states)
     init_text: str | None = None
     init_file: str | None = None
     loss: str = "rank"  # text-to-text: rank (cross-entropy over label scores) | lm (label-token LM loss, the paper's)
@@ -80,6 +81,7 @@ class TrainConfig:
             (self.residual_reparam is None or self.residual_reparam >= 0,
              "--residual-reparam is a bottleneck width >= 0 (0: off)"),
             (self.loss in ("lm", "rank"), f"loss must be lm or rank, not {self.loss!r}"),
+            (self.pooling in ("cls", "mean"), f"--pooling must be cls or mean, not {self.pooling!r}"),
             (self.optimizer in ("adamw", "adafactor"), f"optimizer must be adamw or adafactor, not {self.optimizer!r}"),
             (self.schedule in ("linear", "cosine", "constant"), f"unknown schedule {self.schedule!r}"),
             (self.batch_size > 0 and self.grad_accum > 0 and self.eval_batch_size > 0, "batch sizes must be > 0"),
@@ -190,7 +192,7 @@ def prompt_config(cfg: TrainConfig, task_type: TaskType, task: TaskSpec) -> Prom
     init = PromptInit(cfg.init) if cfg.init else (PromptInit.FILE if cfg.init_file else
                                                  PromptInit.TEXT if cfg.init_text else default_init)
     return PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
-                              init_text=init_text, init_file=cfg.init_file,
+                              init_text=init_text, init_file=cfg.init_file, pooling=cfg.pooling,
                               label_words=[w.strip() for w in task.verbalizer] or list(task.labels))
 
 
