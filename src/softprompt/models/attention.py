@@ -4,8 +4,9 @@ Packed training step: the prompt's k tokens and all B rows of n tokens run as on
 (every linear layer sees one big matrix, the prompt is computed once); only attention splits it, the
 prompt attending to itself and each row to the prompt and itself, so nothing attends across rows.
 
-Grouped-query attention without repeated key/value heads when a mask is present (CPU): transformers' SDPA path copies every key/value head once per query head of its group whenever the
-attention mask is explicit, and the shared prefix always needs one (queries are fewer than keys). On
+Grouped-query attention without repeated key/value heads when a mask is present (CPU): transformers'
+SDPA path copies every key/value head once per query head of its group whenever the attention mask is
+explicit, and the shared prefix always needs one (queries are fewer than keys). On
 CPU, torch's SDPA accepts the mask and grouped heads together, so the copy, which costs as much as the
 attention itself there, can go. Other devices keep transformers' own path.
 """
