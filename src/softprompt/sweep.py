@@ -38,10 +38,9 @@ def sweep(base: TrainConfig, grid: dict[str, list[Any]], log: Callable[[str], No
         cfg = replace(base, **setting, output=str(root / run_name(setting)))
         log(f"[{i}/{len(settings)}] {run_name(setting)}")
         results.append((setting, train(cfg, log=log)))
-    key = lambda r: next(iter(r.dev.values()))  # noqa: E731 - the task's selection metric comes first
     summary = [{"run": run_name(s), **s, "steps": r.step, "train_seconds": round(r.seconds, 1), "dev": r.dev,
                 "test": r.test} for s, r in results]
-    best = max(results, key=lambda sr: key(sr[1]))
+    best = max(results, key=lambda sr: next(iter(sr[1].dev.values())))  # the task's selection metric comes first
     (root / SUMMARY).write_text(json.dumps({"grid": grid, "runs": summary, "best": run_name(best[0])}, indent=2))
     if report:
         from .report import write_report
