@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from sklearn.metrics import confusion_matrix as sklearn_confusion
 
 from .errors import SoftpromptError
 
@@ -33,7 +34,4 @@ def compute_metrics(names: Sequence[str], predictions: Sequence, references: Seq
 
 def confusion_matrix(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> list[list[int]]:
     """Counts by [true label][predicted label]."""
-    matrix = [[0] * num_labels for _ in range(num_labels)]
-    for p, r in zip(predictions, references):
-        matrix[int(r)][int(p)] += 1
-    return matrix
+    return sklearn_confusion(references, predictions, labels=list(range(num_labels))).tolist()
