@@ -70,6 +70,33 @@ def test_encoder_mean_pooling_matches_hand_built_mean(tokenizer, tiny_bert, side
     assert not torch.allclose(out.logits, wrap(tiny_bert, 4, "SEQ_CLS", tokenizer)(**enc).logits)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_encoder_siamese_pooling_matches_hand_built_pair_features(tokenizer, tiny_bert, side):
+    """pooling='siamese': each text of a pair runs alone with the prompt, is mean-pooled and scaled to unit
+    length, and the head reads [u, v, |u - v|, u * v]; texts of different lengths in either order."""
+    model = wrap(tiny_bert, 4, "SEQ_CLS", tokenizer, pooling="siamese")
+    model.eval()
+    assert model.head.in_features == 4 * 32 and model.head.weight.requires_grad
+    firsts, seconds = TEXTS, [TEXTS[2], "a film", TEXTS[0]]
+    first, second = batch(tokenizer, side, firsts), batch(tokenizer, side, seconds)
+    labels = torch.tensor([1, 0, 1])
+    out = model(first["input_ids"], first["attention_mask"], labels=labels, pair_ids=second["input_ids"],
+                pair_mask=second["attention_mask"])
+    emb = tiny_bert.get_input_embeddings()
+
+    def embed(text):
+        e = emb(tokenizer(text, return_tensors="pt")["input_ids"])
+        concat = torch.cat([e[:, :1], model.prompt.weight[None], e[:, 1:]], dim=1)
+        states = tiny_bert.bert(inputs_embeds=concat).last_hidden_state[0]
+        return torch.nn.functional.normalize(torch.cat([states[:1], states[5:]]).mean(0), dim=0)
+
+    for i in range(3):
+        u, v = embed(firsts[i]), embed(seconds[i])
+        want = tiny_bert.classifier(torch.cat([u, v, (u - v).abs(), u * v]))
+        torch.testing.assert_close(out.logits[i], want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels), atol=ATOL, rtol=0)
+
+
 # -- prompted forward == hand-built concat, one unpadded example at a time --------------------------------------
 def test_encoder_matches_hand_built_concat(tokenizer, tiny_bert):
     model = wrap(tiny_bert, 5, "SEQ_CLS", tokenizer)

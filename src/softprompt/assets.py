@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -75,6 +76,25 @@ def resolve_model(name: str) -> Path | str:
     if name == "minilm-l6":
         return minilm_path()
     return name
+
+
+def pools_by_mean(name: str) -> bool:
+    """Whether the model is a sentence-transformers model that pools the mean of its token states (its
+    1_Pooling/config.json says so): its [CLS] state was never trained to summarise the text."""
+    path = resolve_model(name)
+    if Path(path).is_dir():
+        file = Path(path) / "1_Pooling" / "config.json"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(str(path), "1_Pooling/config.json"))
+        except Exception:  # not a sentence-transformers repository, or the hub is out of reach
+            return False
+    try:
+        return bool(json.loads(file.read_text()).get("pooling_mode_mean_tokens"))
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass

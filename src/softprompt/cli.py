@@ -57,11 +57,16 @@ def train(
     init: Optional[str] = typer.Option(None, help="random | vocab | class_labels | text | file (default: the "
                                                    "task's instruction as text for label words, vocab for heads)"),
     init_text: Optional[str] = typer.Option(None, help="text whose token embeddings start the prompt"),
-    pooling: str = typer.Option("cls", help="encoder heads: cls (the model's pooled [CLS]) | mean (mean of the "
-                                            "text's final states; for sentence-embedding models)"),
+    pooling: Optional[str] = typer.Option(None, help="encoder heads: cls (the model's pooled [CLS]) | mean (mean "
+                                                     "of the text's final states) | siamese (pair tasks: each text "
+                                                     "mean-pooled apart, the head reads [u, v, |u-v|, u*v]) "
+                                                     "(default: mean for one text with a mean-pooling "
+                                                     "sentence-embedding model, else cls)"),
     init_file: Optional[str] = typer.Option(None, help="checkpoint folder or prompt .safetensors to start from"),
     loss: str = typer.Option("rank", help="text-to-text loss: rank (cross-entropy over the label strings' "
                                            "scores) | lm (LM loss on the label tokens, the paper's)"),
+    class_weights: str = typer.Option("auto", help="none | balanced (each class's loss weighted by N / (classes "
+                                                   "* count)) | auto (balanced for tasks scored by MCC)"),
     optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-2 adamw, 0.3 adafactor)"),
     schedule: str = typer.Option("linear", help="linear | cosine | constant after warmup"),

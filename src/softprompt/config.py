@@ -17,6 +17,9 @@ class TaskType(str, Enum):
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"  # encoder-decoder; prompt on the encoder input only
 
 
+POOLINGS = ("cls", "mean", "siamese")
+
+
 class PromptInit(str, Enum):
     RANDOM = "random"  # uniform in [-0.5, 0.5], the paper's random init
     VOCAB = "vocab"  # embeddings of tokens sampled from the most frequent ones
@@ -36,7 +39,9 @@ class PromptTuningConfig:
     init_file: str | None = None
     label_words: list[str] = field(default_factory=list)
     vocab_sample_size: int = 5000  # the paper samples from T5's 5,000 most common tokens
-    pooling: str = "cls"  # SEQ_CLS encoders: the model's own pooled [CLS] (cls), or the mean of the text's states
+    # SEQ_CLS encoders: the model's own pooled [CLS] (cls), the mean of the text's states (mean), or each text of
+    # a pair mean-pooled apart and compared (siamese)
+    pooling: str = "cls"
 
     def __post_init__(self) -> None:
         self.task_type = TaskType(self.task_type)
@@ -47,8 +52,8 @@ class PromptTuningConfig:
             raise SoftpromptError("init='text' needs init_text: the string whose token embeddings start the prompt")
         if self.init is PromptInit.FILE and not self.init_file:
             raise SoftpromptError("init='file' needs init_file: a checkpoint folder or a .safetensors prompt file")
-        if self.pooling not in ("cls", "mean"):
-            raise SoftpromptError(f"pooling must be cls or mean, not {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise SoftpromptError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         if self.init is PromptInit.CLASS_LABELS and not self.label_words:
             raise SoftpromptError("init='class_labels' needs label_words (the verbalizer of the task)")
 

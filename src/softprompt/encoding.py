@@ -18,19 +18,27 @@ class Feature:
     label: int | float | None
     token_type_ids: list[int] | None = None
     target: list[int] | None = None  # text-to-text: token ids of the gold label words
+    pair_ids: list[int] | None = None  # siamese pairs: the second text, encoded on its own
 
     def __len__(self) -> int:
-        return len(self.input_ids) + len(self.target or ())
+        return len(self.input_ids) + len(self.target or ()) + len(self.pair_ids or ())
 
 
 class TaskEncoder:
-    """Turns a task's examples into model inputs; the max length leaves room for the virtual tokens."""
+    """Turns a task's examples into model inputs; the max length leaves room for the virtual tokens.
+    `separate`: a head's pair is encoded as two texts (siamese pooling) instead of one sequence."""
 
-    def __init__(self, tokenizer, task: TaskSpec, task_type: TaskType, max_length: int) -> None:
+    def __init__(self, tokenizer, task: TaskSpec, task_type: TaskType, max_length: int,
+                 separate: bool = False) -> None:
         self.tokenizer, self.task, self.task_type, self.max_length = tokenizer, task, task_type, max_length
+        self.separate = separate
         if max_length < 8:
             raise SoftpromptError(f"max input length {max_length} leaves no room for text; "
                                   "shorten the prompt or raise --max-length")
+        if separate and (task_type is not TaskType.SEQ_CLS or len(task.fields) < 2):
+            raise SoftpromptError(f"siamese pooling compares the two texts of a pair with a head; task {task.name} "
+                                  f"has {len(task.fields)} input field(s) and type {task_type.value}: use "
+                                  "--pooling cls or mean")
         self.label_ids: list[list[int]] = []
         if task_type is not TaskType.SEQ_CLS:
             if task.is_regression:
@@ -69,6 +77,9 @@ class TaskEncoder:
             return Feature(prefix, example.label, target=target)
         texts = [example.fields[f] for f in self.task.fields]
         pair = (texts[0], " ".join(texts[1:])) if len(texts) > 1 else (texts[0],)
+        if self.separate:
+            first, second = (self.tokenizer(t, truncation=True, max_length=self.max_length)["input_ids"] for t in pair)
+            return Feature(first, example.label, pair_ids=second)
         enc = self.tokenizer(*pair, truncation=True, max_length=self.max_length)
         return Feature(enc["input_ids"], example.label, enc.get("token_type_ids"))
 
@@ -102,6 +113,8 @@ def collate(features: list[Feature], encoder: TaskEncoder) -> dict[str, torch.Te
         return batch
     if features[0].token_type_ids is not None:
         batch["token_type_ids"], _ = pad([f.token_type_ids for f in features], 0)
+    if features[0].pair_ids is not None:
+        batch["pair_ids"], batch["pair_mask"] = pad([f.pair_ids for f in features], pad_id)
     dtype = torch.float if encoder.task.is_regression else torch.long
     batch["labels"] = torch.tensor([f.label for f in features], dtype=dtype)
     return batch

@@ -44,7 +44,7 @@ class PromptedTask:
         limit = getattr(backbone.model.config, "max_position_embeddings", None)
         if limit and max_length + prompt.num_virtual_tokens > limit:
             max_length = limit - prompt.num_virtual_tokens
-        encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, max_length)
+        encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, max_length, prompt.pooling == "siamese")
         generator = torch.Generator().manual_seed(seed)
         model = get_prompt_model(backbone.model, prompt, backbone.tokenizer, corpus, generator)
         return cls(model, encoder, task, model_name)
@@ -62,7 +62,8 @@ class PromptedTask:
                                  regression=task.is_regression)
         model = get_prompt_model(backbone.model, prompt, backbone.tokenizer)
         model.load_prompt(directory)
-        encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, meta.get("max_length", 128))
+        encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, meta.get("max_length", 128),
+                              prompt.pooling == "siamese")
         return cls(model.eval(), encoder, task, meta["base_model"])
 
     def _examples(self, inputs: list[str | dict[str, Any] | Example]) -> list[Example]:

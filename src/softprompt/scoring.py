@@ -6,6 +6,8 @@ paper's way of reading a class off a generative model; multi-token label strings
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .config import TaskType
@@ -59,7 +61,7 @@ def label_scores(model: PromptModel, encoder: TaskEncoder, features: list[Featur
         return _decoder_label_scores(model, prefixes, encoder.label_ids, pad_id)
     if encoder.task_type is TaskType.SEQ_2_SEQ_LM:
         return _seq2seq_label_scores(model, prefixes, encoder.label_ids, pad_id)
-    batch = collate([Feature(f.input_ids, 0, f.token_type_ids) for f in features], encoder)
+    batch = collate([replace(f, label=0) for f in features], encoder)  # labels may be unknown here
     batch.pop("labels")
     logits = model(**batch).logits.float()
     return logits[:, 0] if encoder.task.is_regression else torch.log_softmax(logits, -1)

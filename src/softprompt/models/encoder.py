@@ -5,7 +5,10 @@ The pooled position ([CLS] or <s>) must stay the first real token, so the prompt
 
 `pooling="mean"` feeds the head the mean of the text's final states (virtual tokens and pads left out)
 instead of the model's pooled [CLS]: sentence-embedding models such as all-MiniLM-L6-v2 were trained
-through mean pooling, and their [CLS] state and pooler never were.
+through mean pooling, and their [CLS] state and pooler never were. `pooling="siamese"` is how such a model
+was trained on pairs: each text runs alone (prompt included), is mean-pooled and scaled to unit length, and
+the head reads [u, v, |u - v|, u * v] (Reimers & Gurevych 2019), so the prompt tunes the embedding the model
+already compares pairs with, instead of asking it to read two texts in one sequence as it never did.
 """
 
 from __future__ import annotations
@@ -29,18 +32,47 @@ class EncoderPromptModel(PromptModel):
             return {}
         return {"token_type_ids": fill(token_type_ids, 0)}  # virtual tokens belong to the first segment
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        if self.config.pooling != "mean":
-            return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
+    def __init__(self, base, config, tokenizer=None) -> None:
+        super().__init__(base, config, tokenizer)
+        if config.pooling == "cls":
+            return
         if not isinstance(self.head, torch.nn.Linear):
-            raise SoftpromptError(f"mean pooling needs a linear classifier head; {type(self.base).__name__} has "
-                                  f"{type(self.head).__name__}: use pooling='cls'")
+            raise SoftpromptError(f"{config.pooling} pooling needs a linear classifier head; {type(self.base).__name__} "
+                                  f"has {type(self.head).__name__}: use pooling='cls'")
+        if config.pooling == "siamese":  # the head reads [u, v, |u - v|, u * v]
+            head = torch.nn.Linear(4 * self.head.in_features, self.head.out_features)
+            setattr(self.base, self.head_name, head.to(self.head.weight.device, self.head.weight.dtype))
+
+    def _mean_states(self, input_ids, attention_mask, token_type_ids=None, **kwargs) -> torch.Tensor:
+        """(B, h): the mean of each row's final text states, virtual tokens and pads left out."""
         inputs, _, _ = self.prompted_inputs(input_ids, attention_mask, token_type_ids)
         text = inputs["attention_mask"].clone()
         text[:, 1:1 + self.prompt.num_tokens] = 0  # the prompt sits right after [CLS]
         hidden = self.base.base_model(**inputs, **kwargs).last_hidden_state
-        pooled = (hidden * text.unsqueeze(-1).to(hidden.dtype)).sum(1) / text.sum(1, keepdim=True).to(hidden.dtype)
-        logits = self.head(getattr(self.base, "dropout", torch.nn.Identity())(pooled))
+        return (hidden * text.unsqueeze(-1).to(hidden.dtype)).sum(1) / text.sum(1, keepdim=True).to(hidden.dtype)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, pair_ids=None,
+                pair_mask=None, **kwargs):
+        pooling = self.config.pooling
+        if pooling == "cls":
+            return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
+        if pooling == "mean":
+            features = self._mean_states(input_ids, attention_mask, token_type_ids, **kwargs)
+        else:
+            if pair_ids is None:
+                raise SoftpromptError("siamese pooling needs the second text of each pair (pair_ids, pair_mask)")
+            first_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            second_mask = torch.ones_like(pair_ids) if pair_mask is None else pair_mask
+            width = max(input_ids.shape[1], pair_ids.shape[1])
+
+            def widen(t):  # right-pad to the common width, so both texts run as one batch
+                return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+            both = self._mean_states(torch.cat([widen(input_ids), widen(pair_ids)]),
+                                     torch.cat([widen(first_mask), widen(second_mask)]), **kwargs)
+            u, v = torch.nn.functional.normalize(both, dim=-1).chunk(2)  # unit length, as the model was trained
+            features = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
+        logits = self.head(getattr(self.base, "dropout", torch.nn.Identity())(features))
         loss = None
         if labels is not None:
             if logits.shape[-1] == 1:

@@ -1,0 +1,75 @@
+"""Class-balanced losses: the weights, the weighted loss against a hand-built one, and when `auto` applies."""
+import pytest
+import torch
+
+from softprompt import SoftpromptError, TrainConfig, get_task
+from softprompt.encoding import collate
+from softprompt.scoring import label_scores
+from softprompt.training import Trainer, _class_weights
+
+
+@pytest.fixture
+def skewed_csv(tmp_path) -> str:
+    """Three positive rows to every negative one."""
+    rows = ["text,label"] + [f"the film was good number {i},positive" for i in range(60)]
+    rows += [f"the film was bad number {i},negative" for i in range(20)]
+    path = tmp_path / "skewed.csv"
+    path.write_text("\n".join(rows))
+    return str(path)
+
+
+def _trainer(model_dir: str, data: str, tmp_path, **options) -> Trainer:
+    return Trainer(TrainConfig(model=model_dir, data=data, prompt_length=4, output=str(tmp_path / "run"),
+                               progress=False, **options), log=lambda _: None)
+
+
+def _expected_weights(trainer: Trainer) -> torch.Tensor:
+    labels = [e.label for e in trainer.splits.train]
+    counts = torch.tensor([labels.count(c) for c in range(len(trainer.splits.task.labels))], dtype=torch.float)
+    assert counts.min() < counts.max()  # the split is skewed, so weighting changes the loss
+    return len(labels) / (len(counts) * counts)
+
+
+def _weighted_ce(logits: torch.Tensor, labels: list[int], weights: torch.Tensor) -> torch.Tensor:
+    per_row = -torch.log_softmax(logits.float(), -1)[torch.arange(len(labels)), labels]
+    w = weights[labels]
+    return (w * per_row).sum() / w.sum()
+
+
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_balanced_loss_equals_a_hand_weighted_cross_entropy(tiny_dirs, skewed_csv, tmp_path, model):
+    trainer = _trainer(tiny_dirs[model], skewed_csv, tmp_path, class_weights="balanced")
+    weights = _expected_weights(trainer)
+    torch.testing.assert_close(trainer.class_weights, weights)
+    features = trainer.encoder.encode_all(trainer.splits.train[:12])
+    labels = [f.label for f in features]
+    assert len(set(labels)) == 2
+    trainer.model.eval()  # no dropout, so the hand-built logits are the trainer's
+    with torch.no_grad():
+        if trainer.encoder.text_to_text:
+            logits = label_scores(trainer.model, trainer.encoder, features)
+        else:
+            batch = collate(features, trainer.encoder)
+            batch.pop("labels")
+            logits = trainer.model(**batch).logits
+        loss = trainer.loss(features)
+        unweighted = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(labels))
+    torch.testing.assert_close(loss, _weighted_ce(logits, labels, weights), rtol=1e-5, atol=1e-6)
+    assert abs(float(loss) - float(unweighted)) > 1e-4  # the weights really changed it
+
+
+def test_auto_balances_mcc_tasks_only(skewed_csv):
+    train = [type("E", (), {"label": label})() for label in [0] * 10 + [1] * 30]
+    cola, sst2 = get_task("cola"), get_task("sst2")
+    torch.testing.assert_close(_class_weights(TrainConfig(), cola, train, text_to_text=True),
+                               torch.tensor([2.0, 2.0 / 3.0]))
+    assert _class_weights(TrainConfig(), sst2, train, text_to_text=True) is None
+    assert _class_weights(TrainConfig(loss="lm"), cola, train, text_to_text=True) is None  # the LM loss is unweighted
+    assert _class_weights(TrainConfig(class_weights="none"), cola, train, text_to_text=False) is None
+
+
+def test_balanced_weights_refuse_what_they_cannot_weight(tiny_dirs, skewed_csv, tmp_path):
+    with pytest.raises(SoftpromptError, match="--loss rank"):
+        _trainer(tiny_dirs["llama"], skewed_csv, tmp_path, class_weights="balanced", loss="lm")
+    with pytest.raises(SoftpromptError, match="auto, none or balanced"):
+        TrainConfig(class_weights="inverse")
