@@ -1,11 +1,17 @@
-"""Class-balanced losses: the weights, the weighted loss against a hand-built one, and when `auto` applies."""
+"""Recipe defaults chosen by measurement: class-balanced losses (the weights, the weighted loss against a
+hand-built one, when `auto` applies) and mean pooling for sentence-embedding models."""
+import json
+import shutil
+
 import pytest
 import torch
 
 from softprompt import SoftpromptError, TrainConfig, get_task
 from softprompt.encoding import collate
 from softprompt.scoring import label_scores
-from softprompt.training import Trainer, _class_weights
+from softprompt.assets import pools_by_mean
+from softprompt.config import TaskType
+from softprompt.training import Trainer, _class_weights, prompt_config
 
 
 @pytest.fixture
@@ -73,3 +79,20 @@ def test_balanced_weights_refuse_what_they_cannot_weight(tiny_dirs, skewed_csv, 
         _trainer(tiny_dirs["llama"], skewed_csv, tmp_path, class_weights="balanced", loss="lm")
     with pytest.raises(SoftpromptError, match="auto, none or balanced"):
         TrainConfig(class_weights="inverse")
+
+
+def test_mean_pooling_is_the_default_for_one_text_with_a_sentence_embedding_model(tiny_dirs, tmp_path):
+    folder = tmp_path / "sentence-model"
+    shutil.copytree(tiny_dirs["bert"], folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    sst2, mrpc = get_task("sst2"), get_task("mrpc")
+
+    def pooling(model, task, **options):
+        return prompt_config(TrainConfig(model=model, **options), TaskType.SEQ_CLS, task).pooling
+
+    assert pooling(str(folder), sst2) == "mean"
+    assert pooling(str(folder), mrpc) == "cls"  # pairs keep [CLS]: mean pooling did not help them
+    assert pooling(tiny_dirs["bert"], sst2) == "cls"  # no sentence-transformers pooling config
+    assert pooling(str(folder), sst2, pooling="cls") == "cls"  # what the user asks for wins
+    assert pools_by_mean("minilm-l6")  # the embedded all-MiniLM-L6-v2 is such a model
