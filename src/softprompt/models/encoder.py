@@ -24,14 +24,6 @@ class EncoderPromptModel(PromptModel):
     pad_side = "right"
     family = "encoder"
 
-    def _offsets(self, mask: torch.Tensor) -> torch.Tensor:
-        return torch.ones(mask.shape[0], dtype=torch.long, device=mask.device)
-
-    def _extra_inputs(self, mask, token_type_ids, fill) -> dict:
-        if token_type_ids is None:
-            return {}
-        return {"token_type_ids": fill(token_type_ids, 0)}  # virtual tokens belong to the first segment
-
     def __init__(self, base, config, tokenizer=None) -> None:
         super().__init__(base, config, tokenizer)
         if config.pooling == "cls":
@@ -42,6 +34,14 @@ class EncoderPromptModel(PromptModel):
         if config.pooling == "siamese":  # the head reads [u, v, |u - v|, u * v]
             head = torch.nn.Linear(4 * self.head.in_features, self.head.out_features)
             setattr(self.base, self.head_name, head.to(self.head.weight.device, self.head.weight.dtype))
+
+    def _offsets(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.ones(mask.shape[0], dtype=torch.long, device=mask.device)
+
+    def _extra_inputs(self, mask, token_type_ids, fill) -> dict:
+        if token_type_ids is None:
+            return {}
+        return {"token_type_ids": fill(token_type_ids, 0)}  # virtual tokens belong to the first segment
 
     def _mean_states(self, input_ids, attention_mask, token_type_ids=None, **kwargs) -> torch.Tensor:
         """(B, h): the mean of each row's final text states, virtual tokens and pads left out."""
