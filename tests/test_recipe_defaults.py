@@ -81,18 +81,19 @@ def test_balanced_weights_refuse_what_they_cannot_weight(tiny_dirs, skewed_csv, 
         TrainConfig(class_weights="inverse")
 
 
-def test_mean_pooling_is_the_default_for_one_text_with_a_sentence_embedding_model(tiny_dirs, tmp_path):
+def test_sentence_embedding_models_pool_by_the_mean_by_default(tiny_dirs, tmp_path):
     folder = tmp_path / "sentence-model"
     shutil.copytree(tiny_dirs["bert"], folder)
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    sst2, mrpc = get_task("sst2"), get_task("mrpc")
+    sst2, mrpc, stsb = get_task("sst2"), get_task("mrpc"), get_task("stsb")
 
     def pooling(model, task, **options):
         return prompt_config(TrainConfig(model=model, **options), TaskType.SEQ_CLS, task).pooling
 
     assert pooling(str(folder), sst2) == "mean"
-    assert pooling(str(folder), mrpc) == "cls"  # pairs keep [CLS]: mean pooling did not help them
-    assert pooling(tiny_dirs["bert"], sst2) == "cls"  # no sentence-transformers pooling config
+    assert pooling(str(folder), mrpc) == "siamese"  # a classified pair: each text pooled apart, then compared
+    assert pooling(str(folder), stsb) == "cls"  # regression pairs keep [CLS]
+    assert pooling(tiny_dirs["bert"], sst2) == pooling(tiny_dirs["bert"], mrpc) == "cls"  # no pooling config
     assert pooling(str(folder), sst2, pooling="cls") == "cls"  # what the user asks for wins
     assert pools_by_mean("minilm-l6")  # the embedded all-MiniLM-L6-v2 is such a model

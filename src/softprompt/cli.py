@@ -60,8 +60,9 @@ def train(
     pooling: Optional[str] = typer.Option(None, help="encoder heads: cls (the model's pooled [CLS]) | mean (mean "
                                                      "of the text's final states) | siamese (pair tasks: each text "
                                                      "mean-pooled apart, the head reads [u, v, |u-v|, u*v]) "
-                                                     "(default: mean for one text with a mean-pooling "
-                                                     "sentence-embedding model, else cls)"),
+                                                     "(default with a mean-pooling sentence-embedding model: "
+                                                     "mean for one text, siamese for a classified pair; else "
+                                                     "cls)"),
     init_file: Optional[str] = typer.Option(None, help="checkpoint folder or prompt .safetensors to start from"),
     loss: str = typer.Option("rank", help="text-to-text loss: rank (cross-entropy over the label strings' "
                                            "scores) | lm (LM loss on the label tokens, the paper's)"),
