@@ -241,18 +241,23 @@ def test_baselines_name_the_split_they_were_scored_on(tiny_dirs, tmp_path, capsy
     assert "baseline majority          dev" in out and "test  n/a (no test labels)" in out
 
 
+def _reloads_with_pooling(out_dir: Path, pooling: str, capsys) -> None:
+    """The checkpoint keeps its pooling, and scores dev as training did."""
+    code, out, err = run(["info", out_dir / "best"], capsys)
+    assert code == 0 and json.loads(out)["prompt"]["pooling"] == pooling
+    code, out, err = run(["eval", out_dir / "best", "--split", "dev"], capsys)
+    assert code == 0, err
+    dev = json.loads((out_dir / "results.json").read_text())["dev"]
+    assert json.loads(out)["accuracy"] == pytest.approx(dev["accuracy"], abs=1e-9)
+
+
 def test_mean_pooling_is_kept_in_the_checkpoint(tiny_dirs, tiny_csv, tmp_path, capsys):
     """A head trained on mean-pooled states is scored the same way after reloading (same dev metrics)."""
     out_dir = tmp_path / "run"
     code, _, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--output", out_dir,
                                 "--pooling", "mean", "--no-baselines"], capsys)
     assert code == 0, err
-    code, out, err = run(["info", out_dir / "best"], capsys)
-    assert code == 0 and json.loads(out)["prompt"]["pooling"] == "mean"
-    code, out, err = run(["eval", out_dir / "best", "--split", "dev"], capsys)
-    assert code == 0, err
-    dev = json.loads((out_dir / "results.json").read_text())["dev"]
-    assert json.loads(out)["accuracy"] == pytest.approx(dev["accuracy"], abs=1e-9)
+    _reloads_with_pooling(out_dir, "mean", capsys)
     code, _, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--output", tmp_path / "x",
                                 "--pooling", "max"], capsys)
     assert code == 2 and "--pooling must be one of cls, mean, siamese, not 'max'" in err
@@ -274,12 +279,7 @@ def test_siamese_pooling_trains_evaluates_and_predicts_pairs(tiny_dirs, tmp_path
     code, _, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", folder, "--task", "rte", "--output", out_dir,
                                 "--pooling", "siamese", "--no-baselines"], capsys)
     assert code == 0, err
-    code, out, err = run(["info", out_dir / "best"], capsys)
-    assert code == 0 and json.loads(out)["prompt"]["pooling"] == "siamese"
-    code, out, err = run(["eval", out_dir / "best", "--split", "dev"], capsys)
-    assert code == 0, err
-    dev = json.loads((out_dir / "results.json").read_text())["dev"]
-    assert json.loads(out)["accuracy"] == pytest.approx(dev["accuracy"], abs=1e-9)
+    _reloads_with_pooling(out_dir, "siamese", capsys)
     code, out, err = run(["predict", out_dir / "best", "the cat sat on mat 3\tthe cat sat"], capsys)
     assert code == 0, err
     assert json.loads(out)["label"] in ("entailment", "not_entailment")

@@ -195,7 +195,7 @@ def load_splits(cfg: TrainConfig) -> Splits:
 def prompt_config(cfg: TrainConfig, task_type: TaskType, task: TaskSpec) -> PromptTuningConfig:
     """Defaults by measurement: the task's instruction as text init keeps the zero-shot accuracy of the
     template (class-label and vocabulary inits start far below it with a decoder); heads start from vocab;
-    a sentence-embedding model's head reads the mean of one text's states."""
+    a sentence-embedding model's head reads the mean of one text's states, or compares a pair's two texts."""
     init_text = cfg.init_text or (task.instruction if task_type is not TaskType.SEQ_CLS else None)
     default_init = (PromptInit.VOCAB if task_type is TaskType.SEQ_CLS else
                     PromptInit.TEXT if init_text else PromptInit.CLASS_LABELS)
@@ -203,10 +203,9 @@ def prompt_config(cfg: TrainConfig, task_type: TaskType, task: TaskSpec) -> Prom
                                                  PromptInit.TEXT if cfg.init_text else default_init)
     pooling = cfg.pooling
     if pooling is None:  # a sentence-embedding model: one text by its mean, a classified pair compared apart
-        pooling = "cls"
-        if task_type is TaskType.SEQ_CLS and (len(task.fields) == 1 or not task.is_regression) \
-                and pools_by_mean(cfg.model):
-            pooling = "mean" if len(task.fields) == 1 else "siamese"
+        wanted = "mean" if len(task.fields) == 1 else "cls" if task.is_regression else "siamese"
+        fits = wanted != "cls" and task_type is TaskType.SEQ_CLS and pools_by_mean(cfg.model)
+        pooling = wanted if fits else "cls"
     return PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
                               init_text=init_text, init_file=cfg.init_file, pooling=pooling,
                               label_words=[w.strip() for w in task.verbalizer] or list(task.labels))
@@ -335,18 +334,14 @@ class Trainer:
             self.state["batch_in_epoch"] = 0
 
     def loss(self, features: list[Feature]) -> torch.Tensor:
-        if self.cfg.loss == "rank" and self.encoder.text_to_text:
-            labels = torch.tensor([f.label for f in features])
-            scores = label_scores(self.model, self.encoder, features)
+        """Cross-entropy over the label scores (rank loss; a head's log-softmax when classes are weighted),
+        or the model's own training loss."""
+        if (self.cfg.loss == "rank" and self.encoder.text_to_text) or self.class_weights is not None:
+            scores = label_scores(self.model, self.encoder, features).float()
+            labels = torch.tensor([f.label for f in features], device=scores.device)
             weight = None if self.class_weights is None else self.class_weights.to(scores.device)
-            return torch.nn.functional.cross_entropy(scores.float(), labels.to(scores.device), weight=weight)
-        batch = collate(features, self.encoder)
-        if self.class_weights is None:
-            return self.model.training_loss(**batch)
-        labels = batch.pop("labels")  # a head: weight its cross-entropy
-        logits = self.model(**batch).logits.float()
-        return torch.nn.functional.cross_entropy(logits, labels.to(logits.device),
-                                                 weight=self.class_weights.to(logits.device))
+            return torch.nn.functional.cross_entropy(scores, labels, weight=weight)
+        return self.model.training_loss(**collate(features, self.encoder))
 
     def _set_lr(self) -> float:
         factor = self.factor(self._progress())
