@@ -70,6 +70,33 @@ def test_encoder_mean_pooling_matches_hand_built_mean(tokenizer, tiny_bert, side
     assert not torch.allclose(out.logits, wrap(tiny_bert, 4, "SEQ_CLS", tokenizer)(**enc).logits)
 
 
+def test_roberta_style_head_reads_the_mean_and_siamese_gets_a_linear_head(tokenizer):
+    """A dense-tanh-projection head (RoBERTa, MPNet: sentence-embedding models too) takes the mean-pooled
+    vector where it would take <s>; siamese pooling swaps it for a linear head over [u, v, |u - v|, u * v]."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=130, num_labels=3,
+                        pad_token_id=tokenizer.pad_token_id)
+    roberta = RobertaForSequenceClassification(cfg).eval()
+    model = wrap(roberta, 4, "SEQ_CLS", tokenizer, pooling="mean")
+    enc = batch(tokenizer, "right")
+    got = model(**enc).logits
+    emb = roberta.get_input_embeddings()
+    for i, text in enumerate(TEXTS):
+        e = emb(tokenizer(text, return_tensors="pt")["input_ids"])
+        states = roberta.roberta(inputs_embeds=torch.cat([e[:, :1], model.prompt.weight[None], e[:, 1:]], dim=1))
+        text_states = torch.cat([states.last_hidden_state[0, :1], states.last_hidden_state[0, 5:]])
+        want = roberta.classifier(text_states.mean(0)[None, None])[0]
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=0)
+    siamese = wrap(RobertaForSequenceClassification(cfg), 4, "SEQ_CLS", tokenizer, pooling="siamese")
+    assert isinstance(siamese.head, torch.nn.Linear) and tuple(siamese.head.weight.shape) == (3, 4 * 32)
+    logits = siamese(enc["input_ids"], enc["attention_mask"], pair_ids=enc["input_ids"],
+                     pair_mask=enc["attention_mask"]).logits
+    assert logits.shape == (3, 3)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_encoder_siamese_pooling_matches_hand_built_pair_features(tokenizer, tiny_bert, side):
     """pooling='siamese': each text of a pair runs alone with the prompt, is mean-pooled and scaled to unit

@@ -26,14 +26,10 @@ class EncoderPromptModel(PromptModel):
 
     def __init__(self, base, config, tokenizer=None) -> None:
         super().__init__(base, config, tokenizer)
-        if config.pooling == "cls":
-            return
-        if not isinstance(self.head, torch.nn.Linear):
-            raise SoftpromptError(f"{config.pooling} pooling needs a linear classifier head; {type(self.base).__name__} "
-                                  f"has {type(self.head).__name__}: use pooling='cls'")
-        if config.pooling == "siamese":  # the head reads [u, v, |u - v|, u * v]
-            head = torch.nn.Linear(4 * self.head.in_features, self.head.out_features)
-            setattr(self.base, self.head_name, head.to(self.head.weight.device, self.head.weight.dtype))
+        if config.pooling == "siamese":  # a fresh linear head reads [u, v, |u - v|, u * v]
+            old = next(self.head.parameters())
+            head = torch.nn.Linear(4 * self.base.config.hidden_size, self.base.config.num_labels)
+            setattr(self.base, self.head_name, head.to(old.device, old.dtype))
 
     def _offsets(self, mask: torch.Tensor) -> torch.Tensor:
         return torch.ones(mask.shape[0], dtype=torch.long, device=mask.device)
@@ -72,7 +68,9 @@ class EncoderPromptModel(PromptModel):
                                      torch.cat([widen(first_mask), widen(second_mask)]), **kwargs)
             u, v = torch.nn.functional.normalize(both, dim=-1).chunk(2)  # unit length, as the model was trained
             features = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
-        logits = self.head(getattr(self.base, "dropout", torch.nn.Identity())(features))
+        features = getattr(self.base, "dropout", torch.nn.Identity())(features)
+        # RoBERTa-style heads (dense, tanh, projection) read the first position of a sequence of states
+        logits = self.head(features) if isinstance(self.head, torch.nn.Linear) else self.head(features[:, None])
         loss = None
         if labels is not None:
             if logits.shape[-1] == 1:
