@@ -10,7 +10,7 @@ from softprompt import SoftpromptError, TrainConfig, get_task
 from softprompt.encoding import collate
 from softprompt.scoring import label_scores
 from softprompt.assets import pools_by_mean
-from softprompt.config import TaskType
+from softprompt.config import PromptInit, TaskType
 from softprompt.training import Trainer, _class_weights, prompt_config
 
 
@@ -93,7 +93,67 @@ def test_sentence_embedding_models_pool_by_the_mean_by_default(tiny_dirs, tmp_pa
 
     assert pooling(str(folder), sst2) == "mean"
     assert pooling(str(folder), mrpc) == "siamese"  # a classified pair: each text pooled apart, then compared
-    assert pooling(str(folder), stsb) == "cls"  # regression pairs keep [CLS]
+    assert pooling(str(folder), stsb) == "siamese"  # a scored pair too: its head starts at the pair's cosine
     assert pooling(tiny_dirs["bert"], sst2) == pooling(tiny_dirs["bert"], mrpc) == "cls"  # no pooling config
     assert pooling(str(folder), sst2, pooling="cls") == "cls"  # what the user asks for wins
     assert pools_by_mean("minilm-l6")  # the embedded all-MiniLM-L6-v2 is such a model
+    pair = prompt_config(TrainConfig(model=str(folder)), TaskType.SEQ_CLS, mrpc)
+    assert (pair.init, pair.init_text) == (PromptInit.TEXT, ".")  # a pair's prompt starts as punctuation
+    assert prompt_config(TrainConfig(model=str(folder)), TaskType.SEQ_CLS, sst2).init is PromptInit.VOCAB
+    assert prompt_config(TrainConfig(model=str(folder), init="vocab"), TaskType.SEQ_CLS, mrpc).init is PromptInit.VOCAB
+
+
+def _pair_folder(tmp_path, name: str, label) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    for split, n in (("train", 40), ("dev", 8)):
+        rows = [f"{i}\tthe cat sat on the mat {i}\t{'the cat sat' if i % 2 else 'a dog ran far away'}\t{label(i)}"
+                for i in range(n)]
+        (folder / f"{split}.tsv").write_text("\n".join([f"index\tsentence1\tsentence2\t{label(None)}"] + rows))
+    return str(folder)
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_siamese_head_starts_as_the_pair_cosine_fitted_to_the_labels(tiny_dirs, tmp_path, task):
+    """Before the first step the head is w_c * cos(u, v) + b_c: the cross-entropy minimum over (w, b) for
+    classes, the least-squares line for a score; nothing else of [u, v, |u - v|, u * v] is read yet."""
+    label = ({"rte": lambda i: "label" if i is None else ("entailment", "not_entailment")[i % 3 == 0],
+              "stsb": lambda i: "score" if i is None else f"{(i * 7) % 6:.1f}"})[task]
+    trainer = _trainer(tiny_dirs["bert"], _pair_folder(tmp_path, task, label), tmp_path, task=task,
+                       pooling="siamese", task_type="SEQ_CLS")
+    model, features = trainer.model, trainer.encoder.encode_all(trainer.splits.train)
+    trainer._start_head_at_cosine(features)
+    model.eval()
+    with torch.no_grad():
+        inputs = collate(features, trainer.encoder)
+        u, v = model.pair_embeddings(inputs["input_ids"], inputs["attention_mask"], inputs["pair_ids"],
+                                     inputs["pair_mask"])
+        logits = model(**inputs).logits.double()
+    cos, head = (u * v).sum(-1).double(), model.head
+    w, b = head.weight[:, -32:].double(), head.bias.detach().double()
+    assert not head.weight[:, :-32].any() and torch.equal(w, w[:, :1].expand_as(w))
+    torch.testing.assert_close(logits, cos[:, None] * w[:, 0] + b, atol=1e-5, rtol=0)
+    labels = inputs["labels"]
+    if task == "stsb":
+        design = torch.stack([cos, torch.ones_like(cos)], 1)
+        want = torch.linalg.lstsq(design, labels.double()[:, None]).solution[:, 0]
+        torch.testing.assert_close(torch.stack([w[0, 0], b[0]]), want, atol=1e-4, rtol=0)
+    else:
+        params = torch.cat([w[:, 0], b]).requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(cos[:, None] * params[:2] + params[2:], labels)
+        (grad,) = torch.autograd.grad(loss, params)
+        assert grad.abs().max() < 1e-4  # the fitted start is the minimum of the loss over (w, b)
+        assert loss < torch.nn.functional.cross_entropy(torch.zeros_like(logits), labels)
+
+
+@pytest.mark.parametrize("head_init", ["cosine", "random"])
+def test_training_starts_the_siamese_head_by_head_init(tiny_dirs, tmp_path, monkeypatch, head_init):
+    label = lambda i: "label" if i is None else ("entailment", "not_entailment")[i % 2]  # noqa: E731
+    trainer = _trainer(tiny_dirs["bert"], _pair_folder(tmp_path, "rte", label), tmp_path, task="rte",
+                       pooling="siamese", task_type="SEQ_CLS", max_steps=1, eval_every=1, head_init=head_init)
+    calls = []
+    monkeypatch.setattr(trainer.model, "start_head_at_cosine", lambda cos, labels: calls.append(len(labels)))
+    trainer.train()
+    assert calls == ([40] if head_init == "cosine" else [])
+    with pytest.raises(SoftpromptError, match="--head-init must be cosine or random"):
+        TrainConfig(head_init="zeros")

@@ -64,6 +64,8 @@ def train(
                                                      "mean for one text, siamese for a classified pair; else "
                                                      "cls)"),
     init_file: Optional[str] = typer.Option(None, help="checkpoint folder or prompt .safetensors to start from"),
+    head_init: str = typer.Option("cosine", help="siamese heads: cosine (start as the pair's cosine similarity, "
+                                                 "fitted to the training labels) | random"),
     loss: str = typer.Option("rank", help="text-to-text loss: rank (cross-entropy over the label strings' "
                                            "scores) | lm (LM loss on the label tokens, the paper's)"),
     class_weights: str = typer.Option("auto", help="none | balanced (each class's loss weighted by N / (classes "
