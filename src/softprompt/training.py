@@ -46,7 +46,7 @@ class TrainConfig:
     # bottleneck width of the residual MLP over the prompt while training; 0: off; None: by measurement,
     # 64 with a head (+6 points SST-2 dev, minilm-l6, 90 s) and off for label words (-2.5 points, smollm2-135m)
     residual_reparam: int | None = None
-    init: str | None = None  # text-to-text: text (the task's instruction) or class_labels; heads: vocab
+    init: str | None = None  # text-to-text: text (the task's instruction) or class_labels; heads: vocab ('.' siamese)
     # encoder heads: cls (pooled [CLS]) | mean (of the text's states) | siamese (pairs apart); None: by measurement,
     # with a mean-pooling sentence-embedding model mean for one text (+3.7 points SST-2 dev, minilm-l6, 90 s) and
     # siamese for a pair (+4.9 MRPC, 600 s; with the cosine head start, STS-B Pearson 0.874 against 0.728); else cls
