@@ -55,13 +55,14 @@ def train(
                                                             "bottleneck width, folded into a plain prompt at save "
                                                             "(0: off; default 64 with a head, off for label words)"),
     init: Optional[str] = typer.Option(None, help="random | vocab | class_labels | text | file (default: the "
-                                                   "task's instruction as text for label words, vocab for heads)"),
+                                                   "task's instruction as text for label words, vocab for heads, "
+                                                   "'.' for siamese heads)"),
     init_text: Optional[str] = typer.Option(None, help="text whose token embeddings start the prompt"),
     pooling: Optional[str] = typer.Option(None, help="encoder heads: cls (the model's pooled [CLS]) | mean (mean "
                                                      "of the text's final states) | siamese (pair tasks: each text "
                                                      "mean-pooled apart, the head reads [u, v, |u-v|, u*v]) "
                                                      "(default with a mean-pooling sentence-embedding model: "
-                                                     "mean for one text, siamese for a classified pair; else "
+                                                     "mean for one text, siamese for a pair; else "
                                                      "cls)"),
     init_file: Optional[str] = typer.Option(None, help="checkpoint folder or prompt .safetensors to start from"),
     head_init: str = typer.Option("cosine", help="siamese heads: cosine (start as the pair's cosine similarity, "
