@@ -62,6 +62,8 @@ class PromptedTask:
                                  regression=task.is_regression)
         model = get_prompt_model(backbone.model, prompt, backbone.tokenizer)
         model.load_prompt(directory)
+        if meta.get("training", {}).get("bf16"):
+            model.freeze_in(torch.bfloat16)  # scored as it was trained and evaluated
         encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, meta.get("max_length", 128),
                               prompt.pooling == "siamese")
         return cls(model.eval(), encoder, task, meta["base_model"])

@@ -42,6 +42,10 @@ def splice(tokens: torch.Tensor, fill: torch.Tensor, index: torch.Tensor) -> tor
     return src.gather(1, index)
 
 
+def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 class PromptModel(nn.Module):
     """A Hugging Face model with a trainable soft prompt; everything of the base model stays frozen."""
 
@@ -77,6 +81,18 @@ class PromptModel(nn.Module):
         value = initial_prompt(self.config, embeddings, self.tokenizer, corpus, generator)
         with torch.no_grad():
             self.prompt.weight.copy_(value.to(self.prompt.weight.dtype))
+
+    def freeze_in(self, dtype: torch.dtype) -> None:
+        """Keep the frozen weights in `dtype` (bf16: half the memory and, where the chip has bf16 matrix units,
+        about half the step time). What trains (prompt, head) keeps fp32 weights, so optimizer updates are not
+        rounded away; the head reads its input in fp32. Buffers (rotary frequencies) stay as they are."""
+        trained = {id(p) for p in self.trainable_parameters()}
+        for param in self.base.parameters():
+            if id(param) not in trained:
+                param.data = param.data.to(dtype)
+        if self.head is not None and dtype != torch.float32 and not getattr(self, "_head_reads_fp32", False):
+            self.head.register_forward_pre_hook(_inputs_to_fp32)
+            self._head_reads_fp32 = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
