@@ -26,6 +26,7 @@ import torch
 import transformers
 
 from softprompt.assets import load_backbone, resolve_model
+from softprompt.checkpoint import read_meta
 from softprompt.config import TaskType
 from softprompt.encoding import TaskEncoder, collate, pad
 from softprompt.metrics import compute_metrics
@@ -56,8 +57,10 @@ def ours(model: str, task_name: str, budget: float, prompt_length: int, dev_limi
                       eval_every=10**9, eval_test=False, max_eval_examples=dev_limit, progress=False,
                       output=str(out))
     result = train(cfg, log=lambda _: None)
+    bf16 = read_meta(out / "best")["training"]["bf16"]  # the default: bf16 for decoders on CPUs with AMX
     return {"metrics": result.dev, "steps": result.step, "seconds": result.seconds,
-            "params": result.trained_parameters, "stored": _stored(out / "best")}
+            "params": result.trained_parameters, "stored": _stored(out / "best"),
+            "precision": "bf16" if bf16 else "fp32"}
 
 
 def _stored(checkpoint: Path) -> int:
@@ -115,7 +118,8 @@ def peft_run(method: str, model: str, task_name: str, budget: float, prompt_leng
         elapsed += time.perf_counter() - start
     metrics = compute_metrics(task.metrics, _peft_predict(net, encoder, dev, kind), [e.label for e in dev])
     trained = sum(p.numel() for p in params)
-    return {"metrics": metrics, "steps": steps, "seconds": elapsed, "params": trained, "stored": trained}
+    return {"metrics": metrics, "steps": steps, "seconds": elapsed, "params": trained, "stored": trained,
+            "precision": "fp32"}
 
 
 def _peft_batch(features, encoder: TaskEncoder, kind: TaskType) -> dict:
@@ -151,21 +155,23 @@ def _peft_predict(net, encoder: TaskEncoder, examples, kind: TaskType) -> list:
 def write_table(rows: list[dict], path: Path) -> None:
     lines = ["# GLUE under equal training time: softprompt vs peft", "",
              "Written by `python benchmarks/glue.py` from docs/results.json (each row: the command's settings, "
-             "the date it ran). Train -> dev, one seed, 2 CPU cores, fp32; seconds are training steps only. "
+             "the date it ran). Train -> dev, one seed, 2 CPU cores; precision of the frozen model per row (the prompt "
+             "always trains in fp32); seconds are training steps only. "
              "How the recipe was chosen, and the targets: [recipe.md](recipe.md).", ""]
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
         if not mine:
             continue
         metric_names = get_task(task).metrics
-        lines += [f"## {task}", "", "| model | method | " + " | ".join(metric_names) +
+        lines += [f"## {task}", "", "| model | method | precision | " + " | ".join(metric_names) +
                   " | steps | train s | trained params | stored params | budget s | ran |",
-                  "|---|---|" + "---|" * (len(metric_names) + 6)]
+                  "|---|---|---|" + "---|" * (len(metric_names) + 6)]
         for r in mine:
             values = " | ".join(f"{100 * r['metrics'][m]:.2f}" if m not in ("pearson", "spearman", "mcc")
                                 else f"{r['metrics'][m]:.4f}" for m in metric_names)
-            lines.append(f"| {r['model']} | {r['method']} | {values} | {r['steps']} | {r['seconds']:.0f} | "
-                         f"{r['params']:,} | {r.get('stored', r['params']):,} | {r['budget']:.0f} | {r['date']} |")
+            lines.append(f"| {r['model']} | {r['method']} | {r.get('precision', 'fp32')} | {values} | "
+                         f"{r['steps']} | {r['seconds']:.0f} | {r['params']:,} | {r.get('stored', r['params']):,} | "
+                         f"{r['budget']:.0f} | {r['date']} |")
         lines.append("")
         for model in dict.fromkeys(r["model"] for r in mine):
             by = {r["method"]: r for r in mine if r["model"] == model}

@@ -69,11 +69,11 @@ def test_shared_prefix_matches_concat_with_bf16_weights(tokenizer, tiny_llama):
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_decoders_default_to_bf16_where_it_is_fast_and_checkpoints_keep_it(tiny_dirs, tiny_csv, tmp_path,
+def test_timed_decoder_runs_default_to_bf16_where_it_is_fast_and_checkpoints_keep_it(tiny_dirs, tiny_csv, tmp_path,
                                                                           monkeypatch, fast):
     monkeypatch.setattr(training, "bf16_is_fast", lambda: fast)
     trainer = training.Trainer(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, prompt_length=4, max_steps=3,
-                                           eval_every=3, output=str(tmp_path / "run"), progress=False),
+                                           max_time=600, eval_every=3, output=str(tmp_path / "run"), progress=False),
                                log=lambda _: None)
     assert trainer.cfg.bf16 is fast
     result = trainer.train()
@@ -85,6 +85,9 @@ def test_decoders_default_to_bf16_where_it_is_fast_and_checkpoints_keep_it(tiny_
     # the checkpoint is scored by the same bf16 (or fp32) model the run used
     assert torch.equal(loaded.scores(trainer.splits.dev), trainer.prompted.scores(trainer.splits.dev))
     assert loaded.evaluate(trainer.splits.dev) == result.dev
-    encoder = training.Trainer(TrainConfig(model=tiny_dirs["bert"], data=tiny_csv, prompt_length=4, max_steps=1,
-                                           output=str(tmp_path / "bert"), progress=False), log=lambda _: None)
-    assert encoder.cfg.bf16 is False  # encoders stay fp32 unless asked: bf16 was measured on decoders only
+    # fp32: heads and encoders (bf16 measured on label words only), and step budgets (bf16 buys no steps there)
+    for model, task_type, max_time in (("bert", None, 600), ("llama", "SEQ_CLS", 600), ("llama", None, None)):
+        other = training.Trainer(TrainConfig(model=tiny_dirs[model], data=tiny_csv, prompt_length=4, max_steps=1,
+                                             max_time=max_time, task_type=task_type, output=str(tmp_path / model),
+                                             progress=False), log=lambda _: None)
+        assert other.cfg.bf16 is False

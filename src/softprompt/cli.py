@@ -88,8 +88,8 @@ def train(
     max_eval_examples: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="the frozen model's weights and activations "
-                                        "in bf16 (prompt and head train in fp32); default: bf16 for decoders on "
-                                        "CPUs with AMX, where it is about 1.6x faster, fp32 otherwise"),
+                                        "in bf16 (prompt and head train in fp32); default: bf16 under --max-time "
+                                        "for decoders with label words on CPUs with AMX (2x the steps), else fp32"),
     output: str = typer.Option("runs/latest", help="run folder: best/ and last/ checkpoints, metrics.jsonl"),
     resume: bool = typer.Option(False, help="continue the run in --output from its last/ checkpoint"),
     baselines: bool = typer.Option(True, help="also score the majority class and the untrained prompt on test"),

@@ -76,7 +76,8 @@ class TrainConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     seed: int = 0
-    bf16: bool | None = None  # frozen model in bf16; None: on for decoders where the CPU has bf16 matrix units
+    # frozen model in bf16; None: on for time-budgeted decoders with label words on CPUs with AMX bf16 tiles
+    bf16: bool | None = None
     output: str = "runs/latest"
     eval_test: bool = True
     baselines: bool = False  # also score the majority class and the untrained prompt on test
@@ -261,7 +262,9 @@ class Trainer:
                                            seed=cfg.seed)
         self.model = self.prompted.model
         if cfg.bf16 is None:  # the run's folder records what was chosen; eval and predict follow it
-            self.cfg = cfg = replace(cfg, bf16=self.model.family == "decoder" and bf16_is_fast())
+            # bf16 buys steps within a time budget; under a step budget it only cost accuracy (docs/recipe.md)
+            label_words = self.model.family == "decoder" and self.prompted.encoder.text_to_text
+            self.cfg = cfg = replace(cfg, bf16=label_words and cfg.max_time is not None and bf16_is_fast())
         if cfg.bf16:
             self.model.freeze_in(torch.bfloat16)
         self.encoder = self.prompted.encoder
@@ -391,7 +394,8 @@ class Trainer:
         features = self.encoder.encode_all(self.splits.train)
         self.log(f"{self.splits.source}: {len(self.splits.train)} train / {len(self.splits.dev)} dev / "
                  f"{len(self.splits.test)} test; {self.model.family} model {cfg.model}, "
-                 f"{self.model.config.task_type.value}, {self.model.num_trainable_parameters():,} trainable parameters")
+                 f"{self.model.config.task_type.value} in {'bf16' if cfg.bf16 else 'fp32'}, "
+                 f"{self.model.num_trainable_parameters():,} trainable parameters")
         key = self.splits.task.metrics[0]
         last_metrics: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not cfg.progress, unit="step",
