@@ -57,7 +57,7 @@ def ours(model: str, task_name: str, budget: float, prompt_length: int, dev_limi
                       eval_every=10**9, eval_test=False, max_eval_examples=dev_limit, progress=False,
                       output=str(out))
     result = train(cfg, log=lambda _: None)
-    bf16 = read_meta(out / "best")["training"]["bf16"]  # the default: bf16 for decoders on CPUs with AMX
+    bf16 = read_meta(out / "best")["training"]["bf16"]  # default: bf16 for label words on CPUs with AMX
     return {"metrics": result.dev, "steps": result.step, "seconds": result.seconds,
             "params": result.trained_parameters, "stored": _stored(out / "best"),
             "precision": "bf16" if bf16 else "fp32"}

@@ -26,8 +26,8 @@ GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 @pytest.fixture(autouse=True)
 def fp32_by_default(monkeypatch):
-    """Decoders train in bf16 by default on CPUs with AMX; tests pin fp32 so their numbers do not depend on the
-    CPU running them (test_bf16.py covers the choice itself)."""
+    """Timed decoder runs with label words default to bf16 on CPUs with AMX; tests pin fp32 so their numbers do
+    not depend on the CPU running them (test_bf16.py covers the choice itself)."""
     monkeypatch.setattr("softprompt.training.bf16_is_fast", lambda: False)
 
 
