@@ -34,6 +34,23 @@ def test_frozen_weights_in_bf16_and_what_trains_in_fp32(tokenizer, tiny_bert):
                for p in model.trainable_parameters())
 
 
+
+def test_siamese_head_reads_bf16_features_in_fp32(tokenizer, tiny_bert):
+    """Siamese pooling replaces the model's head with its own; that head, not the replaced one, is kept fp32."""
+    enc = batch(tokenizer, "right")
+    pair = {"pair_ids": enc["input_ids"].flip(0), "pair_mask": enc["attention_mask"].flip(0)}
+    model = wrap(tiny_bert, 4, "SEQ_CLS", tokenizer, pooling="siamese")
+    with torch.no_grad():
+        fp32_logits = model(enc["input_ids"], enc["attention_mask"], **pair).logits
+    model.freeze_in(torch.bfloat16)
+    assert model.head.weight.dtype == torch.float32
+    out = model(enc["input_ids"], enc["attention_mask"], labels=torch.tensor([0, 1, 1]), **pair)
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, fp32_logits, atol=5e-2, rtol=0)
+    out.loss.backward()
+    assert model.head.weight.grad.dtype == torch.float32 and model.head.weight.grad.abs().sum() > 0
+
+
 def test_cpu_attention_in_bf16_runs_in_fp32():
     torch.manual_seed(0)
     q = torch.randn(2, 4, 5, 8, dtype=torch.bfloat16, requires_grad=True)

@@ -261,13 +261,13 @@ class Trainer:
                                            corpus=[" ".join(e.fields.values()) for e in self.splits.train[:5000]],
                                            seed=cfg.seed)
         self.model = self.prompted.model
+        self.encoder = self.prompted.encoder
         if cfg.bf16 is None:  # the run's folder records what was chosen; eval and predict follow it
             # bf16 buys steps within a time budget; under a step budget it only cost accuracy (docs/recipe.md)
-            label_words = self.model.family == "decoder" and self.prompted.encoder.text_to_text
+            label_words = self.model.family == "decoder" and self.encoder.text_to_text
             self.cfg = cfg = replace(cfg, bf16=label_words and cfg.max_time is not None and bf16_is_fast())
         if cfg.bf16:
             self.model.freeze_in(torch.bfloat16)
-        self.encoder = self.prompted.encoder
         reparam = cfg.residual_reparam
         if reparam is None:
             reparam = 64 if task_type is TaskType.SEQ_CLS else 0

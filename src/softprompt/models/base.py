@@ -42,8 +42,10 @@ def splice(tokens: torch.Tensor, fill: torch.Tensor, index: torch.Tensor) -> tor
     return src.gather(1, index)
 
 
-def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+def _inputs_in_own_dtype(module: nn.Module, args: tuple) -> tuple:
+    """A head kept in fp32 over bf16 frozen weights (freeze_in) reads its features in fp32."""
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 class PromptModel(nn.Module):
@@ -85,14 +87,13 @@ class PromptModel(nn.Module):
     def freeze_in(self, dtype: torch.dtype) -> None:
         """Keep the frozen weights in `dtype` (bf16: half the memory and, where the chip has bf16 matrix units,
         about half the step time). What trains (prompt, head) keeps fp32 weights, so optimizer updates are not
-        rounded away; the head reads its input in fp32. Buffers (rotary frequencies) stay as they are."""
+        rounded away; the head reads its input in its own dtype. Buffers (rotary frequencies) stay as they are."""
         trained = {id(p) for p in self.trainable_parameters()}
         for param in self.base.parameters():
             if id(param) not in trained:
                 param.data = param.data.to(dtype)
-        if self.head is not None and dtype != torch.float32 and not getattr(self, "_head_reads_fp32", False):
-            self.head.register_forward_pre_hook(_inputs_to_fp32)
-            self._head_reads_fp32 = True
+        if self.head is not None:  # the head as it is now (siamese pooling replaces the model's own)
+            self.head.register_forward_pre_hook(_inputs_in_own_dtype)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
