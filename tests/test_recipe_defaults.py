@@ -157,3 +157,26 @@ def test_training_starts_the_siamese_head_by_head_init(tiny_dirs, tmp_path, monk
     assert calls == ([40] if head_init == "cosine" else [])
     with pytest.raises(SoftpromptError, match="--head-init must be cosine or random"):
         TrainConfig(head_init="zeros")
+
+
+def test_the_head_steps_at_its_own_learning_rate(tiny_dirs, tiny_csv, tmp_path):
+    """AdamW's first step moves every weight with a gradient by its group's lr (times 1 - lr * decay for the
+    decay), so the head's largest move is --head-lr and the prompt's is --lr."""
+    trainer = _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="SEQ_CLS", residual_reparam=0,
+                       lr=3e-2, head_lr=1e-3, warmup=0, max_steps=1, eval_every=1, eval_test=False)
+    head, prompt = trainer.model.head.weight, trainer.model.prompt.weight
+    before = head.detach().clone(), prompt.detach().clone()
+    trainer.train()  # loads the best (only) checkpoint back: the weights after the step
+    for after, start, lr in ((head, before[0], 1e-3), (prompt, before[1], 3e-2)):
+        assert abs(float((after.detach() - start).abs().max()) - lr) < lr * 0.01
+    with pytest.raises(SoftpromptError, match="--head-lr must be > 0"):
+        TrainConfig(head_lr=0)
+
+
+def test_decoder_heads_default_to_a_tenth_of_the_prompt_lr(tiny_dirs, tiny_csv, tmp_path):
+    for model, want in (("llama", 3e-3), ("bert", 3e-2)):
+        trainer = _trainer(tiny_dirs[model], tiny_csv, tmp_path, task_type="SEQ_CLS")
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([3e-2, want])
+        assert trainer._meta()["training"]["head_lr"] == pytest.approx(want)  # resume and reports see it
+    label_words = _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="CAUSAL_LM")
+    assert len(label_words.optimizer.param_groups) == 1 and label_words.cfg.head_lr is None

@@ -73,6 +73,8 @@ def train(
                                                    "* count)) | auto (balanced for tasks scored by MCC)"),
     optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-2 adamw, 0.3 adafactor)"),
+    head_lr: Optional[float] = typer.Option(None, help="a head's learning rate (default: --lr for "
+                                                      "encoders, --lr / 10 for decoders)"),
     schedule: str = typer.Option("linear", help="linear | cosine | constant after warmup"),
     warmup: float = typer.Option(0.05, help="warmup as a fraction of the budget"),
     batch_size: int = typer.Option(16),
