@@ -34,8 +34,9 @@ except ImportError:  # peft is optional: its rows are left out
     peft = None
 
 
-def saved_bytes(fn) -> tuple[float, float]:
-    """(seconds, MB saved for backward) of one call of fn (which runs forward and backward)."""
+def saved_mb(fn) -> float:
+    """MB that one call of fn (forward and backward) keeps for backward: saved tensors, each storage counted
+    once, on CPU; peak allocated memory on a GPU."""
     total, seen = [0], set()
 
     def pack(t):
@@ -48,25 +49,37 @@ def saved_bytes(fn) -> tuple[float, float]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
+    return total[0] / 2**20
+
+
+def seconds(fn) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**20
-    return time.perf_counter() - start, total[0] / 2**20
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
-def measure(steps: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """Median seconds and max saved MB per method. Methods take turns within each repeat, so a slow spell of
-    this shared machine lands on all of them rather than on whichever ran during it."""
-    for fn in steps.values():
-        fn()  # warm-up
-    runs = {name: [] for name in steps}
+def measure(steps: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Per method: median seconds, the median of its per-repeat ratios to every other method, and saved MB.
+    Methods take turns within each repeat and ratios pair the calls of one repeat, so a slow spell of this
+    shared machine lands on both sides of a ratio rather than on whichever ran during it. Memory comes from
+    a separate call, so the hooks that count it do not add to the timed ones."""
+    memory = {name: saved_mb(fn) for name, fn in steps.items()}  # also the warm-up
+    runs: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
-            runs[name].append(saved_bytes(fn))
-    return {name: (statistics.median(r[0] for r in rs), max(r[1] for r in rs)) for name, rs in runs.items()}
+            runs[name].append(seconds(fn))
+    return {name: {"s": statistics.median(times), "mb": memory[name],
+                   **{f"vs {other}": statistics.median(a / b for a, b in zip(times, runs[other])) for other in runs}}
+            for name, times in runs.items()}
 
 
 def train_steps(base, ids, mask, p: int, device, dtype):
@@ -152,7 +165,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--prompts", type=int, nargs="+", default=[20, 100])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--glue", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
     parser.add_argument("--infer-examples", type=int, default=128, help="SST-2 dev examples to classify (0: all)")
     parser.add_argument("--rounds", type=int, default=3, help="inference passes per method (median kept)")
@@ -171,7 +184,8 @@ def main() -> None:
         base, tokenizer = backbone.model, backbone.tokenizer
     base = base.to(device=device, dtype=dtype)
     where = f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})"
-    print(f"# {args.model} {str(dtype)[6:]} on {where}, batch {args.batch}, median of {args.repeats}")
+    print(f"# {args.model} {str(dtype)[6:]} on {where}, batch {args.batch}, median of {args.repeats} "
+          "repeats; 'vs no prompt' is the median of the per-repeat ratios")
     print("| input | prompt | method | step s | vs no prompt | bound (Bn+p)/Bn | saved MB |")
     print("|---|---|---|---|---|---|---|")
     results = {}
@@ -184,8 +198,8 @@ def main() -> None:
         steps = train_steps(base, ids, mask, p, device, dtype)
         cell = measure(steps, args.repeats)
         bound = (args.batch * n + p) / (args.batch * n)
-        for name, (sec, mb) in cell.items():
-            print(f"| {n} | {p} | {name} | {sec:.3f} | {sec / cell['no prompt'][0]:.2f} | {bound:.3f} | {mb:.0f} |")
+        for name, m in cell.items():
+            print(f"| {n} | {p} | {name} | {m['s']:.3f} | {m['vs no prompt']:.2f} | {bound:.3f} | {m['mb']:.0f} |")
         results[(n, p)] = cell
         sys.stdout.flush()
     examples = []
@@ -207,8 +221,8 @@ def main() -> None:
         tput = {}
     cell = results[(64, 64)]
     fmt = lambda x: "na" if x is None else f"{x:.3f}"  # noqa: E731
-    train_vs_base = cell["softprompt"][0] / cell["no prompt"][0]
-    train_vs_peft = cell["softprompt"][0] / cell["peft"][0] if "peft" in cell else None
+    train_vs_base = cell["softprompt"]["vs no prompt"]
+    train_vs_peft = cell["softprompt"]["vs peft"] if "peft" in cell else None
     infer_vs_base = tput["softprompt"] / tput["no prompt"] if tput else None
     infer_vs_peft = tput["softprompt"] / tput["peft"] if tput and "peft" in tput else None
     print(f"RESULT train_vs_base={fmt(train_vs_base)} train_vs_peft={fmt(train_vs_peft)} "
