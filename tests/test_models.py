@@ -347,3 +347,41 @@ def test_grouped_attention_equals_transformers_sdpa_and_is_restored(tokenizer, t
     mask = enc["attention_mask"].bool()
     torch.testing.assert_close(outs[1][0][mask], outs[0][0][mask], atol=ATOL, rtol=0)
     torch.testing.assert_close(outs[1][1][mask], outs[0][1][mask], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("num_labels", [3, 1])  # classes (cross-entropy) and a score (squared error)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("path", ["packed", "cached"])
+def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num_labels, side, path, monkeypatch):
+    """A head over the last real token gives the same logits, loss, and prompt and head gradients through the
+    shared prompt prefix as the model's own pooling and loss on the concatenated sequence."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from softprompt.models import attention, decoder
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, pad_token_id=tokenizer.pad_token_id,
+                         num_labels=num_labels)
+    model = wrap(LlamaForSequenceClassification(config).eval(), 5, "SEQ_CLS", tokenizer)
+    assert model.shared_prefix_reason() is None
+    if path == "cached":
+        monkeypatch.setattr(decoder, "can_pack", lambda model: False)
+    enc = batch(tokenizer, side)
+    labels = torch.tensor([0, 2, 1]) if num_labels == 3 else torch.tensor([0.5, 4.0, 2.5])
+    results = []
+    with spy_attention(attention.PACKED, attention.packed_sdpa) as packed:
+        for reason in (None, "forced off for the test"):
+            if reason:
+                model._shared_reason = reason
+            model.zero_grad(set_to_none=True)
+            out = model(enc["input_ids"], enc["attention_mask"], labels=labels)
+            out.loss.backward()
+            results.append((out.logits, out.loss, model.prompt.weight.grad, model.head.weight.grad))
+    assert bool(packed) == (path == "packed")
+    for shared, concat in zip(*results):
+        torch.testing.assert_close(shared, concat, atol=ATOL, rtol=0)
+    with torch.no_grad():  # inference: rows after the prompt's kept keys/values
+        del model._shared_reason
+        torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"]).logits, results[1][0],
+                                   atol=ATOL, rtol=0)

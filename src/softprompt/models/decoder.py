@@ -6,9 +6,9 @@ results, the last column is always a real token (generation and last-token pooli
 first real token's loss is predicted from the last virtual token, exactly as without padding.
 
 Shared prefix: attention is causal and the prompt comes first, so its keys and values at every layer do
-not depend on the input. The label loss and rank classification run the prompt once (a batch of one,
-with gradients) and hand its keys/values to every row through the transformers cache, instead of pushing
-k extra tokens through the model per example. Under no_grad the prompt's keys/values are kept until the
+not depend on the input. The label loss, rank classification and a head over the last token run the
+prompt once per step (packed with the rows in training; a batch of one whose keys/values reach every row
+through the transformers cache otherwise), instead of pushing k extra tokens through the model per example. Under no_grad the prompt's keys/values are kept until the
 prompt changes. Models whose cache or output head is not plain (sliding windows, logit soft-capping)
 use the concatenated sequence instead, said once in the log.
 """
@@ -20,6 +20,7 @@ import logging
 
 import torch
 from transformers import DynamicCache
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from ..config import TaskType
 from .attention import can_pack, grouped_attention, packed_attention
@@ -57,7 +58,7 @@ class DecoderPromptModel(PromptModel):
     def shared_prefix_reason(self) -> str | None:
         """Why this model cannot share the prompt's keys/values across a batch (None: it can)."""
         config = self.base.config.get_text_config()
-        if self.config.task_type is not TaskType.CAUSAL_LM or not self.prompt.num_tokens:
+        if self.config.task_type not in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS) or not self.prompt.num_tokens:
             return "no prompt to share"
         if getattr(config, "sliding_window", None) or getattr(config, "final_logit_softcapping", None):
             return "sliding-window attention or logit soft-capping"
@@ -138,6 +139,18 @@ class DecoderPromptModel(PromptModel):
             hidden = self.base.base_model(inputs_embeds=packed, position_ids=packed_positions,
                                           use_cache=False).last_hidden_state[0]
         return hidden[k:].view(rows, n, -1), hidden[None, k - 1:k]
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        """With a head, the last real token's state through the shared prefix, as the model's own
+        last-token pooling and loss on the concatenated sequence would give; other outputs take the concat."""
+        if self.config.task_type is not TaskType.SEQ_CLS or kwargs or not self._use_shared_prefix():
+            return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
+        hidden, _, _ = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2])
+        logits = self.head(hidden[:, -1])  # left-aligned: the last column is each row's last real token
+        loss = None
+        if labels is not None:
+            loss = self.base.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.base.config)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits)
 
     def continuation_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             continuations: list[list[int]]) -> list[torch.Tensor] | None:
