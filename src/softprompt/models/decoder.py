@@ -8,9 +8,10 @@ first real token's loss is predicted from the last virtual token, exactly as wit
 Shared prefix: attention is causal and the prompt comes first, so its keys and values at every layer do
 not depend on the input. The label loss, rank classification and a head over the last token run the
 prompt once per step (packed with the rows in training; a batch of one whose keys/values reach every row
-through the transformers cache otherwise), instead of pushing k extra tokens through the model per example. Under no_grad the prompt's keys/values are kept until the
-prompt changes. Models whose cache or output head is not plain (sliding windows, logit soft-capping)
-use the concatenated sequence instead, said once in the log.
+through the transformers cache otherwise), instead of pushing k extra tokens through the model per
+example. Under no_grad the prompt's keys/values are kept until the prompt changes. Models whose cache or
+output head is not plain (sliding windows, logit soft-capping) use the concatenated sequence instead,
+said once in the log.
 """
 
 from __future__ import annotations
