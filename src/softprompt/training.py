@@ -62,7 +62,7 @@ class TrainConfig:
     lr: float | None = None  # 3e-2 for adamw, 0.3 for adafactor, when None
     # a head's learning rate; None: --lr for encoders, --lr / 10 for decoders, whose last states are ~8x larger
     # (L1 norm, SmolLM2 vs MiniLM), so each Adam step moved the head's output 8x further (STS-B smollm2-135m
-    # 900 s: Pearson 0.64-0.78 in three runs, against 0.515 at --lr)
+    # 900 s: Pearson 0.64-0.78 in three runs against 0.515 at --lr; a fourth, --seed 1, did not learn: 0.06)
     head_lr: float | None = None
     weight_decay: float = 1e-5
     schedule: str = "linear"  # linear | cosine | constant, after warmup
