@@ -34,7 +34,6 @@ def test_frozen_weights_in_bf16_and_what_trains_in_fp32(tokenizer, tiny_bert):
                for p in model.trainable_parameters())
 
 
-
 def test_siamese_head_reads_bf16_features_in_fp32(tokenizer, tiny_bert):
     """Siamese pooling replaces the model's head with its own; that head, not the replaced one, is kept fp32."""
     enc = batch(tokenizer, "right")
@@ -86,8 +85,8 @@ def test_shared_prefix_matches_concat_with_bf16_weights(tokenizer, tiny_llama):
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_timed_decoder_runs_default_to_bf16_where_it_is_fast_and_checkpoints_keep_it(tiny_dirs, tiny_csv, tmp_path,
-                                                                          monkeypatch, fast):
+def test_timed_decoder_runs_default_to_bf16_where_it_is_fast_and_checkpoints_keep_it(tiny_dirs, tiny_csv,
+                                                                                     tmp_path, monkeypatch, fast):
     monkeypatch.setattr(training, "bf16_is_fast", lambda: fast)
     trainer = training.Trainer(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, prompt_length=4, max_steps=3,
                                            max_time=600, eval_every=3, output=str(tmp_path / "run"), progress=False),

@@ -355,15 +355,15 @@ def test_grouped_attention_equals_transformers_sdpa_and_is_restored(tokenizer, t
 def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num_labels, side, path, monkeypatch):
     """A head over the last real token gives the same logits, loss, and prompt and head gradients through the
     shared prompt prefix as the model's own pooling and loss on the concatenated sequence."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     from softprompt.models import attention, decoder
 
+    from .conftest import _llama_config
+
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, pad_token_id=tokenizer.pad_token_id,
-                         num_labels=num_labels)
-    model = wrap(LlamaForSequenceClassification(config).eval(), 5, "SEQ_CLS", tokenizer)
+    model = wrap(LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=num_labels)).eval(), 5,
+                 "SEQ_CLS", tokenizer)
     assert model.shared_prefix_reason() is None
     if path == "cached":
         monkeypatch.setattr(decoder, "can_pack", lambda model: False)
