@@ -220,8 +220,10 @@ def test_report_renders_every_plot_in_a_headless_browser(sweep_dir):
     browser = _browser()
     try:
         browser.get(page.as_uri())
+        browser.set_script_timeout(60)
+        # Plotly draws the figures one after another: wait for all of them, not the first.
         plots = browser.execute_async_script("""
-            const done = arguments[arguments.length - 1];
+            const expected = arguments[0], done = arguments[arguments.length - 1];
             const check = (tries) => {
               const divs = [...document.querySelectorAll('.js-plotly-plot')];
               const drawn = divs.map(d => ({
@@ -229,10 +231,10 @@ def test_report_renders_every_plot_in_a_headless_browser(sweep_dir):
                   traces: d.querySelectorAll('.scatterlayer .trace, .heatmaplayer .hm').length,
                   data: (d.data || []).length,
                   width: d.getBoundingClientRect().width, height: d.getBoundingClientRect().height}));
-              if (drawn.length && drawn.every(x => x.svg && x.traces > 0) || tries > 50) done(drawn);
+              if (drawn.length >= expected && drawn.every(x => x.svg && x.traces > 0) || tries > 200) done(drawn);
               else setTimeout(() => check(tries + 1), 100);
             };
-            check(0);""")
+            check(0);""", expected)
         assert len(plots) == expected
         for plot in plots:
             assert plot["svg"] and plot["traces"] > 0 and plot["data"] > 0, plot
