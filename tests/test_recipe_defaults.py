@@ -1,17 +1,22 @@
 """Recipe defaults chosen by measurement: class-balanced losses (the weights, the weighted loss against a
 hand-built one, when `auto` applies) and mean pooling for sentence-embedding models."""
 import json
+import random
 import shutil
 
 import pytest
 import torch
+from transformers import LlamaForSequenceClassification
 
-from softprompt import SoftpromptError, TrainConfig, get_task
+from softprompt import PromptTuningConfig, SoftpromptError, TrainConfig, get_prompt_model, get_task
 from softprompt.encoding import collate
 from softprompt.scoring import label_scores
 from softprompt.assets import pools_by_mean
 from softprompt.config import PromptInit, TaskType
+from softprompt.models.base import PromptModel
 from softprompt.training import Trainer, _class_weights, prompt_config
+
+from .conftest import _llama_config
 
 
 @pytest.fixture
@@ -122,7 +127,7 @@ def test_siamese_head_starts_as_the_pair_cosine_fitted_to_the_labels(tiny_dirs, 
     trainer = _trainer(tiny_dirs["bert"], _pair_folder(tmp_path, task, label), tmp_path, task=task,
                        pooling="siamese", task_type="SEQ_CLS")
     model, features = trainer.model, trainer.encoder.encode_all(trainer.splits.train)
-    trainer._start_head_at_cosine(features)
+    trainer._start_head(features)
     model.eval()
     with torch.no_grad():
         inputs = collate(features, trainer.encoder)
@@ -146,24 +151,95 @@ def test_siamese_head_starts_as_the_pair_cosine_fitted_to_the_labels(tiny_dirs, 
         assert loss < torch.nn.functional.cross_entropy(torch.zeros_like(logits), labels)
 
 
-@pytest.mark.parametrize("head_init", ["cosine", "random"])
+@pytest.mark.parametrize("head_init", ["cosine", "fit", "random"])
 def test_training_starts_the_siamese_head_by_head_init(tiny_dirs, tmp_path, monkeypatch, head_init):
     label = lambda i: "label" if i is None else ("entailment", "not_entailment")[i % 2]  # noqa: E731
     trainer = _trainer(tiny_dirs["bert"], _pair_folder(tmp_path, "rte", label), tmp_path, task="rte",
                        pooling="siamese", task_type="SEQ_CLS", max_steps=1, eval_every=1, head_init=head_init)
     calls = []
-    monkeypatch.setattr(trainer.model, "start_head_at_cosine", lambda cos, labels: calls.append(len(labels)))
+    for start in ("start_head_at_cosine", "start_head_at_readout"):
+        monkeypatch.setattr(trainer.model, start, lambda inputs, labels, start=start: calls.append(start) or 0.0)
     trainer.train()
-    assert calls == ([40] if head_init == "cosine" else [])
-    with pytest.raises(SoftpromptError, match="--head-init must be cosine or random"):
+    assert calls == {"cosine": ["start_head_at_cosine"], "fit": ["start_head_at_readout"], "random": []}[head_init]
+    with pytest.raises(SoftpromptError, match="--head-init must be cosine, fit or random"):
         TrainConfig(head_init="zeros")
+
+
+def test_head_init_defaults_and_errors(tiny_dirs, tiny_csv, tmp_path):
+    """Decoder heads start fitted, a siamese head at the cosine, other encoder heads random (as measured)."""
+    assert _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="SEQ_CLS").cfg.head_init == "fit"
+    assert _trainer(tiny_dirs["bert"], tiny_csv, tmp_path).cfg.head_init == "random"
+    label = lambda i: "label" if i is None else ("entailment", "not_entailment")[i % 2]  # noqa: E731
+    siamese = _trainer(tiny_dirs["bert"], _pair_folder(tmp_path, "rte", label), tmp_path, task="rte",
+                       pooling="siamese", task_type="SEQ_CLS")
+    assert siamese.cfg.head_init == "cosine"
+    assert _trainer(tiny_dirs["llama"], tiny_csv, tmp_path).cfg.head_init is None  # label words: no head
+    with pytest.raises(SoftpromptError, match="--head-init starts a classification or regression head"):
+        _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, head_init="fit")
+    with pytest.raises(SoftpromptError, match="--head-init cosine starts a siamese head"):
+        _trainer(tiny_dirs["bert"], tiny_csv, tmp_path, head_init="cosine")
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_readout_start_recovers_a_linear_rule(tiny_bert, tokenizer, family):
+    """Inputs whose score is an exact linear function (through 0 for Llama's bias-free head) are fitted to
+    within the ridge's small shrinkage; classes split by a hyperplane are mostly read off, at a sharpened scale."""
+    torch.manual_seed(0)
+    base = tiny_bert if family == "bert" else LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=2))
+    model = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
+    inputs = torch.randn(300, 32) * torch.linspace(0.1, 10, 32) + 3.0  # uneven scales and a common offset
+    rule = torch.randn(32)
+    intercept = 2.5 if family == "bert" else 0.0
+    score = inputs @ rule + intercept
+    single = torch.nn.Linear(32, 1, bias=family == "bert")
+    setattr(model.base, model.head_name, single)
+    error = model.start_head_at_readout(inputs, score)
+    with torch.no_grad():
+        torch.testing.assert_close(single(inputs)[:, 0], score, rtol=0, atol=1e-2 * score.std().item())
+    assert error < 1e-3 * score.var()
+    pair = torch.nn.Linear(32, 2, bias=family == "bert")
+    setattr(model.base, model.head_name, pair)
+    labels = (score > score.median()).long()
+    model.start_head_at_readout(inputs, labels)
+    with torch.no_grad():
+        logits = pair(inputs)
+    assert (logits.argmax(-1) == labels).float().mean() > 0.9  # least squares on one-hot targets, not logistic
+    flat = torch.nn.functional.cross_entropy(logits / logits.abs().max(), labels)  # the same rule, unsharpened
+    assert torch.nn.functional.cross_entropy(logits, labels) < flat
+
+
+def test_decoder_head_starts_as_a_readout_of_its_last_token_states(tiny_dirs, tmp_path, monkeypatch):
+    """The fit sees what the head reads under the starting prompt, row by row in the sample's order: the
+    batched shared-prefix states equal each row run alone through the concatenated sequence."""
+    label = lambda i: "score" if i is None else f"{(i * 7) % 6:.1f}"  # noqa: E731
+    trainer = _trainer(tiny_dirs["llama"], _pair_folder(tmp_path, "stsb", label), tmp_path, task="stsb",
+                       task_type="SEQ_CLS")
+    model, features = trainer.model, trainer.encoder.encode_all(trainer.splits.train)
+    seen = {}
+    monkeypatch.setattr(model, "start_head_at_readout",
+                        lambda inputs, labels: seen.update(inputs=inputs, labels=labels) or 0.0)
+    trainer._start_head(features)
+    sample = sorted(random.Random(trainer.cfg.seed).sample(features, len(features)), key=len)
+    assert seen["labels"].tolist() == [f.label for f in sample]
+    model.eval()
+    for i in (0, len(sample) // 2, len(sample) - 1):
+        batch = collate([sample[i]], trainer.encoder)
+        batch.pop("labels")
+        alone = []
+        hook = model.head.register_forward_hook(lambda m, args, out: alone.append(args[0]))
+        with torch.no_grad():
+            PromptModel.forward(model, **batch)  # the plain concatenation, one row
+        hook.remove()
+        # transformers' own head scores every position of the row; its last is the one pooled
+        torch.testing.assert_close(seen["inputs"][i], alone[0][0, -1], atol=1e-5, rtol=0)
 
 
 def test_the_head_steps_at_its_own_learning_rate(tiny_dirs, tiny_csv, tmp_path):
     """AdamW's first step moves every weight with a gradient by its group's lr (times 1 - lr * decay for the
     decay), so the head's largest move is --head-lr and the prompt's is --lr."""
     trainer = _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="SEQ_CLS", residual_reparam=0,
-                       lr=3e-2, head_lr=1e-3, warmup=0, max_steps=1, eval_every=1, eval_test=False)
+                       lr=3e-2, head_lr=1e-3, warmup=0, max_steps=1, eval_every=1, eval_test=False,
+                       head_init="random")  # no fitted start: `before` is the head the step moves
     head, prompt = trainer.model.head.weight, trainer.model.prompt.weight
     before = head.detach().clone(), prompt.detach().clone()
     trainer.train()  # loads the best (only) checkpoint back: the weights after the step
@@ -173,10 +249,12 @@ def test_the_head_steps_at_its_own_learning_rate(tiny_dirs, tiny_csv, tmp_path):
         TrainConfig(head_lr=0)
 
 
-def test_decoder_heads_default_to_a_tenth_of_the_prompt_lr(tiny_dirs, tiny_csv, tmp_path):
-    for model, want in (("llama", 3e-3), ("bert", 3e-2)):
+def test_decoder_heads_default_to_slower_prompt_and_head_lrs(tiny_dirs, tiny_csv, tmp_path):
+    for model, prompt_lr, head_lr in (("llama", 1e-2, 3e-3), ("bert", 3e-2, 3e-2)):
         trainer = _trainer(tiny_dirs[model], tiny_csv, tmp_path, task_type="SEQ_CLS")
-        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([3e-2, want])
-        assert trainer._meta()["training"]["head_lr"] == pytest.approx(want)  # resume and reports see it
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([prompt_lr, head_lr])
+        assert trainer._meta()["training"]["head_lr"] == pytest.approx(head_lr)  # resume and reports see it
+    trainer = _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="SEQ_CLS", lr=0.1)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.1, 0.03])
     label_words = _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="CAUSAL_LM")
     assert len(label_words.optimizer.param_groups) == 1 and label_words.cfg.head_lr is None

@@ -65,16 +65,20 @@ def train(
                                                      "mean for one text, siamese for a pair; else "
                                                      "cls)"),
     init_file: Optional[str] = typer.Option(None, help="checkpoint folder or prompt .safetensors to start from"),
-    head_init: str = typer.Option("cosine", help="siamese heads: cosine (start as the pair's cosine similarity, "
-                                                 "fitted to the training labels) | random"),
+    head_init: Optional[str] = typer.Option(None, help="a head's start: cosine (siamese heads: the pair's cosine "
+                                                        "similarity fitted to the training labels) | fit (a ridge "
+                                                        "readout of the head's inputs on 512 training rows) | "
+                                                        "random (default: cosine for siamese heads, fit for "
+                                                        "decoder heads, else random)"),
     loss: str = typer.Option("rank", help="text-to-text loss: rank (cross-entropy over the label strings' "
                                            "scores) | lm (LM loss on the label tokens, the paper's)"),
     class_weights: str = typer.Option("auto", help="none | balanced (each class's loss weighted by N / (classes "
                                                    "* count)) | auto (balanced for tasks scored by MCC)"),
     optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-2 adamw, 0.3 adafactor)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-2 adamw, 1e-2 for a decoder's "
+                                                  "head; 0.3 adafactor)"),
     head_lr: Optional[float] = typer.Option(None, help="a head's learning rate (default: --lr for "
-                                                      "encoders, --lr / 10 for decoders)"),
+                                                      "encoders, --lr * 0.3 for decoders)"),
     schedule: str = typer.Option("linear", help="linear | cosine | constant after warmup"),
     warmup: float = typer.Option(0.05, help="warmup as a fraction of the budget"),
     batch_size: int = typer.Option(16),

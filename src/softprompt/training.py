@@ -52,17 +52,20 @@ class TrainConfig:
     pooling: str | None = None
     init_text: str | None = None
     init_file: str | None = None
-    # siamese heads: cosine (start as the pair's cosine fitted to the labels; RTE minilm-l6 600 s: 57.4% against
-    # 55.2% from a random head) | random
-    head_init: str = "cosine"
+    # a head's start: cosine (siamese: the pair's cosine fitted to the labels; RTE minilm-l6 600 s: 57.4% against
+    # 55.2% from a random head) | fit (a ridge readout of the head's inputs) | random; None: cosine for siamese
+    # heads, fit for decoder heads (docs/recipe.md), random for the other encoder heads (as their rows were measured)
+    head_init: str | None = None
     loss: str = "rank"  # text-to-text: rank (cross-entropy over label scores) | lm (label-token LM loss, the paper's)
     # auto: balanced where the task is scored by MCC (CoLA: unweighted, both methods settled on the majority class)
     class_weights: str = "auto"  # auto | none | balanced (each class weighted by N / (classes * its count))
     optimizer: str = "adamw"  # adamw | adafactor (the paper's, with lr 0.3)
-    lr: float | None = None  # 3e-2 for adamw, 0.3 for adafactor, when None
-    # a head's learning rate; None: --lr for encoders, --lr / 10 for decoders, whose last states are ~8x larger
-    # (L1 norm, SmolLM2 vs MiniLM), so each Adam step moved the head's output 8x further (STS-B smollm2-135m
-    # 900 s: Pearson 0.64-0.78 in three runs against 0.515 at --lr; a fourth, --seed 1, did not learn: 0.06)
+    # None: 0.3 for adafactor; for adamw 3e-2, but 1e-2 for a decoder's head, whose fitted start the prompt
+    # should not outrun (STS-B smollm2-135m 900 s: Pearson 0.778 against 0.691 at 3e-2, docs/recipe.md)
+    lr: float | None = None
+    # a head's learning rate; None: --lr for encoders, --lr * 0.3 for decoders (3e-3 at their default lr), whose
+    # last states are ~8x larger (L1 norm, SmolLM2 vs MiniLM), so each Adam step moves the head's output 8x
+    # further (STS-B smollm2-135m 900 s, prompt at 3e-2: head at 3e-3 Pearson 0.64-0.78, at 3e-2 0.515)
     head_lr: float | None = None
     weight_decay: float = 1e-5
     schedule: str = "linear"  # linear | cosine | constant, after warmup
@@ -96,7 +99,8 @@ class TrainConfig:
             (self.loss in ("lm", "rank"), f"loss must be lm or rank, not {self.loss!r}"),
             (self.pooling in (None, *POOLINGS),
              f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}"),
-            (self.head_init in ("cosine", "random"), f"--head-init must be cosine or random, not {self.head_init!r}"),
+            (self.head_init in (None, "cosine", "fit", "random"),
+             f"--head-init must be cosine, fit or random, not {self.head_init!r}"),
             (self.class_weights in ("auto", "none", "balanced"),
              f"--class-weights must be auto, none or balanced, not {self.class_weights!r}"),
             (self.optimizer in ("adamw", "adafactor"), f"optimizer must be adamw or adafactor, not {self.optimizer!r}"),
@@ -279,9 +283,20 @@ class Trainer:
             reparam = 64 if task_type is TaskType.SEQ_CLS else 0
         if reparam:
             self.model.prompt.add_reparam(reparam)
-        lr = cfg.lr if cfg.lr is not None else (0.3 if cfg.optimizer == "adafactor" else 3e-2)
+        decoder_head = self.model.family == "decoder" and self.model.head is not None
+        lr = cfg.lr if cfg.lr is not None else (0.3 if cfg.optimizer == "adafactor" else
+                                                1e-2 if decoder_head else 3e-2)
         if cfg.head_lr is None and self.model.head is not None:
-            self.cfg = cfg = replace(cfg, head_lr=lr / 10 if self.model.family == "decoder" else lr)
+            self.cfg = cfg = replace(cfg, head_lr=lr * 0.3 if decoder_head else lr)
+        siamese = self.model.config.pooling == "siamese"
+        if cfg.head_init is not None and self.model.head is None:
+            raise SoftpromptError("--head-init starts a classification or regression head; this run trains "
+                                  "label words (use --task-type SEQ_CLS for a head)")
+        if cfg.head_init == "cosine" and not siamese:
+            raise SoftpromptError("--head-init cosine starts a siamese head; use fit or random with other pooling")
+        if cfg.head_init is None and self.model.head is not None:
+            self.cfg = cfg = replace(cfg, head_init="cosine" if siamese else
+                                     "fit" if self.model.family == "decoder" else "random")
         self.optimizer = _optimizer(cfg.optimizer, self._param_groups(lr), lr, cfg.weight_decay)
         self.factor = _lr_factor(cfg.schedule, cfg.warmup)
         self.class_weights = _class_weights(cfg, task, self.splits.train, self.encoder.text_to_text)
@@ -372,21 +387,37 @@ class Trainer:
             self.state["batch_in_epoch"] = 0
 
     @torch.no_grad()
-    def _start_head_at_cosine(self, features: list[Feature]) -> None:
-        """The siamese head starts as the fitted cosine of each pair (EncoderPromptModel.start_head_at_cosine),
-        from up to 512 training pairs; the seconds this takes count in the training budget."""
+    def _start_head(self, features: list[Feature]) -> None:
+        """Set the head before the first step from up to 512 training rows under the starting prompt (the
+        seconds count in the training budget): a siamese head at the pair's fitted cosine
+        (EncoderPromptModel.start_head_at_cosine), or any head at a ridge readout of what it reads
+        (PromptModel.start_head_at_readout)."""
         start = time.perf_counter()
         sample = sorted(random.Random(self.cfg.seed).sample(features, min(len(features), 512)), key=len)
+        cosine, seen = self.cfg.head_init == "cosine", []
+        hook = None if cosine else self.model.head.register_forward_hook(lambda m, args, out: seen.append(args[0]))
         self.model.eval()
-        cosines = []
-        for i in range(0, len(sample), self.cfg.eval_batch_size):
-            inputs = collate(sample[i:i + self.cfg.eval_batch_size], self.encoder)
-            u, v = self.model.pair_embeddings(inputs["input_ids"], inputs["attention_mask"], inputs["pair_ids"],
-                                              inputs["pair_mask"])
-            cosines.append((u * v).sum(-1).float())
+        try:
+            for i in range(0, len(sample), self.cfg.eval_batch_size):
+                inputs = collate(sample[i:i + self.cfg.eval_batch_size], self.encoder)
+                inputs.pop("labels")
+                if cosine:
+                    u, v = self.model.pair_embeddings(inputs["input_ids"], inputs["attention_mask"],
+                                                      inputs["pair_ids"], inputs["pair_mask"])
+                    seen.append((u * v).sum(-1))
+                else:
+                    self.model(**inputs)
+        finally:
+            if hook is not None:
+                hook.remove()
         labels = torch.tensor([f.label for f in sample], dtype=torch.float if self.splits.task.is_regression
                               else torch.long)
-        self.model.start_head_at_cosine(torch.cat(cosines), labels)
+        if cosine:
+            self.model.start_head_at_cosine(torch.cat(seen).float(), labels)
+        else:
+            error = self.model.start_head_at_readout(torch.cat(seen).float(), labels)
+            self.log(f"head started as a ridge readout of {len(sample)} training rows "
+                     f"(held-out squared error {error:.4f})")
         self.model.train()
         self.state["elapsed"] += time.perf_counter() - start
 
@@ -418,8 +449,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not cfg.progress, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         batches = self._micro_batches(features)
-        if self.state["step"] == 0 and self.model.config.pooling == "siamese" and cfg.head_init == "cosine":
-            self._start_head_at_cosine(features)
+        if self.state["step"] == 0 and cfg.head_init in ("cosine", "fit"):
+            self._start_head(features)
         self.model.train()
         loss_ema, interrupted = None, False
         self.run_log = RunLog(self.output, cfg.report_to, name=self.output.name, config=asdict(cfg))

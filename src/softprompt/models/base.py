@@ -95,6 +95,43 @@ class PromptModel(nn.Module):
         if self.head is not None:  # the head as it is now (siamese pooling replaces the model's own)
             self.head.register_forward_pre_hook(_inputs_in_own_dtype)
 
+    @torch.no_grad()
+    def start_head_at_readout(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        """Set the head to a ridge readout of its own inputs (what it reads under the starting prompt),
+        fitted to training labels (one-hot for classes, whose logits are then scaled to the cross-entropy's
+        best temperature). A random head over a decoder's last state (L1 norm ~660 on SmolLM2) starts with
+        errors far above the labels' spread, and the prompt is trained against that noise first (STS-B:
+        squared error above the scores' variance after 350 steps in one run of two). The ridge strength is
+        picked on a held-out quarter of the rows; returns that quarter's mean squared error."""
+        head = self.head
+        x, classes = inputs.double(), head.out_features
+        y = labels.double()[:, None] if classes == 1 else nn.functional.one_hot(labels, classes).double()
+        shift = x.mean(0) if head.bias is not None else torch.zeros_like(x[0])  # no bias: fit through 0
+        scale = (x - shift).pow(2).mean(0).sqrt().clamp(min=1e-6)
+        offset = y.mean(0) if head.bias is not None else torch.zeros_like(y[0])
+        z, target = (x - shift) / scale, y - offset
+
+        def ridge(rows, strength):
+            u, s, vt = torch.linalg.svd(z[rows], full_matrices=False)
+            return vt.T @ ((s / (s * s + strength))[:, None] * (u.T @ target[rows]))
+
+        cut = len(z) * 3 // 4
+        fit, held = torch.arange(cut), torch.arange(cut, len(z))
+        errors = {strength: (z[held] @ ridge(fit, strength) - target[held]).pow(2).mean().item()
+                  for strength in [len(z) * 10.0 ** e for e in range(-4, 3)]}
+        weight = ridge(torch.arange(len(z)), min(errors, key=errors.get))
+        bias = offset - (shift / scale) @ weight
+        weight = weight / scale[:, None]
+        if classes > 1:  # one-hot fits are ~0/1: sharpen them to the temperature with the lowest cross-entropy
+            logits = x @ weight + bias
+            temperature = min((1.0, 2.0, 5.0, 10.0, 20.0, 50.0),
+                              key=lambda t: nn.functional.cross_entropy(logits * t, labels).item())
+            weight, bias = weight * temperature, bias * temperature
+        head.weight.copy_(weight.T.to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.copy_(bias.to(head.bias.dtype))
+        return min(errors.values())
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
