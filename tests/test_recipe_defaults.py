@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 from softprompt import PromptTuningConfig, SoftpromptError, TrainConfig, get_prompt_model, get_task
 from softprompt.encoding import collate
@@ -180,25 +180,38 @@ def test_head_init_defaults_and_errors(tiny_dirs, tiny_csv, tmp_path):
         _trainer(tiny_dirs["bert"], tiny_csv, tmp_path, head_init="cosine")
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "roberta"])
 def test_readout_start_recovers_a_linear_rule(tiny_bert, tokenizer, family):
     """Inputs whose score is an exact linear function (through 0 for Llama's bias-free head) are fitted to
-    within the ridge's small shrinkage; classes split by a hyperplane are mostly read off, at a sharpened scale."""
+    within the ridge's small shrinkage; classes split by a hyperplane are mostly read off, at a sharpened scale.
+    RoBERTa's head is dense + tanh + out_proj: the fit sets out_proj, from what out_proj reads."""
     torch.manual_seed(0)
-    base = tiny_bert if family == "bert" else LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=2))
+    base = {"bert": lambda: tiny_bert,
+            "llama": lambda: LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=2)),
+            "roberta": lambda: RobertaForSequenceClassification(RobertaConfig(
+                vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=128)),
+            }[family]()
     model = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
+
+    def install(outputs: int) -> torch.nn.Linear:
+        layer = torch.nn.Linear(32, outputs, bias=family != "llama")
+        if family == "roberta":
+            model.head.out_proj = layer
+        else:
+            setattr(model.base, model.head_name, layer)
+        assert model.readout is layer
+        return layer
+
     inputs = torch.randn(300, 32) * torch.linspace(0.1, 10, 32) + 3.0  # uneven scales and a common offset
     rule = torch.randn(32)
-    intercept = 2.5 if family == "bert" else 0.0
-    score = inputs @ rule + intercept
-    single = torch.nn.Linear(32, 1, bias=family == "bert")
-    setattr(model.base, model.head_name, single)
+    score = inputs @ rule + (0.0 if family == "llama" else 2.5)
+    single = install(1)
     error = model.start_head_at_readout(inputs, score)
     with torch.no_grad():
         torch.testing.assert_close(single(inputs)[:, 0], score, rtol=0, atol=1e-2 * score.std().item())
     assert error < 1e-3 * score.var()
-    pair = torch.nn.Linear(32, 2, bias=family == "bert")
-    setattr(model.base, model.head_name, pair)
+    pair = install(2)
     labels = (score > score.median()).long()
     model.start_head_at_readout(inputs, labels)
     with torch.no_grad():

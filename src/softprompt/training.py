@@ -395,7 +395,7 @@ class Trainer:
         start = time.perf_counter()
         sample = sorted(random.Random(self.cfg.seed).sample(features, min(len(features), 512)), key=len)
         cosine, seen = self.cfg.head_init == "cosine", []
-        hook = None if cosine else self.model.head.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        hook = None if cosine else self.model.readout.register_forward_hook(lambda m, args, out: seen.append(args[0]))
         self.model.eval()
         try:
             for i in range(0, len(sample), self.cfg.eval_batch_size):

@@ -95,6 +95,11 @@ class PromptModel(nn.Module):
         if self.head is not None:  # the head as it is now (siamese pooling replaces the model's own)
             self.head.register_forward_pre_hook(_inputs_in_own_dtype)
 
+    @property
+    def readout(self) -> nn.Linear:
+        """The head's last linear layer: the head itself, or e.g. RoBERTa's out_proj after its dense + tanh."""
+        return [m for m in self.head.modules() if isinstance(m, nn.Linear)][-1]
+
     @torch.no_grad()
     def start_head_at_readout(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
         """Set the head to a ridge readout of its own inputs (what it reads under the starting prompt),
@@ -102,8 +107,9 @@ class PromptModel(nn.Module):
         best temperature). A random head over a decoder's last state (L1 norm ~660 on SmolLM2) starts with
         errors far above the labels' spread, and the prompt is trained against that noise first (STS-B:
         squared error above the scores' variance after 350 steps in one run of two). The ridge strength is
-        picked on a held-out quarter of the rows; returns that quarter's mean squared error."""
-        head = self.head
+        picked on a held-out quarter of the rows; returns that quarter's mean squared error. With a deeper head
+        (RoBERTa's), `inputs` are what its last linear layer reads, and only that layer is set."""
+        head = self.readout
         x, classes = inputs.double(), head.out_features
         y = labels.double()[:, None] if classes == 1 else nn.functional.one_hot(labels, classes).double()
         shift = x.mean(0) if head.bias is not None else torch.zeros_like(x[0])  # no bias: fit through 0
@@ -118,7 +124,7 @@ class PromptModel(nn.Module):
         cut = len(z) * 3 // 4
         fit, held = torch.arange(cut), torch.arange(cut, len(z))
         errors = {strength: (z[held] @ ridge(fit, strength) - target[held]).pow(2).mean().item()
-                  for strength in [len(z) * 10.0 ** e for e in range(-4, 3)]}
+                  for strength in [len(z) * 10.0 ** e for e in range(-4, 3)]} if cut else {len(z): float("nan")}
         weight = ridge(torch.arange(len(z)), min(errors, key=errors.get))
         bias = offset - (shift / scale) @ weight
         weight = weight / scale[:, None]
