@@ -271,3 +271,21 @@ def test_decoder_heads_default_to_slower_prompt_and_head_lrs(tiny_dirs, tiny_csv
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.1, 0.03])
     label_words = _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="CAUSAL_LM")
     assert len(label_words.optimizer.param_groups) == 1 and label_words.cfg.head_lr is None
+
+
+def test_runs_record_their_lr_and_head_start_and_older_runs_still_resume(tiny_dirs, tiny_csv, tmp_path):
+    """The chosen lr and head start go into the run's folder; a folder written before `--head-init fit`
+    existed (head_init 'cosine' recorded for every head) resumes instead of failing the siamese check."""
+    from softprompt.training import train
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(model=tiny_dirs["bert"], data=tiny_csv, prompt_length=4, output=str(out), max_steps=1,
+                      eval_every=1, progress=False)
+    train(cfg, log=lambda _: None)
+    meta_path = out / "last" / "softprompt.json"
+    meta = json.loads(meta_path.read_text())
+    assert (meta["training"]["lr"], meta["training"]["head_init"]) == (pytest.approx(3e-2), "random")
+    meta["training"]["head_init"] = "cosine"
+    meta_path.write_text(json.dumps(meta))
+    result = train(TrainConfig(output=str(out), max_steps=2, progress=False), resume=True, log=lambda _: None)
+    assert result.step == 2

@@ -284,8 +284,9 @@ class Trainer:
         if reparam:
             self.model.prompt.add_reparam(reparam)
         decoder_head = self.model.family == "decoder" and self.model.head is not None
-        lr = cfg.lr if cfg.lr is not None else (0.3 if cfg.optimizer == "adafactor" else
-                                                1e-2 if decoder_head else 3e-2)
+        if cfg.lr is None:  # the run's folder records the lr chosen, so a resumed run keeps it
+            self.cfg = cfg = replace(cfg, lr=0.3 if cfg.optimizer == "adafactor" else 1e-2 if decoder_head else 3e-2)
+        lr = cfg.lr
         if cfg.head_lr is None and self.model.head is not None:
             self.cfg = cfg = replace(cfg, head_lr=lr * 0.3 if decoder_head else lr)
         siamese = self.model.config.pooling == "siamese"
@@ -542,7 +543,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     """Run one training job end to end (the API behind `softprompt train`)."""
     if resume:
         meta = read_meta(Path(cfg.output) / LAST)
-        saved = TrainConfig(**{**meta["training"], "output": cfg.output, "progress": cfg.progress})
+        training = {**meta["training"], "output": cfg.output, "progress": cfg.progress}
+        if training.get("head_init") == "cosine" and meta["prompt"].get("pooling") != "siamese":
+            training["head_init"] = None  # saved before `fit` existed, when every run recorded cosine
+        saved = TrainConfig(**training)
         if cfg.max_steps:
             saved.max_steps = cfg.max_steps
         if cfg.max_time:
