@@ -1,5 +1,6 @@
 """Recipe defaults chosen by measurement: class-balanced losses (the weights, the weighted loss against a
-hand-built one, when `auto` applies) and mean pooling for sentence-embedding models."""
+hand-built one, when `auto` applies), mean pooling for sentence-embedding models, fitted head starts
+(siamese cosine, ridge readout) and learning rates per head kind."""
 import json
 import random
 import shutil
