@@ -290,3 +290,19 @@ def test_runs_record_their_lr_and_head_start_and_older_runs_still_resume(tiny_di
     meta_path.write_text(json.dumps(meta))
     result = train(TrainConfig(output=str(out), max_steps=2, progress=False), resume=True, log=lambda _: None)
     assert result.step == 2
+
+
+def test_a_decoder_head_run_saved_before_runs_recorded_their_lr_resumes_at_the_lr_it_began_with(
+        tiny_dirs, tiny_csv, tmp_path):
+    from softprompt.training import train
+
+    out = tmp_path / "run"
+    train(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, task_type="SEQ_CLS", prompt_length=4, output=str(out),
+                      max_steps=1, eval_every=1, progress=False), log=lambda _: None)
+    meta_path = out / "last" / "softprompt.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["training"]["lr"] == pytest.approx(1e-2)  # today's default for a decoder's head
+    meta["training"]["lr"] = None
+    meta_path.write_text(json.dumps(meta))
+    train(TrainConfig(output=str(out), max_steps=2, progress=False), resume=True, log=lambda _: None)
+    assert json.loads(meta_path.read_text())["training"]["lr"] == pytest.approx(3e-2)  # the default it began with

@@ -546,6 +546,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         training = {**meta["training"], "output": cfg.output, "progress": cfg.progress}
         if training.get("head_init") == "cosine" and meta["prompt"].get("pooling") != "siamese":
             training["head_init"] = None  # saved before `fit` existed, when every run recorded cosine
+        if training.get("lr") is None:  # saved before runs recorded their lr: the default then, for every run
+            training["lr"] = 0.3 if training.get("optimizer") == "adafactor" else 3e-2
         saved = TrainConfig(**training)
         if cfg.max_steps:
             saved.max_steps = cfg.max_steps
