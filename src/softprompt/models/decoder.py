@@ -26,6 +26,7 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from ..config import TaskType
 from .attention import can_pack, grouped_attention, packed_attention
 from .base import PromptModel, align_order
+from .lm_loss import lm_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +212,8 @@ class DecoderPromptModel(PromptModel):
             before = torch.cat([last.expand(hidden.shape[0], 1, -1), hidden[:, :-1]], dim=1)
             first_real = (mask.cumsum(1) == 1) & (mask == 1)
             before = torch.where(first_real.unsqueeze(-1), last, before)
-            logits = self.base.get_output_embeddings()(before[labelled])  # the LM head only where there is a label
-            return torch.nn.functional.cross_entropy(logits.float(), aligned[labelled])
+            # the LM head only where there is a label, and without keeping the logits
+            return lm_cross_entropy(before[labelled], self.base.get_output_embeddings(), aligned[labelled])
         width = aligned.shape[1]
         first = torch.where(labelled.any(1), labelled.int().argmax(1), width)  # first labelled column per row
         keep = int((width - first).max()) + 1

@@ -1,0 +1,54 @@
+"""Next-token cross-entropy through a frozen LM head, without keeping the logits.
+
+Over SmolLM2's 49k vocabulary, 512 labelled tokens give 100 MB of fp32 logits, and the plain path walks
+them several times (log-softmax, its backward, a zero-filled gradient the size of the logits), and autograd
+keeps them until backward. The head is frozen, so the only gradient needed is the one to the hidden states,
+and it is known as soon as the softmax is: (softmax - one-hot) @ W. This computes it chunk by chunk during
+the forward and keeps only that (N, d) gradient for backward: a SmolLM2 step at batch 8 x 64 tokens saves
+about 230 MB less for backward. The time is the same as the plain path's here (the two matmuls dominate).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROWS_PER_CHUNK = 128  # 128 x 49k fp32 logits = 25 MB at a time; 64-256 timed the same here
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden) if hidden.requires_grad else None
+        count = targets.numel()
+        for start in range(0, count, ROWS_PER_CHUNK):
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()
+            picked = torch.arange(logits.shape[0], device=logits.device)
+            lse = torch.logsumexp(logits, dim=1)
+            total += (lse - logits[picked, targets[rows]]).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # in place: no second chunk-sized buffer
+                probs[picked, targets[rows]] -= 1
+                grad[rows] = (probs / count).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def lm_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `targets` (N,) under `head(hidden)` for hidden (N, d), as
+    `cross_entropy(head(hidden).float(), targets)`; a trainable head takes that plain path."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if weight.requires_grad or (bias is not None and bias.requires_grad) or not isinstance(head, torch.nn.Linear):
+        return torch.nn.functional.cross_entropy(head(hidden).float(), targets)
+    if torch.is_autocast_enabled(hidden.device.type):  # the head runs in the autocast dtype, as it would in the model
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
