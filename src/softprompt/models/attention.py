@@ -60,15 +60,20 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     k, row_mask = _layout.get()  # row_mask (B, 1, n, k + n): which prompt and row keys each row token sees
     rows, n = row_mask.shape[0], row_mask.shape[2]
 
-    def per_row(t):  # (1, heads, k + B*n, d) -> the rows' part as (B, heads, n, d)
-        return t[0, :, k:].unflatten(1, (rows, n)).transpose(0, 1)
+    # split rather than sliced: the backward of a split concatenates the parts' gradients, where each slice
+    # would zero-fill a gradient of the whole packed tensor and copy its part in
+    (q_prompt, q_rows), (k_prompt, k_rows), (v_prompt, v_rows) = (t.split([k, t.shape[2] - k], dim=2)
+                                                                  for t in (query, key, value))
+
+    def per_row(t):  # (1, heads, B*n, d) -> (B, heads, n, d)
+        return t[0].unflatten(1, (rows, n)).transpose(0, 1)
 
     # copies, so that what the prompt's attention saves for backward does not pin the packed keys/values
-    prompt_keys, prompt_values = key[:, :, :k].clone(), value[:, :, :k].clone()
-    prompt_out = _sdpa(query[:, :, :k], prompt_keys, prompt_values, dropout_p=dropout, scale=scaling, is_causal=True)
-    keys = torch.cat([prompt_keys.expand(rows, -1, -1, -1), per_row(key)], dim=2)
-    values = torch.cat([prompt_values.expand(rows, -1, -1, -1), per_row(value)], dim=2)
-    row_out = _sdpa(per_row(query), keys, values, attn_mask=row_mask, dropout_p=dropout, scale=scaling)
+    k_prompt, v_prompt = k_prompt.clone(), v_prompt.clone()
+    prompt_out = _sdpa(q_prompt, k_prompt, v_prompt, dropout_p=dropout, scale=scaling, is_causal=True)
+    keys = torch.cat([k_prompt.expand(rows, -1, -1, -1), per_row(k_rows)], dim=2)
+    values = torch.cat([v_prompt.expand(rows, -1, -1, -1), per_row(v_rows)], dim=2)
+    row_out = _sdpa(per_row(q_rows), keys, values, attn_mask=row_mask, dropout_p=dropout, scale=scaling)
     out = torch.cat([prompt_out[0], row_out.transpose(0, 1).flatten(1, 2)], dim=1)  # (H, k + B*n, d)
     return out.transpose(0, 1).unsqueeze(0).contiguous(), None
 

@@ -30,7 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # in place: no second chunk-sized buffer
                 probs[picked, targets[rows]] -= 1
-                grad[rows] = (probs / count).to(weight.dtype) @ weight
+                grad[rows] = (probs.to(weight.dtype) @ weight) / count  # divided after the matmul: (c, d) not (c, V)
         ctx.save_for_backward(grad)
         return total / count
 
