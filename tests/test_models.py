@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from softprompt import PromptTuningConfig, get_prompt_model
+from softprompt import PromptTuningConfig, TrainConfig, Trainer, get_prompt_model
 
 TEXTS = ["a gripping and funny film", "dull", "the plot never quite comes together , but the cast is fine"]
 ATOL = 1e-5
@@ -385,3 +385,22 @@ def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num
         del model._shared_reason
         torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"]).logits, results[1][0],
                                    atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["rank", "lm"])
+def test_accumulated_training_through_the_shared_prefix_equals_the_concat(tiny_dirs, tiny_csv, tmp_path, loss):
+    """Two optimizer steps of two accumulated micro-batches each move the prompt the same through the shared
+    prefix (packed step, rank scores or the logit-free LM loss) as through the plain concatenation."""
+    prompts = []
+    for shared in (True, False):
+        trainer = Trainer(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, prompt_length=4, max_steps=2,
+                                               batch_size=8, grad_accum=2, loss=loss, eval_every=100,
+                                               output=str(tmp_path / f"{loss}{shared}"), progress=False),
+                                   log=lambda _: None)
+        if not shared:
+            trainer.model._shared_reason = "forced off for the test"
+        start = trainer.model.prompt.weight.detach().clone()
+        trainer.train()
+        prompts.append(trainer.model.prompt.weight.detach())
+    assert not torch.equal(prompts[0], start)
+    torch.testing.assert_close(prompts[0], prompts[1], atol=1e-5, rtol=0)
