@@ -107,4 +107,3 @@ def test_timed_decoder_runs_default_to_bf16_where_it_is_fast_and_checkpoints_kee
                                              max_time=max_time, task_type=task_type, output=str(tmp_path / model),
                                              progress=False), log=lambda _: None)
         assert other.cfg.bf16 is False
-
