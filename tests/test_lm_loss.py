@@ -6,17 +6,18 @@ import torch
 from softprompt.models import lm_loss
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_lm_cross_entropy_equals_the_plain_loss_and_gradient(bias, monkeypatch):
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_lm_cross_entropy_equals_the_plain_loss_and_gradient(bias, scale, monkeypatch):
     """Chunked, with the gradient formed in the forward (a partial last chunk included), against
-    cross_entropy over the full logits."""
+    cross_entropy over the full (rescaled) logits."""
     monkeypatch.setattr(lm_loss, "ROWS_PER_CHUNK", 4)
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).requires_grad_(False)
     hidden = torch.randn(10, 16, requires_grad=True)
     targets = torch.randint(0, 50, (10,))
     results = []
-    for loss_fn in (lambda: torch.nn.functional.cross_entropy(head(hidden).float(), targets),
-                    lambda: lm_loss.lm_cross_entropy(hidden, head, targets)):
+    for loss_fn in (lambda: torch.nn.functional.cross_entropy(head(hidden).float() * scale, targets),
+                    lambda: lm_loss.lm_cross_entropy(hidden, head, targets, scale)):
         loss = loss_fn() * 3.0  # a non-unit upstream gradient
         loss.backward()
         results.append((loss.detach(), hidden.grad.clone()))

@@ -404,3 +404,51 @@ def test_accumulated_training_through_the_shared_prefix_equals_the_concat(tiny_d
         prompts.append(trainer.model.prompt.weight.detach())
     assert not torch.equal(prompts[0], start)
     torch.testing.assert_close(prompts[0], prompts[1], atol=1e-5, rtol=0)
+
+
+FAMILIES = {"qwen2": {}, "qwen3": {}, "mistral": {}, "gemma": {}, "phi3": {}, "olmo2": {},
+            "granite": {"logits_scaling": 4.0}, "cohere": {"logit_scale": 3.0}}  # these two rescale their logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_shared_prefix_equals_the_concat_across_decoder_families(tokenizer, family):
+    """Loss, prompt gradient and tail logits through the shared prefix match the model's own forward on the
+    concatenation for the decoder families transformers ships (tiny random configs, grouped-query heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
+                                  **FAMILIES[family])
+    if getattr(config, "sliding_window", None):
+        config.sliding_window = None  # windowed attention falls back to the concat (tested below)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        base.get_output_embeddings().weight.mul_(20)  # logits far from uniform, so a missed rescaling shows
+    model = wrap(base, 5, "CAUSAL_LM", tokenizer)
+    assert model.shared_prefix_reason() is None
+    enc = batch(tokenizer, "left")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    results = []
+    for shared in (True, False):
+        model._shared_reason = None if shared else "forced off for the test"
+        model.prompt.weight.grad = None
+        loss = model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
+        loss.backward()
+        tail = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+        results.append((loss.detach(), model.prompt.weight.grad.clone(), tail.detach()))
+    torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_windowed_or_soft_capped_decoders_fall_back_to_the_concat(tokenizer, family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  sliding_window=4, pad_token_id=tokenizer.pad_token_id)
+    model = wrap(AutoModelForCausalLM.from_config(config).eval(), 5, "CAUSAL_LM", tokenizer)
+    assert model.shared_prefix_reason() == "sliding-window attention or logit soft-capping"
+    assert not model._use_shared_prefix()

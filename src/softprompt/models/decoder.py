@@ -81,6 +81,17 @@ class DecoderPromptModel(PromptModel):
         params = inspect.signature(self.base.base_model.forward).parameters
         return next((name for name in ("cache", "past_key_values") if name in params), None)
 
+    def _logit_scale(self) -> float:
+        """What the model's own forward multiplies the LM head's output by: Cohere multiplies by
+        `logit_scale`, Granite divides by `logits_scaling`; the shared prefix applies the head itself."""
+        config = self.base.config.get_text_config()
+        return (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0)
+
+    def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base.get_output_embeddings()(hidden)
+        scale = self._logit_scale()
+        return logits if scale == 1.0 else logits * scale
+
     def _prompt_states(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Per-layer keys/values of the prompt alone and its last hidden state; kept under no_grad."""
         key = self.prompt.version()
@@ -165,7 +176,6 @@ class DecoderPromptModel(PromptModel):
             return None
         hidden, _, (layers, mask, last_position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2],
                                                                        keep_cache=True)
-        head = self.base.get_output_embeddings()
         out = []
         for tokens in continuations:
             states = [hidden[:, -1:]]  # the input's last token predicts the continuation's first
@@ -174,7 +184,7 @@ class DecoderPromptModel(PromptModel):
                 more = torch.cat([mask, mask.new_ones(ids.shape)], dim=1)
                 steps = last_position + 1 + torch.arange(ids.shape[1], device=ids.device)
                 states.append(self._run_cached(layers, ids, more, steps)[0])
-            out.append(head(torch.cat(states, dim=1)))
+            out.append(self._lm_logits(torch.cat(states, dim=1)))
         return out
 
     def _tail_hidden(self, input_ids, attention_mask, keep: int) -> torch.Tensor | None:
@@ -194,7 +204,7 @@ class DecoderPromptModel(PromptModel):
         """
         hidden = self._tail_hidden(input_ids, attention_mask, keep)
         if hidden is not None:  # a contiguous copy: on a strided view the head runs as a batched matmul, 5x slower
-            return self.base.get_output_embeddings()(hidden.contiguous())
+            return self._lm_logits(hidden.contiguous())
         inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
         width = inputs["inputs_embeds"].shape[1]  # indices rather than a count, for the same reason
         return self.base(**inputs, logits_to_keep=torch.arange(width - keep, width, device=input_ids.device)).logits
@@ -213,7 +223,8 @@ class DecoderPromptModel(PromptModel):
             first_real = (mask.cumsum(1) == 1) & (mask == 1)
             before = torch.where(first_real.unsqueeze(-1), last, before)
             # the LM head only where there is a label, and without keeping the logits
-            return lm_cross_entropy(before[labelled], self.base.get_output_embeddings(), aligned[labelled])
+            return lm_cross_entropy(before[labelled], self.base.get_output_embeddings(), aligned[labelled],
+                                    self._logit_scale())
         width = aligned.shape[1]
         first = torch.where(labelled.any(1), labelled.int().argmax(1), width)  # first labelled column per row
         keep = int((width - first).max()) + 1
@@ -236,9 +247,9 @@ class DecoderPromptModel(PromptModel):
             return self.base.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
         hidden, _, (layers, mask, position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2],
                                                                   keep_cache=True)
-        head, new = self.base.get_output_embeddings(), []
+        new = []
         for _ in range(max_new_tokens):
-            token = head(hidden[:, -1]).argmax(-1, keepdim=True)
+            token = self._lm_logits(hidden[:, -1]).argmax(-1, keepdim=True)
             new.append(token)
             mask, position = torch.cat([mask, mask.new_ones(token.shape)], dim=1), position + 1
             hidden, layers = self._run_cached(layers, token, mask, position)

@@ -17,38 +17,41 @@ ROWS_PER_CHUNK = 128  # 128 x 49k fp32 logits = 25 MB at a time; 64-256 timed th
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
+    def forward(ctx, hidden, weight, bias, targets, scale):
         total = hidden.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         count = targets.numel()
         for start in range(0, count, ROWS_PER_CHUNK):
             rows = slice(start, start + ROWS_PER_CHUNK)
             logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()
+            if scale != 1.0:
+                logits *= scale
             picked = torch.arange(logits.shape[0], device=logits.device)
             lse = torch.logsumexp(logits, dim=1)
             total += (lse - logits[picked, targets[rows]]).sum()
             if grad is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # in place: no second chunk-sized buffer
                 probs[picked, targets[rows]] -= 1
-                grad[rows] = (probs.to(weight.dtype) @ weight) / count  # divided after the matmul: (c, d) not (c, V)
+                grad[rows] = (probs.to(weight.dtype) @ weight) * (scale / count)  # after the matmul: (c, d)
         ctx.save_for_backward(grad)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None
 
 
-def lm_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of `targets` (N,) under `head(hidden)` for hidden (N, d), as
-    `cross_entropy(head(hidden).float(), targets)`; a trainable head takes that plain path."""
+def lm_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                     scale: float = 1.0) -> torch.Tensor:
+    """Mean cross-entropy of `targets` (N,) under `head(hidden) * scale` for hidden (N, d), as
+    `cross_entropy(head(hidden).float() * scale, targets)`; a trainable head takes that plain path."""
     weight, bias = head.weight, getattr(head, "bias", None)
     if weight.requires_grad or (bias is not None and bias.requires_grad) or not isinstance(head, torch.nn.Linear):
-        return torch.nn.functional.cross_entropy(head(hidden).float(), targets)
+        return torch.nn.functional.cross_entropy(head(hidden).float() * scale, targets)
     if torch.is_autocast_enabled(hidden.device.type):  # the head runs in the autocast dtype, as it would in the model
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, scale)
