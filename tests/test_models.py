@@ -412,8 +412,9 @@ FAMILIES = {"qwen2": {}, "qwen3": {}, "mistral": {}, "gemma": {}, "phi3": {}, "o
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_shared_prefix_equals_the_concat_across_decoder_families(tokenizer, family):
-    """Loss, prompt gradient and tail logits through the shared prefix match the model's own forward on the
-    concatenation for the decoder families transformers ships (tiny random configs, grouped-query heads)."""
+    """Loss, prompt gradient and tail logits (packed, and from the kept prompt keys/values) through the shared
+    prefix match the model's own forward on the concatenation for the decoder families transformers ships
+    (tiny random configs, grouped-query heads)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -437,8 +438,10 @@ def test_shared_prefix_equals_the_concat_across_decoder_families(tokenizer, fami
         model.prompt.weight.grad = None
         loss = model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
         loss.backward()
-        tail = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
-        results.append((loss.detach(), model.prompt.weight.grad.clone(), tail.detach()))
+        tail = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)  # packed when shared
+        with torch.no_grad():  # from the kept prompt keys/values when shared
+            kept = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+        results.append((loss.detach(), model.prompt.weight.grad.clone(), tail.detach(), kept))
     torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-5)
 
 
