@@ -455,3 +455,23 @@ def test_windowed_or_soft_capped_decoders_fall_back_to_the_concat(tokenizer, fam
     model = wrap(AutoModelForCausalLM.from_config(config).eval(), 5, "CAUSAL_LM", tokenizer)
     assert model.shared_prefix_reason() == "sliding-window attention or logit soft-capping"
     assert not model._use_shared_prefix()
+
+
+def test_attention_sinks_fall_back_and_unsupported_attention_arguments_are_refused(tokenizer):
+    """A model with attention sinks (gpt-oss) falls back to the concat; an attention argument the shared
+    prefix does not implement raises instead of being ignored."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from softprompt.models.attention import gqa_sdpa, packed_sdpa
+
+    config = AutoConfig.for_model("gpt_oss", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  num_local_experts=2, num_experts_per_tok=1, sliding_window=None,
+                                  layer_types=["full_attention"] * 2, pad_token_id=tokenizer.pad_token_id)
+    model = wrap(AutoModelForCausalLM.from_config(config).eval(), 5, "CAUSAL_LM", tokenizer)
+    assert model.shared_prefix_reason() == "attention sinks"
+    q, kv = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 8)
+    for attention in (gqa_sdpa, packed_sdpa):
+        with pytest.raises(NotImplementedError, match="sliding_window"):
+            attention(torch.nn.Module(), q, kv, kv, None, sliding_window=4)
+    assert gqa_sdpa(torch.nn.Module(), q, kv, kv, None, sliding_window=None)[0].shape == (1, 3, 4, 8)

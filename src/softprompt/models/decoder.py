@@ -62,8 +62,11 @@ class DecoderPromptModel(PromptModel):
         config = self.base.config.get_text_config()
         if self.config.task_type not in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS) or not self.prompt.num_tokens:
             return "no prompt to share"
-        if getattr(config, "sliding_window", None) or getattr(config, "final_logit_softcapping", None):
+        if any(getattr(config, name, None) for name in ("sliding_window", "final_logit_softcapping",
+                                                         "attn_logit_softcapping")):
             return "sliding-window attention or logit soft-capping"
+        if any(name.endswith("sinks") for name, _ in self.base.named_parameters()):
+            return "attention sinks"
         if self._cache_kwarg() is None:
             return f"{type(self.base.base_model).__name__} takes no cache"
         return None
