@@ -406,72 +406,96 @@ def test_accumulated_training_through_the_shared_prefix_equals_the_concat(tiny_d
     torch.testing.assert_close(prompts[0], prompts[1], atol=1e-5, rtol=0)
 
 
-FAMILIES = {"qwen2": {}, "qwen3": {}, "mistral": {}, "gemma": {}, "phi3": {}, "olmo2": {},
+FAMILIES = {"qwen2": {}, "qwen3": {}, "mistral": {"sliding_window": None}, "gemma": {}, "phi3": {}, "olmo2": {},
             "granite": {"logits_scaling": 4.0}, "cohere": {"logit_scale": 3.0}}  # these two rescale their logits
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_shared_prefix_equals_the_concat_across_decoder_families(tokenizer, family):
-    """Loss, prompt gradient and tail logits (packed, and from the kept prompt keys/values) through the shared
-    prefix match the model's own forward on the concatenation for the decoder families transformers ships
-    (tiny random configs, grouped-query heads)."""
+def tiny_decoder(tokenizer, family: str, **extra):
+    """A tiny random causal LM of a transformers family (grouped-query heads), its LM head scaled up so that
+    logits are far from uniform and a missed rescaling shows."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                   max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
-                                  **FAMILIES[family])
-    if getattr(config, "sliding_window", None):
-        config.sliding_window = None  # windowed attention falls back to the concat (tested below)
+                                  eos_token_id=None, **extra)  # no end token: generation runs its full length
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
-        base.get_output_embeddings().weight.mul_(20)  # logits far from uniform, so a missed rescaling shows
-    model = wrap(base, 5, "CAUSAL_LM", tokenizer)
-    assert model.shared_prefix_reason() is None
+        base.get_output_embeddings().weight.mul_(20)
+    return base
+
+
+def shared_and_concat(model, tokenizer):
+    """(loss, prompt gradient, tail logits packed, tail logits from kept keys/values, greedy continuation) with
+    the shared prefix allowed, then forced off; and how many packed attention calls the first made."""
+    from softprompt.models import attention
+
     enc = batch(tokenizer, "left")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     results = []
-    for shared in (True, False):
-        model._shared_reason = None if shared else "forced off for the test"
-        model.prompt.weight.grad = None
-        loss = model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
-        loss.backward()
-        tail = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)  # packed when shared
-        with torch.no_grad():  # from the kept prompt keys/values when shared
-            kept = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
-        results.append((loss.detach(), model.prompt.weight.grad.clone(), tail.detach(), kept))
-    torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-5)
+    with spy_attention(attention.PACKED, attention.packed_sdpa) as packed:
+        for shared in (True, False):
+            model._shared_reason = None if shared else "forced off for the test"
+            model.prompt.weight.grad = None
+            loss = model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                       labels=labels)
+            loss.backward()
+            tail = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+            with torch.no_grad():
+                kept = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+            new = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=2, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[:, -2:]
+            results.append((loss.detach(), model.prompt.weight.grad.clone(), tail.detach(), kept, new))
+            if shared:
+                calls = len(packed)
+    return results, calls
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
-def test_windowed_or_soft_capped_decoders_fall_back_to_the_concat(tokenizer, family):
-    from transformers import AutoConfig, AutoModelForCausalLM
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_shared_prefix_equals_the_concat_across_decoder_families(tokenizer, family):
+    """Loss, prompt gradient, tail logits (packed, and from the kept prompt keys/values) and greedy generation
+    through the shared prefix match the model's own forward on the concatenation, for the decoder families
+    transformers ships."""
+    model = wrap(tiny_decoder(tokenizer, family, **FAMILIES[family]), 5, "CAUSAL_LM", tokenizer)
+    assert model.shared_prefix_reason() is None
+    (shared, concat), packed_calls = shared_and_concat(model, tokenizer)
+    assert packed_calls > 0
+    torch.testing.assert_close(shared, concat, atol=1e-4, rtol=1e-5)
 
-    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  sliding_window=4, pad_token_id=tokenizer.pad_token_id)
-    model = wrap(AutoModelForCausalLM.from_config(config).eval(), 5, "CAUSAL_LM", tokenizer)
-    assert model.shared_prefix_reason() == "sliding-window attention or logit soft-capping"
-    assert not model._use_shared_prefix()
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+@pytest.mark.parametrize("k", [5, 12])
+def test_sliding_window_models_share_the_prefix_only_when_prompt_and_row_fit_the_window(tokenizer, family, k):
+    """Window 24, rows of 14 tokens (+2 generated): with 5 virtual tokens everything fits and the shared prefix
+    runs; with 12 it does not, and the concat serves. Either way the results are the concat's."""
+    extra = {"layer_types": ["sliding_attention", "full_attention"]} if family == "gemma3_text" else {}
+    model = wrap(tiny_decoder(tokenizer, family, sliding_window=24, **extra), k, "CAUSAL_LM", tokenizer)
+    assert batch(tokenizer, "left")["input_ids"].shape[1] == 14
+    assert model.shared_prefix_reason() is None
+    (shared, concat), packed_calls = shared_and_concat(model, tokenizer)
+    assert (packed_calls > 0) == (k == 5)
+    torch.testing.assert_close(shared, concat, atol=1e-4, rtol=1e-5)
 
 
-def test_attention_sinks_fall_back_and_unsupported_attention_arguments_are_refused(tokenizer):
-    """A model with attention sinks (gpt-oss) falls back to the concat; an attention argument the shared
-    prefix does not implement raises instead of being ignored."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def test_soft_capping_and_attention_sinks_fall_back_and_unsupported_attention_arguments_are_refused(tokenizer):
+    """Gemma 2 (logit soft-capping) and gpt-oss (attention sinks) take the concat; an attention argument the
+    shared prefix does not implement raises instead of being ignored."""
+    from softprompt.models import attention
 
-    from softprompt.models.attention import gqa_sdpa, packed_sdpa
-
-    config = AutoConfig.for_model("gpt_oss", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  num_local_experts=2, num_experts_per_tok=1, sliding_window=None,
-                                  layer_types=["full_attention"] * 2, pad_token_id=tokenizer.pad_token_id)
-    model = wrap(AutoModelForCausalLM.from_config(config).eval(), 5, "CAUSAL_LM", tokenizer)
-    assert model.shared_prefix_reason() == "attention sinks"
+    gemma2 = wrap(tiny_decoder(tokenizer, "gemma2"), 5, "CAUSAL_LM", tokenizer)
+    assert gemma2.shared_prefix_reason() == "logit soft-capping" and not gemma2._use_shared_prefix(4)
+    gpt_oss = tiny_decoder(tokenizer, "gpt_oss", num_local_experts=2, num_experts_per_tok=1, sliding_window=None,
+                           layer_types=["full_attention"] * 2)
+    assert wrap(gpt_oss, 5, "CAUSAL_LM", tokenizer).shared_prefix_reason() == "attention sinks"
     q, kv = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 8)
-    for attention in (gqa_sdpa, packed_sdpa):
-        with pytest.raises(NotImplementedError, match="sliding_window"):
-            attention(torch.nn.Module(), q, kv, kv, None, sliding_window=4)
-    assert gqa_sdpa(torch.nn.Module(), q, kv, kv, None, sliding_window=None)[0].shape == (1, 3, 4, 8)
+    token = attention._layout.set((1, torch.ones(1, 1, 2, 3, dtype=torch.bool)))  # k = 1, one row of 2
+    try:
+        for sdpa in (attention.gqa_sdpa, attention.packed_sdpa):
+            with pytest.raises(NotImplementedError, match="softcap"):
+                sdpa(torch.nn.Module(), q, kv, kv, None, softcap=30.0)
+            with pytest.raises(NotImplementedError, match="sliding_window"):
+                sdpa(torch.nn.Module(), q, kv, kv, None, sliding_window=2)  # 3 keys seen, window 2
+            assert sdpa(torch.nn.Module(), q, kv, kv, None, sliding_window=3)[0].shape == (1, 3, 4, 8)
+    finally:
+        attention._layout.reset(token)

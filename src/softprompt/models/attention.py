@@ -48,12 +48,16 @@ def _sdpa(query, key, value, **kwargs):
 
 # attention arguments some models pass that change what attention computes; the functions here implement
 # none of them, so they refuse rather than silently ignore one (models with these normally fall back to the
-# concat before getting here: see DecoderPromptModel.shared_prefix_reason)
+# concat before getting here: see DecoderPromptModel.shared_prefix_reason). A sliding window is harmless
+# when every key a query could see lies within it.
 _UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias", "indices", "block_indices")
 
 
-def _refuse_unsupported(module, kwargs) -> None:
+def _refuse_unsupported(module, kwargs, keys: int) -> None:
+    """`keys`: the most keys one query attends to (prompt + row)."""
     used = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
+    if "sliding_window" in used and keys <= kwargs["sliding_window"]:
+        used.remove("sliding_window")
     if used:
         raise NotImplementedError(f"softprompt's shared prompt prefix cannot run {type(module).__name__} attention "
                                   f"with {', '.join(used)}; please report this model, which should have fallen "
@@ -63,7 +67,7 @@ def _refuse_unsupported(module, kwargs) -> None:
 def gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
              **kwargs):
     """transformers' attention-function signature; query (B, H, q, d), key/value (B, G, kv, d)."""
-    _refuse_unsupported(module, kwargs)
+    _refuse_unsupported(module, kwargs, key.shape[2])
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = query.shape[2] > 1 and attention_mask is None and causal  # no mask only when q == kv or q == 1
     out = _sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal)
@@ -72,9 +76,9 @@ def gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, sc
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """query (1, H, k + B*n, d), key/value (1, G, k + B*n, d) in the packed layout; returns (1, k + B*n, H, d)."""
-    _refuse_unsupported(module, kwargs)
     k, row_mask = _layout.get()  # row_mask (B, 1, n, k + n): which prompt and row keys each row token sees
     rows, n = row_mask.shape[0], row_mask.shape[2]
+    _refuse_unsupported(module, kwargs, k + n)
 
     # split rather than sliced: the backward of a split concatenates the parts' gradients, where each slice
     # would zero-fill a gradient of the whole packed tensor and copy its part in

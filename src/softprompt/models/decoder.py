@@ -58,25 +58,36 @@ class DecoderPromptModel(PromptModel):
 
     # -- shared prefix --------------------------------------------------------------------------------
     def shared_prefix_reason(self) -> str | None:
-        """Why this model cannot share the prompt's keys/values across a batch (None: it can)."""
+        """Why this model cannot share the prompt's keys/values across a batch (None: it can; a sliding
+        window is checked per call, `_use_shared_prefix`)."""
         config = self.base.config.get_text_config()
         if self.config.task_type not in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS) or not self.prompt.num_tokens:
             return "no prompt to share"
-        if any(getattr(config, name, None) for name in ("sliding_window", "final_logit_softcapping",
-                                                         "attn_logit_softcapping")):
-            return "sliding-window attention or logit soft-capping"
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+            return "logit soft-capping"
         if any(name.endswith("sinks") for name, _ in self.base.named_parameters()):
             return "attention sinks"
         if self._cache_kwarg() is None:
             return f"{type(self.base.base_model).__name__} takes no cache"
         return None
 
-    def _use_shared_prefix(self) -> bool:
+    def _use_shared_prefix(self, length: int) -> bool:
+        """Whether a call over `length` tokens per row (input plus anything generated after it) shares the
+        prompt. With a sliding window only if prompt + row fit in it: then the window hides nothing, and
+        attention is the full causal attention the shared prefix computes."""
         if not hasattr(self, "_shared_reason"):
             self._shared_reason = self.shared_prefix_reason()
             if self._shared_reason and self._shared_reason != "no prompt to share":
                 log.warning("softprompt: %s cannot share the prompt across the batch (%s); using the concatenated "
                             "sequence", type(self.base).__name__, self._shared_reason)
+        window = getattr(self.base.config.get_text_config(), "sliding_window", None)
+        if self._shared_reason is None and window and self.prompt.num_tokens + length > window:
+            if not getattr(self, "_window_logged", False):
+                self._window_logged = True
+                log.warning("softprompt: %d virtual + %d input tokens exceed %s's sliding window of %d; such "
+                            "batches use the concatenated sequence", self.prompt.num_tokens, length,
+                            type(self.base).__name__, window)
+            return False
         return self._shared_reason is None
 
     def _cache_kwarg(self) -> str | None:
@@ -159,7 +170,7 @@ class DecoderPromptModel(PromptModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         """With a head, the last real token's state through the shared prefix, as the model's own
         last-token pooling and loss on the concatenated sequence would give; other outputs take the concat."""
-        if self.config.task_type is not TaskType.SEQ_CLS or kwargs or not self._use_shared_prefix():
+        if self.config.task_type is not TaskType.SEQ_CLS or kwargs or not self._use_shared_prefix(input_ids.shape[1]):
             return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
         hidden, _, _ = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2])
         logits = self.head(hidden[:, -1])  # left-aligned: the last column is each row's last real token
@@ -175,7 +186,7 @@ class DecoderPromptModel(PromptModel):
         Prompt and input run once; each continuation then runs only its own tokens from their keys/values
         (rank classification of multi-token label strings). None where the model cannot share a prefix.
         """
-        if not self._use_shared_prefix():
+        if not self._use_shared_prefix(input_ids.shape[1] + max(len(tokens) for tokens in continuations)):
             return None
         hidden, _, (layers, mask, last_position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2],
                                                                        keep_cache=True)
@@ -194,7 +205,7 @@ class DecoderPromptModel(PromptModel):
         """States of the last `keep` aligned columns via the shared prefix, or None where the concat path must
         serve (the tail would reach into the prompt of a short row)."""
         ids, mask, _ = self._aligned(input_ids, attention_mask)
-        if not self._use_shared_prefix() or keep > int(mask.sum(1).min()):
+        if not self._use_shared_prefix(ids.shape[1]) or keep > int(mask.sum(1).min()):
             return None
         hidden, _, _ = self._shared_hidden(ids, mask)
         return hidden[:, -keep:]
@@ -219,7 +230,7 @@ class DecoderPromptModel(PromptModel):
         ids, mask, order = self._aligned(input_ids, attention_mask)
         aligned = labels.gather(1, order)
         labelled = aligned != -100
-        if self._use_shared_prefix():
+        if self._use_shared_prefix(ids.shape[1]):
             # the state that predicts column j: column j-1's, or the prompt's last for each row's first real token
             hidden, last, _ = self._shared_hidden(ids, mask)
             before = torch.cat([last.expand(hidden.shape[0], 1, -1), hidden[:, :-1]], dim=1)
@@ -244,7 +255,7 @@ class DecoderPromptModel(PromptModel):
 
         Greedy decoding runs from the kept prompt keys/values; sampling and other `generate` options go
         through transformers' `generate` on the concatenated sequence."""
-        if kwargs.get("do_sample") or not self._use_shared_prefix():
+        if kwargs.get("do_sample") or not self._use_shared_prefix(input_ids.shape[1] + max_new_tokens):
             inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
             inputs.pop("position_ids")
             return self.base.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
