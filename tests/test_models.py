@@ -499,3 +499,39 @@ def test_soft_capping_and_attention_sinks_fall_back_and_unsupported_attention_ar
             assert sdpa(torch.nn.Module(), q, kv, kv, None, sliding_window=3)[0].shape == (1, 3, 4, 8)
     finally:
         attention._layout.reset(token)
+
+
+@pytest.mark.parametrize("fault", ["wrong", "error"])
+def test_a_shared_prefix_that_disagrees_with_the_concat_on_the_probe_is_not_used(tokenizer, tiny_llama, fault,
+                                                                                monkeypatch):
+    """Before its first use the shared prefix is checked on a probe batch; a model where it gives other states
+    than the concatenation (or fails) takes the concat, so results stay the concat's."""
+    from softprompt.models.decoder import DecoderPromptModel
+
+    honest = DecoderPromptModel._shared_hidden
+
+    def faulty(self, *args, **kwargs):
+        if fault == "error":
+            raise RuntimeError("unsupported attention")
+        hidden, last, rest = honest(self, *args, **kwargs)
+        return hidden + 0.1 * hidden.abs().max(), last, rest
+
+    monkeypatch.setattr(DecoderPromptModel, "_shared_hidden", faulty)
+    model = wrap(tiny_llama, 5, "CAUSAL_LM", tokenizer)
+    assert model.shared_prefix_reason() is None and not model._use_shared_prefix(4)
+    assert ("failed on a probe" if fault == "error" else "differed from the concatenation") in model._shared_reason
+    enc = batch(tokenizer, "left")
+    model._shared_reason = "forced off for the test"
+    want = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+    del model._shared_reason
+    torch.testing.assert_close(model.tail_logits(enc["input_ids"], enc["attention_mask"], 2), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_probe_passes_for_a_model_the_shared_prefix_serves(tokenizer, tiny_llama, tiny_gpt2, dtype):
+    for base in (tiny_llama, tiny_gpt2):
+        model = wrap(base, 5, "CAUSAL_LM", tokenizer)
+        model.freeze_in(dtype)
+        base.train()  # dropout on (GPT-2's 0.1): the probe turns it off, and back on
+        assert model._use_shared_prefix(4), model._shared_reason
+        assert base.training

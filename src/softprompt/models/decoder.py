@@ -76,7 +76,7 @@ class DecoderPromptModel(PromptModel):
         prompt. With a sliding window only if prompt + row fit in it: then the window hides nothing, and
         attention is the full causal attention the shared prefix computes."""
         if not hasattr(self, "_shared_reason"):
-            self._shared_reason = self.shared_prefix_reason()
+            self._shared_reason = self.shared_prefix_reason() or self._probe_mismatch()
             if self._shared_reason and self._shared_reason != "no prompt to share":
                 log.warning("softprompt: %s cannot share the prompt across the batch (%s); using the concatenated "
                             "sequence", type(self.base).__name__, self._shared_reason)
@@ -89,6 +89,42 @@ class DecoderPromptModel(PromptModel):
                             type(self.base).__name__, window)
             return False
         return self._shared_reason is None
+
+    def _probe_mismatch(self) -> str | None:
+        """Check the shared prefix against the concatenation once, on two ragged rows, before trusting it: a
+        model whose attention does something the engine does not model (a bias, a custom kernel) then takes
+        the concat instead of giving silently different results. None when both paths agree."""
+        window = getattr(self.base.config.get_text_config(), "sliding_window", None)
+        n = min(5, window - self.prompt.num_tokens) if window else 5
+        if n < 2:
+            return "a sliding window shorter than the prompt + 2 tokens"
+        device = self.base.get_input_embeddings().weight.device
+        vocab = self.base.get_input_embeddings().num_embeddings
+        ids = (torch.arange(2 * n, device=device).view(2, n) * 7 + 100) % vocab
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0  # left-padded, so the rows differ in length
+        training = self.base.training
+        self.base.eval()  # no dropout in either path
+        try:
+            with torch.no_grad():
+                inputs, _, _ = self.prompted_inputs(ids, mask)
+                want = self.base.base_model(**inputs).last_hidden_state[:, -2:].float()
+            try:
+                ids, mask, _ = self._aligned(ids, mask)
+                with torch.enable_grad():  # a training step's path (packed)
+                    got = [self._shared_hidden(ids, mask)[0][:, -2:].detach().float()]
+                with torch.no_grad():  # inference's (the prompt's kept keys/values)
+                    got.append(self._shared_hidden(ids, mask)[0][:, -2:].float())
+            except Exception as error:  # noqa: BLE001 - any failure means: use the concat
+                return f"the shared prefix failed on a probe batch ({type(error).__name__}: {error})"
+        finally:
+            self.base.train(training)
+        gap = max(float((g - want).abs().max()) for g in got) / max(float(want.abs().max()), 1e-6)
+        half = inputs["inputs_embeds"].dtype != torch.float32 or torch.is_autocast_enabled(device.type)
+        tolerance = 5e-2 if half else 1e-3  # bf16 rounds differently along the two paths; a real mismatch is O(1)
+        if gap > tolerance:
+            return f"on a probe batch its states differed from the concatenation's by {gap:.1e} (relative)"
+        return None
 
     def _cache_kwarg(self) -> str | None:
         """The backbone's name for the cache argument (transformers renamed past_key_values to cache)."""
@@ -186,7 +222,7 @@ class DecoderPromptModel(PromptModel):
         Prompt and input run once; each continuation then runs only its own tokens from their keys/values
         (rank classification of multi-token label strings). None where the model cannot share a prefix.
         """
-        if not self._use_shared_prefix(input_ids.shape[1] + max(len(tokens) for tokens in continuations)):
+        if not self._use_shared_prefix(input_ids.shape[1] + max(map(len, continuations), default=0)):
             return None
         hidden, _, (layers, mask, last_position) = self._shared_hidden(*self._aligned(input_ids, attention_mask)[:2],
                                                                        keep_cache=True)
