@@ -478,9 +478,10 @@ def test_sliding_window_models_share_the_prefix_only_when_prompt_and_row_fit_the
     torch.testing.assert_close(shared, concat, atol=1e-4, rtol=1e-5)
 
 
-def test_soft_capping_and_attention_sinks_fall_back_and_unsupported_attention_arguments_are_refused(tokenizer):
-    """Gemma 2 (logit soft-capping) and gpt-oss (attention sinks) take the concat; an attention argument the
-    shared prefix does not implement raises instead of being ignored."""
+def test_soft_capping_sinks_and_state_space_layers_fall_back_and_unknown_attention_arguments_are_refused(tokenizer):
+    """Gemma 2 (logit soft-capping), gpt-oss (attention sinks) and Falcon-H1 (Mamba layers, whose state would
+    run from one packed row into the next) take the concat; an attention argument the shared prefix does not
+    implement raises instead of being ignored."""
     from softprompt.models import attention
 
     gemma2 = wrap(tiny_decoder(tokenizer, "gemma2"), 5, "CAUSAL_LM", tokenizer)
@@ -488,6 +489,8 @@ def test_soft_capping_and_attention_sinks_fall_back_and_unsupported_attention_ar
     gpt_oss = tiny_decoder(tokenizer, "gpt_oss", num_local_experts=2, num_experts_per_tok=1, sliding_window=None,
                            layer_types=["full_attention"] * 2)
     assert wrap(gpt_oss, 5, "CAUSAL_LM", tokenizer).shared_prefix_reason() == "attention sinks"
+    hybrid = wrap(tiny_decoder(tokenizer, "falcon_h1"), 5, "CAUSAL_LM", tokenizer)  # Mamba + attention layers
+    assert hybrid.shared_prefix_reason() == "state-space or linear-attention layers"
     q, kv = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 8)
     token = attention._layout.set((1, torch.ones(1, 1, 2, 3, dtype=torch.bool)))  # k = 1, one row of 2
     try:
@@ -535,3 +538,11 @@ def test_the_probe_passes_for_a_model_the_shared_prefix_serves(tokenizer, tiny_l
         base.train()  # dropout on (GPT-2's 0.1): the probe turns it off, and back on
         assert model._use_shared_prefix(4), model._shared_reason
         assert base.training
+
+
+def test_the_probe_catches_a_decoder_class_that_attends_both_ways(tokenizer):
+    """BertGeneration without `is_decoder` attends bidirectionally; nothing in its config says so to the checks
+    above, and the probe sees its states differ from the causal shared prefix's."""
+    model = wrap(tiny_decoder(tokenizer, "bert-generation"), 5, "CAUSAL_LM", tokenizer)
+    assert model.shared_prefix_reason() is None
+    assert not model._use_shared_prefix(4) and "differed from the concatenation" in model._shared_reason

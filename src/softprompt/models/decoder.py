@@ -67,6 +67,8 @@ class DecoderPromptModel(PromptModel):
             return "logit soft-capping"
         if any(name.endswith("sinks") for name, _ in self.base.named_parameters()):
             return "attention sinks"
+        if any("LinearAttention" in type(layer).__name__ for layer in DynamicCache(config=self.base.config).layers):
+            return "state-space or linear-attention layers"  # a packed row's state would run on into the next
         if self._cache_kwarg() is None:
             return f"{type(self.base.base_model).__name__} takes no cache"
         return None
@@ -121,7 +123,7 @@ class DecoderPromptModel(PromptModel):
             self.base.train(training)
         gap = max(float((g - want).abs().max()) for g in got) / max(float(want.abs().max()), 1e-6)
         half = inputs["inputs_embeds"].dtype != torch.float32 or torch.is_autocast_enabled(device.type)
-        tolerance = 5e-2 if half else 1e-3  # bf16 rounds differently along the two paths; a real mismatch is O(1)
+        tolerance = 5e-2 if half else 1e-4  # fp32 agrees to ~1e-6; bf16 rounds differently along the two paths
         if gap > tolerance:
             return f"on a probe batch its states differed from the concatenation's by {gap:.1e} (relative)"
         return None
