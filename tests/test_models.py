@@ -540,9 +540,11 @@ def test_the_probe_passes_for_a_model_the_shared_prefix_serves(tokenizer, tiny_l
         assert base.training
 
 
-def test_the_probe_catches_a_decoder_class_that_attends_both_ways(tokenizer):
-    """BertGeneration without `is_decoder` attends bidirectionally; nothing in its config says so to the checks
-    above, and the probe sees its states differ from the causal shared prefix's."""
-    model = wrap(tiny_decoder(tokenizer, "bert-generation"), 5, "CAUSAL_LM", tokenizer)
+@pytest.mark.parametrize("family", ["bert-generation", "modernbert-decoder"])
+def test_the_probe_catches_decoder_classes_the_engine_does_not_model(tokenizer, family):
+    """BertGeneration without `is_decoder` attends both ways; ModernBERT's decoder runs a prediction head before
+    its output embeddings. Nothing in their configs says so to the checks above; the probe sees the results
+    differ from the concatenation's."""
+    model = wrap(tiny_decoder(tokenizer, family), 5, "CAUSAL_LM", tokenizer)
     assert model.shared_prefix_reason() is None
     assert not model._use_shared_prefix(4) and "differed from the concatenation" in model._shared_reason

@@ -107,16 +107,21 @@ class DecoderPromptModel(PromptModel):
         mask[0, :2] = 0  # left-padded, so the rows differ in length
         training = self.base.training
         self.base.eval()  # no dropout in either path
+        # what is compared: the LM's logits (so a head beyond the output embeddings, or a rescaling, shows), or
+        # the states a classification head reads
+        lm = self.config.task_type is TaskType.CAUSAL_LM
         try:
             with torch.no_grad():
                 inputs, _, _ = self.prompted_inputs(ids, mask)
-                want = self.base.base_model(**inputs).last_hidden_state[:, -2:].float()
+                out = self.base(**inputs).logits if lm else self.base.base_model(**inputs).last_hidden_state
+                want = out[:, -2:].float()
             try:
                 ids, mask, _ = self._aligned(ids, mask)
-                with torch.enable_grad():  # a training step's path (packed)
-                    got = [self._shared_hidden(ids, mask)[0][:, -2:].detach().float()]
-                with torch.no_grad():  # inference's (the prompt's kept keys/values)
-                    got.append(self._shared_hidden(ids, mask)[0][:, -2:].float())
+                got = []
+                for grad in (True, False):  # a training step's path (packed), inference's (kept keys/values)
+                    with torch.set_grad_enabled(grad):
+                        hidden = self._shared_hidden(ids, mask)[0][:, -2:]
+                        got.append((self._lm_logits(hidden) if lm else hidden).detach().float())
             except Exception as error:  # noqa: BLE001 - any failure means: use the concat
                 return f"the shared prefix failed on a probe batch ({type(error).__name__}: {error})"
         finally:
@@ -125,7 +130,7 @@ class DecoderPromptModel(PromptModel):
         half = inputs["inputs_embeds"].dtype != torch.float32 or torch.is_autocast_enabled(device.type)
         tolerance = 5e-2 if half else 1e-4  # fp32 agrees to ~1e-6; bf16 rounds differently along the two paths
         if gap > tolerance:
-            return f"on a probe batch its states differed from the concatenation's by {gap:.1e} (relative)"
+            return f"on a probe batch it differed from the concatenation by {gap:.1e} (relative)"
         return None
 
     def _cache_kwarg(self) -> str | None:
