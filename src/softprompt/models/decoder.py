@@ -128,7 +128,9 @@ class DecoderPromptModel(PromptModel):
             self.base.train(training)
         gap = max(float((g - want).abs().max()) for g in got) / max(float(want.abs().max()), 1e-6)
         half = inputs["inputs_embeds"].dtype != torch.float32 or torch.is_autocast_enabled(device.type)
-        tolerance = 5e-2 if half else 1e-4  # fp32 agrees to ~1e-6; bf16 rounds differently along the two paths
+        # fp32 paths agree to ~1e-6. In bf16 they round differently (SmolLM2: 2e-2), so there only gross
+        # differences (a missing head, cross-row leakage) show
+        tolerance = 1e-1 if half else 1e-4
         if gap > tolerance:
             return f"on a probe batch it differed from the concatenation by {gap:.1e} (relative)"
         return None
