@@ -67,7 +67,11 @@ class DecoderPromptModel(PromptModel):
             return "logit soft-capping"
         if any(name.endswith("sinks") for name, _ in self.base.named_parameters()):
             return "attention sinks"
-        if any("LinearAttention" in type(layer).__name__ for layer in DynamicCache(config=self.base.config).layers):
+        try:
+            layers = DynamicCache(config=self.base.config).layers
+        except Exception as error:  # noqa: BLE001 - a config transformers' cache cannot lay out
+            return f"no standard cache for it ({type(error).__name__}: {error})"
+        if any("LinearAttention" in type(layer).__name__ for layer in layers):
             return "state-space or linear-attention layers"  # a packed row's state would run on into the next
         if self._cache_kwarg() is None:
             return f"{type(self.base.base_model).__name__} takes no cache"
