@@ -79,3 +79,38 @@ def test_template_must_place_every_field_before_the_label():
 
     with pytest.raises(SoftpromptError, match="must place {sentence} before its {label} slot"):
         TaskSpec("t", ("sentence",), ("a", "b"), ("accuracy",), "{label}: {sentence}")
+
+
+def test_natural_text_undoes_treebank_tokenization():
+    from softprompt.tasks import natural_text
+
+    ptb = "it 's not that it does n't work , ca n't or wo n't ... ( really ) `` so-so '' ? 100 % ; ok : yes !"
+    assert natural_text(ptb + " ") == ('It\'s not that it doesn\'t work, can\'t or won\'t... (really) "so-so"? 100%; '
+                                       'ok: yes!')
+    typed = "A gorgeous, moving film (really): don't miss it... it's 100% \"great\"!"
+    assert natural_text(typed) == typed
+
+
+def test_encoder_reads_sst2_as_natural_text(tokenizer):
+    from softprompt.config import TaskType
+    from softprompt.data import Example
+    from softprompt.encoding import TaskEncoder
+
+    ptb, typed = "it does n't work , sadly .", "It doesn't work, sadly."
+    for task_type in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS):
+        task = get_task("sst2")
+        assert task.detokenize
+        encode = TaskEncoder(tokenizer, task, task_type, 64).encode
+        assert encode(Example({"sentence": ptb}, 1)).input_ids == encode(Example({"sentence": typed}, 1)).input_ids
+        task.detokenize = False  # other tasks' text goes in as it is
+        encode = TaskEncoder(tokenizer, task, task_type, 64).encode
+        assert encode(Example({"sentence": ptb}, 1)).input_ids != encode(Example({"sentence": typed}, 1)).input_ids
+
+
+def test_task_saved_before_detokenize_loads_without_it():
+    from softprompt.tasks import TaskSpec
+
+    saved = get_task("sst2").to_dict()
+    assert TaskSpec.from_dict(saved).detokenize
+    del saved["detokenize"]  # a checkpoint written before the field: scored on its text as it was trained
+    assert not TaskSpec.from_dict(saved).detokenize

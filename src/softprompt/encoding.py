@@ -71,11 +71,12 @@ class TaskEncoder:
         missing = [f for f in self.task.fields if f not in example.fields]
         if missing:
             raise SoftpromptError(f"example lacks field(s) {', '.join(missing)} that task {self.task.name} needs")
+        fields = self.task.input_fields(example.fields)
         if self.text_to_text:
-            prefix = self._prefix_ids(example.fields)
+            prefix = self._prefix_ids(fields)
             target = self.label_ids[example.label] if example.label is not None else None
             return Feature(prefix, example.label, target=target)
-        texts = [example.fields[f] for f in self.task.fields]
+        texts = [fields[f] for f in self.task.fields]
         pair = (texts[0], " ".join(texts[1:])) if len(texts) > 1 else (texts[0],)
         if self.separate:
             first, second = (self.tokenizer(t, truncation=True, max_length=self.max_length)["input_ids"] for t in pair)
