@@ -85,8 +85,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     (q_prompt, q_rows), (k_prompt, k_rows), (v_prompt, v_rows) = (t.split([k, t.shape[2] - k], dim=2)
                                                                   for t in (query, key, value))
 
-    def per_row(t):  # (1, heads, B*n, d) -> (B, heads, n, d)
-        return t[0].unflatten(1, (rows, n)).transpose(0, 1)
+    def per_row(t):  # (1, heads, B*n, d) -> (B, heads, n, d); squeeze, as indexing's backward zero-fills a copy
+        return t.squeeze(0).unflatten(1, (rows, n)).transpose(0, 1)
 
     # copies, so that what the prompt's attention saves for backward does not pin the packed keys/values
     k_prompt, v_prompt = k_prompt.clone(), v_prompt.clone()
@@ -94,8 +94,9 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     keys = torch.cat([k_prompt.expand(rows, -1, -1, -1), per_row(k_rows)], dim=2)
     values = torch.cat([v_prompt.expand(rows, -1, -1, -1), per_row(v_rows)], dim=2)
     row_out = _sdpa(per_row(q_rows), keys, values, attn_mask=row_mask, dropout_p=dropout, scale=scaling)
-    out = torch.cat([prompt_out[0], row_out.transpose(0, 1).flatten(1, 2)], dim=1)  # (H, k + B*n, d)
-    return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+    # SDPA gives its output in the query's memory layout, (B, n, H, d) here, so this is the one copy
+    out = torch.cat([prompt_out.squeeze(0).transpose(0, 1), row_out.transpose(1, 2).flatten(0, 1)])
+    return out.unsqueeze(0), None  # (1, k + B*n, H, d)
 
 
 def _no_mask(*args, **kwargs):
