@@ -156,7 +156,9 @@ def write_table(rows: list[dict], path: Path) -> None:
     lines = ["# GLUE under equal training time: softprompt vs peft", "",
              "Written by `python benchmarks/glue.py` from docs/results.json (each row: the command's settings, "
              "the date it ran). Train -> dev, one seed, 2 CPU cores; precision of the frozen model per row (the prompt "
-             "always trains in fp32); seconds are training steps only. "
+             "always trains in fp32); seconds are training steps only. SST-2 rows run since 2026-12-02 read its "
+             "sentences as natural text, the earlier ones as Treebank tokens (recipe.md). The machine's speed "
+             "varies by day (2026-12-02 ran about 1.7x faster than 2026-11-29), so compare steps within one date. "
              "How the recipe was chosen, and the targets: [recipe.md](recipe.md).", ""]
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
