@@ -28,6 +28,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits *= scale
             picked = torch.arange(logits.shape[0], device=logits.device)
             log_probs = torch.log_softmax(logits, dim=1)  # one fused pass, where logsumexp + subtract took two
+            del logits  # so only one chunk-sized buffer stays alive through the matmul below
             total -= log_probs[picked, targets[rows]].sum()
             if grad is not None:
                 probs = log_probs.exp_()  # in place: no second chunk-sized buffer
