@@ -68,8 +68,8 @@ class TaskSpec:
         return self.template.split("{label}", 1)[0].format(**fields)
 
     def input_fields(self, fields: dict[str, str]) -> dict[str, str]:
-        """An example's fields as the model reads them."""
-        return {k: natural_text(v) for k, v in fields.items()} if self.detokenize else fields
+        """An example's fields as the model reads them: the task's own fields detokenized where it says so."""
+        return {**fields, **{f: natural_text(fields[f]) for f in self.fields}} if self.detokenize else fields
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
