@@ -28,7 +28,7 @@ GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 def fp32_by_default(monkeypatch):
     """Timed decoder runs with label words default to bf16 on CPUs with AMX; tests pin fp32 so their numbers do
     not depend on the CPU running them (test_bf16.py covers the choice itself)."""
-    monkeypatch.setattr("softprompt.training.bf16_is_fast", lambda: False)
+    monkeypatch.setattr("softprompt.spec.fast_bf16", lambda: False)
 
 
 @pytest.fixture(scope="session")

@@ -136,11 +136,12 @@ def test_ctrl_c_saves_and_resume_repeats_the_run_exactly(tiny_dirs, tiny_csv, tm
     monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", interrupt_on_third)
     code, _, err = run(common + ["--output", tmp_path / "part"], capsys)
     assert code == 130
-    assert f"softprompt train --resume {tmp_path / 'part'}" in err
-    assert json.loads((tmp_path / "part" / "last" / "trainer_state.json").read_text())["step"] == 2
+    printed = err.split("Resume with: ", 1)[1].strip()
+    assert printed == f"softprompt train --output {tmp_path / 'part'} --resume"
+    assert json.loads((tmp_path / "part" / "last" / "trainer_state.json").read_text())["counters"]["step"] == 2
     monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", real_clip)
 
-    code, _, err = run(["train", "--resume", "--output", tmp_path / "part", "--no-progress"], capsys)
+    code, _, err = run(printed.split()[1:] + ["--no-progress"], capsys)  # the command as printed
     assert code == 0, err
     full = load_file(str(tmp_path / "full" / "last" / "prompt.safetensors"))
     resumed = load_file(str(tmp_path / "part" / "last" / "prompt.safetensors"))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from safetensors.torch import save_file
 
-from softprompt import PromptTuningConfig, SoftpromptError, get_prompt_model
+from softprompt import PromptModel, PromptTuningConfig, SoftpromptError, get_prompt_model
 from softprompt.prompt import frequent_token_ids
 
 
@@ -89,9 +90,8 @@ def test_residual_reparam_starts_at_the_init_trains_and_folds_into_the_saved_pro
     assert (model.prompt.embeddings() - model.prompt.weight).abs().max() > 0  # the MLP now moves the prompt
     with torch.no_grad():
         want = model(enc["input_ids"], enc["attention_mask"]).logits
-    model.save_prompt(tmp_path)
-    fresh = _wrap(tiny_llama, tokenizer, num_virtual_tokens=4, init="random")
-    fresh.load_prompt(tmp_path)
+    model.save_pretrained(tmp_path)
+    fresh = PromptModel.from_pretrained(tiny_llama, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(enc["input_ids"], enc["attention_mask"]).logits, want, atol=1e-5, rtol=0)
     model.prompt.fold()

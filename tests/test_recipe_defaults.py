@@ -12,12 +12,14 @@ from transformers import LlamaForSequenceClassification, RobertaConfig, RobertaF
 from softprompt import PromptTuningConfig, SoftpromptError, TrainConfig, get_prompt_model, get_task
 from softprompt.encoding import collate
 from softprompt.scoring import label_scores
-from softprompt.assets import pools_by_mean
-from softprompt.config import PromptInit, TaskType
+from softprompt.assets import ModelInfo, describe_model, pools_by_mean
+from softprompt.config import PromptInit
 from softprompt.models.base import PromptModel
-from softprompt.training import Trainer, _class_weights, prompt_config
+from softprompt.spec import resolve
+from softprompt.training import Trainer, class_weights, prepare
 
 from .conftest import _llama_config
+from .test_checkpoint import legacy_run
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ def skewed_csv(tmp_path) -> str:
 
 
 def _trainer(model_dir: str, data: str, tmp_path, **options) -> Trainer:
-    return Trainer(TrainConfig(model=model_dir, data=data, prompt_length=4, output=str(tmp_path / "run"),
+    return prepare(TrainConfig(model=model_dir, data=data, prompt_length=4, output=str(tmp_path / "run"),
                                progress=False, **options), log=lambda _: None)
 
 
@@ -73,11 +75,16 @@ def test_balanced_loss_equals_a_hand_weighted_cross_entropy(tiny_dirs, skewed_cs
 def test_auto_balances_mcc_tasks_only(skewed_csv):
     train = [type("E", (), {"label": label})() for label in [0] * 10 + [1] * 30]
     cola, sst2 = get_task("cola"), get_task("sst2")
-    torch.testing.assert_close(_class_weights(TrainConfig(), cola, train, text_to_text=True),
-                               torch.tensor([2.0, 2.0 / 3.0]))
-    assert _class_weights(TrainConfig(), sst2, train, text_to_text=True) is None
-    assert _class_weights(TrainConfig(loss="lm"), cola, train, text_to_text=True) is None  # the LM loss is unweighted
-    assert _class_weights(TrainConfig(class_weights="none"), cola, train, text_to_text=False) is None
+    decoder = ModelInfo("m", "m", None, "decoder")
+
+    def mode(task, **options) -> str:
+        return resolve(TrainConfig(**options), decoder, task).class_weights
+
+    assert mode(cola) == "balanced"
+    torch.testing.assert_close(class_weights(train, cola.labels), torch.tensor([2.0, 2.0 / 3.0]))
+    assert mode(sst2) == "none"
+    assert mode(cola, loss="lm") == "none"  # the LM loss is unweighted
+    assert mode(cola, class_weights="none", task_type="SEQ_CLS") == "none"
 
 
 def test_balanced_weights_refuse_what_they_cannot_weight(tiny_dirs, skewed_csv, tmp_path):
@@ -94,8 +101,11 @@ def test_sentence_embedding_models_pool_by_the_mean_by_default(tiny_dirs, tmp_pa
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     sst2, mrpc, stsb = get_task("sst2"), get_task("mrpc"), get_task("stsb")
 
+    def prompt(model, task, **options):
+        return resolve(TrainConfig(model=model, task_type="SEQ_CLS", **options), describe_model(model), task).prompt
+
     def pooling(model, task, **options):
-        return prompt_config(TrainConfig(model=model, **options), TaskType.SEQ_CLS, task).pooling
+        return prompt(model, task, **options).pooling
 
     assert pooling(str(folder), sst2) == "mean"
     assert pooling(str(folder), mrpc) == "siamese"  # a classified pair: each text pooled apart, then compared
@@ -103,10 +113,10 @@ def test_sentence_embedding_models_pool_by_the_mean_by_default(tiny_dirs, tmp_pa
     assert pooling(tiny_dirs["bert"], sst2) == pooling(tiny_dirs["bert"], mrpc) == "cls"  # no pooling config
     assert pooling(str(folder), sst2, pooling="cls") == "cls"  # what the user asks for wins
     assert pools_by_mean("minilm-l6")  # the embedded all-MiniLM-L6-v2 is such a model
-    pair = prompt_config(TrainConfig(model=str(folder)), TaskType.SEQ_CLS, mrpc)
+    pair = prompt(str(folder), mrpc)
     assert (pair.init, pair.init_text) == (PromptInit.TEXT, ".")  # a pair's prompt starts as punctuation
-    assert prompt_config(TrainConfig(model=str(folder)), TaskType.SEQ_CLS, sst2).init is PromptInit.VOCAB
-    assert prompt_config(TrainConfig(model=str(folder), init="vocab"), TaskType.SEQ_CLS, mrpc).init is PromptInit.VOCAB
+    assert prompt(str(folder), sst2).init is PromptInit.VOCAB
+    assert prompt(str(folder), mrpc, init="vocab").init is PromptInit.VOCAB
 
 
 def _pair_folder(tmp_path, name: str, label) -> str:
@@ -168,13 +178,13 @@ def test_training_starts_the_siamese_head_by_head_init(tiny_dirs, tmp_path, monk
 
 def test_head_init_defaults_and_errors(tiny_dirs, tiny_csv, tmp_path):
     """Decoder heads start fitted, a siamese head at the cosine, other encoder heads random (as measured)."""
-    assert _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="SEQ_CLS").cfg.head_init == "fit"
-    assert _trainer(tiny_dirs["bert"], tiny_csv, tmp_path).cfg.head_init == "random"
+    assert _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="SEQ_CLS").spec.head_init == "fit"
+    assert _trainer(tiny_dirs["bert"], tiny_csv, tmp_path).spec.head_init == "random"
     label = lambda i: "label" if i is None else ("entailment", "not_entailment")[i % 2]  # noqa: E731
     siamese = _trainer(tiny_dirs["bert"], _pair_folder(tmp_path, "rte", label), tmp_path, task="rte",
                        pooling="siamese", task_type="SEQ_CLS")
-    assert siamese.cfg.head_init == "cosine"
-    assert _trainer(tiny_dirs["llama"], tiny_csv, tmp_path).cfg.head_init is None  # label words: no head
+    assert siamese.spec.head_init == "cosine"
+    assert _trainer(tiny_dirs["llama"], tiny_csv, tmp_path).spec.head_init is None  # label words: no head
     with pytest.raises(SoftpromptError, match="--head-init starts a classification or regression head"):
         _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, head_init="fit")
     with pytest.raises(SoftpromptError, match="--head-init cosine starts a siamese head"):
@@ -233,7 +243,7 @@ def test_decoder_head_starts_as_a_readout_of_its_last_token_states(tiny_dirs, tm
     monkeypatch.setattr(model, "start_head_at_readout",
                         lambda inputs, labels: seen.update(inputs=inputs, labels=labels) or 0.0)
     trainer._start_head(features)
-    sample = sorted(random.Random(trainer.cfg.seed).sample(features, len(features)), key=len)
+    sample = sorted(random.Random(trainer.spec.seed).sample(features, len(features)), key=len)
     assert seen["labels"].tolist() == [f.label for f in sample]
     model.eval()
     for i in (0, len(sample) // 2, len(sample) - 1):
@@ -267,11 +277,11 @@ def test_decoder_heads_default_to_slower_prompt_and_head_lrs(tiny_dirs, tiny_csv
     for model, prompt_lr, head_lr in (("llama", 1e-2, 3e-3), ("bert", 3e-2, 3e-2)):
         trainer = _trainer(tiny_dirs[model], tiny_csv, tmp_path, task_type="SEQ_CLS")
         assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([prompt_lr, head_lr])
-        assert trainer._meta()["training"]["head_lr"] == pytest.approx(head_lr)  # resume and reports see it
+        assert trainer.prompted.checkpoint().to_dict()["spec"]["head_lr"] == pytest.approx(head_lr)  # resume sees it
     trainer = _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="SEQ_CLS", lr=0.1)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.1, 0.03])
     label_words = _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="CAUSAL_LM")
-    assert len(label_words.optimizer.param_groups) == 1 and label_words.cfg.head_lr is None
+    assert len(label_words.optimizer.param_groups) == 1 and label_words.spec.head_lr is None
 
 
 def test_runs_record_their_lr_and_head_start_and_older_runs_still_resume(tiny_dirs, tiny_csv, tmp_path):
@@ -283,13 +293,15 @@ def test_runs_record_their_lr_and_head_start_and_older_runs_still_resume(tiny_di
     cfg = TrainConfig(model=tiny_dirs["bert"], data=tiny_csv, prompt_length=4, output=str(out), max_steps=1,
                       eval_every=1, progress=False)
     train(cfg, log=lambda _: None)
-    meta_path = out / "last" / "softprompt.json"
+    spec = json.loads((out / "last" / "softprompt.json").read_text())["spec"]
+    assert (spec["lr"], spec["head_init"]) == (pytest.approx(3e-2), "random")
+    old = legacy_run(tmp_path / "old", "minilm", data=tiny_csv)
+    meta_path = old / "last" / "softprompt.json"
     meta = json.loads(meta_path.read_text())
-    assert (meta["training"]["lr"], meta["training"]["head_init"]) == (pytest.approx(3e-2), "random")
     meta["training"]["head_init"] = "cosine"
     meta_path.write_text(json.dumps(meta))
-    result = train(TrainConfig(output=str(out), max_steps=2, progress=False), resume=True, log=lambda _: None)
-    assert result.step == 2
+    result = train(TrainConfig(output=str(old), max_steps=4, progress=False), resume=True, log=lambda _: None)
+    assert result.step == 4
 
 
 def test_a_decoder_head_run_saved_before_runs_recorded_their_lr_resumes_at_the_lr_it_began_with(
@@ -299,10 +311,12 @@ def test_a_decoder_head_run_saved_before_runs_recorded_their_lr_resumes_at_the_l
     out = tmp_path / "run"
     train(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, task_type="SEQ_CLS", prompt_length=4, output=str(out),
                       max_steps=1, eval_every=1, progress=False), log=lambda _: None)
-    meta_path = out / "last" / "softprompt.json"
+    assert json.loads((out / "last" / "softprompt.json").read_text())["spec"]["lr"] == pytest.approx(1e-2)  # today's
+    old = legacy_run(tmp_path / "old", "llama_head", data=tiny_csv, base_model=tiny_dirs["llama"])
+    meta_path = old / "last" / "softprompt.json"
     meta = json.loads(meta_path.read_text())
-    assert meta["training"]["lr"] == pytest.approx(1e-2)  # today's default for a decoder's head
+    assert meta["format"] == 1 and meta["training"]["lr"] == pytest.approx(1e-2)
     meta["training"]["lr"] = None
     meta_path.write_text(json.dumps(meta))
-    train(TrainConfig(output=str(out), max_steps=2, progress=False), resume=True, log=lambda _: None)
-    assert json.loads(meta_path.read_text())["training"]["lr"] == pytest.approx(3e-2)  # the default it began with
+    train(TrainConfig(output=str(old), max_steps=2, progress=False), resume=True, log=lambda _: None)
+    assert json.loads(meta_path.read_text())["spec"]["lr"] == pytest.approx(3e-2)  # the default it began with

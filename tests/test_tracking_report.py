@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from softprompt.checkpoint import load_tensors, read_checkpoint, save_checkpoint
 
 from softprompt.cli import main
 from softprompt.interpret import nearest_tokens, prompt_similarity
@@ -171,9 +171,9 @@ def test_inspect_prints_the_nearest_tokens(tiny_dirs, sweep_dir, capsys, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
     embeddings = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).get_input_embeddings().weight.detach()
     ids = tokenizer.convert_tokens_to_ids(["good", "bad", "film"])
-    tensors = load_file(str(checkpoint / "prompt.safetensors"))
+    tensors = load_tensors(checkpoint)
     tensors["prompt"] = embeddings[ids].clone()  # a prompt that is exactly three real tokens
-    save_file(tensors, str(checkpoint / "prompt.safetensors"))
+    save_checkpoint(checkpoint, read_checkpoint(checkpoint), tensors)
     code, out, err = run(["inspect", checkpoint, "--top", "3"], capsys)
     assert code == 0, err
     rows = out.strip().splitlines()[1:]

@@ -4,11 +4,16 @@ Low level, as in peft::
 
     model = get_prompt_model(hf_model, PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM"), tokenizer)
     loss = model(input_ids, attention_mask, labels=labels).loss   # only model.prompt (and a head) train
+    model.save_pretrained("my-prompt");  PromptModel.from_pretrained(hf_model, "my-prompt")
 
 A whole job::
 
     result = train(TrainConfig(model="smollm2-135m", data="rotten_tomatoes", max_time=300))
-    PromptedTask.from_checkpoint(result.best_checkpoint).predict(["a gorgeous, moving film"])
+    PromptedTask.from_pretrained(result.best_checkpoint).predict(["a gorgeous, moving film"])
+
+What a run will do, every default decided (and why), before it runs::
+
+    spec = resolve(TrainConfig(model="minilm-l6", data="glue/sst2"), describe_model("minilm-l6"), get_task("sst2"))
 
 Several runs and a report::
 
@@ -16,7 +21,10 @@ Several runs and a report::
     write_report(["runs/sweep"], "runs/sweep/report.html")
 """
 
-from .checkpoint import save_checkpoint
+__version__ = "0.2.0"
+
+from .assets import ModelInfo, describe_model
+from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from .config import PromptInit, PromptTuningConfig, TaskType
 from .data import Example, Splits, load_data, to_examples
 from .errors import SoftpromptError
@@ -25,15 +33,17 @@ from .metrics import compute_metrics
 from .models import DecoderPromptModel, EncoderPromptModel, PromptModel, Seq2SeqPromptModel, get_prompt_model
 from .pipeline import PromptedTask
 from .report import write_report
+from .spec import RunSpec, TrainConfig, resolve
 from .sweep import sweep
 from .tasks import TASKS, TaskSpec, get_task
 from .tracking import RunLog, read_metrics
-from .training import TrainConfig, Trainer, TrainingInterrupted, TrainResult, train
+from .training import Trainer, TrainingInterrupted, TrainResult, train
 
 __all__ = [
     "PromptTuningConfig", "TaskType", "PromptInit", "get_prompt_model", "PromptModel", "EncoderPromptModel",
-    "DecoderPromptModel", "Seq2SeqPromptModel", "PromptedTask", "TrainConfig", "Trainer", "TrainResult",
-    "TrainingInterrupted", "train", "TaskSpec", "TASKS", "get_task", "Example", "Splits", "load_data",
-    "to_examples", "compute_metrics", "save_checkpoint", "SoftpromptError", "RunLog", "read_metrics", "sweep",
-    "write_report", "nearest_tokens", "prompt_similarity", "Neighbour",
+    "DecoderPromptModel", "Seq2SeqPromptModel", "PromptedTask", "TrainConfig", "RunSpec", "resolve", "ModelInfo",
+    "describe_model", "Trainer", "TrainResult", "TrainingInterrupted", "train", "TaskSpec", "TASKS", "get_task",
+    "Example", "Splits", "load_data", "to_examples", "compute_metrics", "Checkpoint", "read_checkpoint",
+    "save_checkpoint", "SoftpromptError", "RunLog", "read_metrics", "sweep", "write_report", "nearest_tokens",
+    "prompt_similarity", "Neighbour", "__version__",
 ]

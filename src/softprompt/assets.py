@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import TaskType
 from .errors import SoftpromptError
@@ -97,10 +99,22 @@ def pools_by_mean(name: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run needs to know about its base model before loading its weights, read from its config once."""
+
+    name: str  # what the user called it; stored in checkpoints
+    path: str  # where it loads from: a local folder or a hub id
+    config: Any = field(repr=False, compare=False)  # the transformers config, None for a checkpoint's record
+    family: str = "decoder"  # encoder | decoder | seq2seq (models.family_of)
+    max_positions: int | None = None
+    mean_pooling: bool = False  # a sentence-embedding model pooled by the mean of its states (pools_by_mean)
+
+
 @dataclass
 class Backbone:
-    model: object
-    tokenizer: object
+    model: Any
+    tokenizer: Any
     name: str  # what the user called it; stored in checkpoints
 
 
@@ -118,29 +132,40 @@ def load_config(name: str, trust_remote_code: bool = False):
         ) from None
 
 
-def load_backbone(name: str, task_type: TaskType, num_labels: int = 2, regression: bool = False,
+def describe_model(name: str, trust_remote_code: bool = False) -> ModelInfo:
+    """Load `name`'s config (the one time a run does) and what the resolver reads off it."""
+    from .models import family_of
+
+    path, config = load_config(name, trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelInfo(name, str(path), config, family_of(config), getattr(text, "max_position_embeddings", None),
+                     pools_by_mean(name))
+
+
+def load_backbone(model: ModelInfo, task_type: TaskType, num_labels: int = 2, regression: bool = False,
                   trust_remote_code: bool = False) -> Backbone:
-    """The frozen model with the right head for `task_type`, and its tokenizer (with a pad token)."""
+    """The frozen model with the right head for `task_type`, and its tokenizer (with a pad token); reads the
+    config `describe_model` loaded instead of loading it again."""
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
 
-    path, config = load_config(name, trust_remote_code)
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    config = copy.deepcopy(model.config)
     if task_type is TaskType.SEQ_CLS:
         auto = AutoModelForSequenceClassification
-        # a head of another size (a checkpoint fine-tuned for other labels) is re-initialised: it trains anyway
-        kwargs.update(num_labels=1 if regression else num_labels, ignore_mismatched_sizes=True,
-                      problem_type="regression" if regression else "single_label_classification")
+        config.num_labels = 1 if regression else num_labels
+        config.problem_type = "regression" if regression else "single_label_classification"
     else:
         auto = AutoModelForCausalLM if task_type is TaskType.CAUSAL_LM else AutoModelForSeq2SeqLM
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model.path, config=config, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        # a head of another size (a checkpoint fine-tuned for other labels) is re-initialised: it trains anyway
+        base = auto.from_pretrained(model.path, config=config, trust_remote_code=trust_remote_code,
+                                    ignore_mismatched_sizes=task_type is TaskType.SEQ_CLS)
     except ValueError as err:
-        raise SoftpromptError(f"model {name!r} ({config.model_type}) cannot be loaded for {task_type.value}: "
+        raise SoftpromptError(f"model {model.name!r} ({config.model_type}) cannot be loaded for {task_type.value}: "
                               f"{str(err).splitlines()[0][:160]}") from None
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return Backbone(model, tokenizer, name)
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    return Backbone(base, tokenizer, model.name)

@@ -1,31 +1,41 @@
-"""Checkpoints: the prompt (and head) as safetensors plus one JSON that rebuilds everything else.
+"""The checkpoint format, in one place: what a folder holds, written once and atomically, read by one function.
 
-A folder holds `prompt.safetensors` (KB-sized) and `softprompt.json` (base model, task, template,
-verbalizer, settings, metrics). A resumable one adds `trainer_state.safetensors`/`.json` (optimizer,
-schedule, RNG). Folders are written beside their target and renamed into place, so a crash or
-Ctrl-C never leaves a half-written checkpoint. Nothing is ever unpickled.
+A checkpoint folder holds `prompt.safetensors` (the prompt the model sees, plus a head's weights; KB-sized)
+and `softprompt.json`, a `Checkpoint`: the prompt config, the base model and a fingerprint of its config,
+the run's resolved `RunSpec` when a training run wrote it, metrics, and the versions that wrote it, with a
+SHA-256 of each tensor file. A resumable one (`last/`) adds the trainer state: `trainer_state.safetensors`
+(optimizer moments, RNG, the prompt module as it trains, residual MLP included) and `trainer_state.json`.
+Folders are written beside their target and renamed into place, so a crash never leaves a half-written one.
+Nothing is ever unpickled. Format 1 (softprompt 0.1.0 before the run spec) is still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .assets import ModelInfo
+from .config import PromptTuningConfig
 from .errors import SoftpromptError
-from .models import PromptModel
+from .spec import RunSpec, TrainConfig, resolve
+from .tasks import TaskSpec
 
+FORMAT = 2
 META_FILE = "softprompt.json"
+TENSOR_FILE = "prompt.safetensors"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
-TRAINING_PROMPT = "training_prompt."
-FORMAT = 1
+# a run folder: the best checkpoint, the resumable last one, and the run's summary
+BEST, LAST, RESULTS = "best", "last", "results.json"
 
 
 def fingerprint(model_config) -> dict[str, Any]:
@@ -37,6 +47,71 @@ def fingerprint(model_config) -> dict[str, Any]:
         "vocab_size": getattr(text, "vocab_size", None),
         "num_layers": getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None),
     }
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"softprompt": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """softprompt.json. `spec` is None for a bare prompt saved with `PromptModel.save_pretrained`."""
+
+    prompt: PromptTuningConfig
+    family: str
+    base_model: str | None
+    base_fingerprint: dict[str, Any]
+    spec: RunSpec | None = None
+    step: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # tensor file -> SHA-256, filled in when written
+    format: int = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        spec = None if self.spec is None else {k: v for k, v in self.spec.to_dict().items() if k != "prompt"}
+        return {"format": self.format, "prompt": self.prompt.to_dict(), "family": self.family,
+                "base_model": self.base_model, "base_fingerprint": self.base_fingerprint, "spec": spec,
+                "step": self.step, "metrics": self.metrics, "versions": self.versions, "files": self.files}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Checkpoint":
+        prompt = PromptTuningConfig.from_dict(d["prompt"])
+        spec = None if d.get("spec") is None else RunSpec.from_dict({**d["spec"], "prompt": d["prompt"]})
+        return cls(prompt, d["family"], d.get("base_model"), d["base_fingerprint"], spec, d.get("step"),
+                   d.get("metrics") or {}, d.get("versions") or {}, d.get("files") or {})
+
+    def check_base(self, model_config, model_name: str) -> None:
+        """Refuse a base model the prompt was not trained for: a prompt means nothing in another embedding space."""
+        want, got = self.base_fingerprint, fingerprint(model_config)
+        diffs = [f"{k} {want[k]} vs {got[k]}" for k in want if want[k] != got.get(k)]
+        if diffs:
+            raise SoftpromptError(
+                f"checkpoint was trained on {self.base_model!r}, which does not match {model_name!r} "
+                f"({'; '.join(diffs)}); use the checkpoint's own base model"
+            )
+
+
+@dataclass
+class TrainerState:
+    """What `--resume` restores besides the checkpoint: counters, optimizer, RNG, the prompt module as it trains."""
+
+    counters: dict[str, Any]
+    optimizer: dict[str, Any]
+    rng: torch.Tensor
+    prompt_module: dict[str, torch.Tensor]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -60,8 +135,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def _write_atomic(directory: Path, write) -> None:
-    directory = Path(directory)
+def _write_atomic(directory: Path, write: Callable[[Path], None]) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     umask = os.umask(0)
@@ -81,30 +155,31 @@ def _write_atomic(directory: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(directory: str | Path, model: PromptModel, meta: dict[str, Any],
-                    trainer_state: dict[str, Any] | None = None) -> Path:
-    """Write prompt + meta (+ optimizer/scheduler/RNG state for resuming) as one atomic folder."""
-    meta = {"format": FORMAT, "family": model.family, "prompt": model.config.to_dict(),
-            "base_fingerprint": fingerprint(model.base.config), **meta}
+def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, tensors: dict[str, torch.Tensor],
+                    trainer_state: TrainerState | None = None) -> Path:
+    """Write one checkpoint folder (and the trainer state, for `last/`) atomically."""
 
     def write(tmp: Path) -> None:
-        model.save_prompt(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        save_file(tensors, str(tmp / TENSOR_FILE))
+        files = {TENSOR_FILE: _sha256(tmp / TENSOR_FILE)}
         if trainer_state is not None:
-            tensors, plain = _flatten_optimizer(trainer_state["optimizer"])
-            tensors["rng.torch"] = trainer_state["rng"]
-            # the prompt before folding, with its reparameterisation, so training resumes where it was
-            tensors.update({f"{TRAINING_PROMPT}{k}": v.detach().contiguous().cpu()
-                            for k, v in model.prompt.state_dict().items()})
-            save_file(tensors, str(tmp / STATE_TENSORS))
-            rest = {k: v for k, v in trainer_state.items() if k not in ("optimizer", "rng")}
-            (tmp / STATE_JSON).write_text(json.dumps({"optimizer": plain, **rest}, indent=2, default=str))
+            state_tensors, plain = _flatten_optimizer(trainer_state.optimizer)
+            state_tensors["rng.torch"] = trainer_state.rng
+            state_tensors.update({f"prompt_module.{k}": v.detach().contiguous().cpu()
+                                  for k, v in trainer_state.prompt_module.items()})
+            save_file(state_tensors, str(tmp / STATE_TENSORS))
+            files[STATE_TENSORS] = _sha256(tmp / STATE_TENSORS)
+            (tmp / STATE_JSON).write_text(json.dumps({"optimizer": plain, "counters": trainer_state.counters},
+                                                     indent=2))
+        meta = replace(checkpoint, files=files, versions=checkpoint.versions or versions(), format=FORMAT)
+        (tmp / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2))
 
     _write_atomic(Path(directory), write)
     return Path(directory)
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
+def read_checkpoint(directory: str | Path) -> Checkpoint:
+    """The checkpoint in `directory`, checked: the one reader every consumer uses."""
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise SoftpromptError(f"{directory} is not a softprompt checkpoint (no {META_FILE})")
@@ -112,29 +187,75 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise SoftpromptError(f"{path} is not valid JSON; the checkpoint is damaged") from None
-    if meta.get("format") != FORMAT:
-        raise SoftpromptError(f"{path} has checkpoint format {meta.get('format')}, this softprompt reads {FORMAT}")
-    return meta
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if not isinstance(fmt, int):
+        raise SoftpromptError(f"{path} has no checkpoint format; it is not a softprompt checkpoint")
+    if fmt > FORMAT:
+        raise SoftpromptError(f"{directory} was written by a newer softprompt (checkpoint format {fmt}; this one "
+                              f"reads up to {FORMAT}): pip install -U softprompt")
+    try:
+        return _from_format_1(meta) if fmt == 1 else Checkpoint.from_dict(meta)
+    except (KeyError, TypeError) as err:
+        raise SoftpromptError(f"{path} lacks or mistypes {err}; the checkpoint is damaged") from None
 
 
-def read_trainer_state(directory: str | Path) -> dict[str, Any] | None:
+def _verified(directory: Path, name: str, checkpoint: Checkpoint) -> Path:
+    path = directory / name
+    if not path.is_file():
+        raise SoftpromptError(f"{directory} has no {name}; the checkpoint is incomplete")
+    want = checkpoint.files.get(name)
+    if want is not None and _sha256(path) != want:
+        raise SoftpromptError(f"{path} does not match its checksum in {META_FILE}: the file is truncated or "
+                              "corrupted; use another checkpoint (e.g. last/ or best/ of the run)")
+    return path
+
+
+def load_tensors(directory: str | Path, checkpoint: Checkpoint | None = None) -> dict[str, torch.Tensor]:
+    """The prompt (and head) tensors of a checkpoint, checked against the checksum it recorded."""
+    directory = Path(directory)
+    checkpoint = checkpoint or read_checkpoint(directory)
+    try:
+        return load_file(str(_verified(directory, TENSOR_FILE, checkpoint)))
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        if isinstance(err, SoftpromptError):
+            raise
+        raise SoftpromptError(f"{directory / TENSOR_FILE} cannot be read ({err}); the checkpoint is damaged") from None
+
+
+def read_trainer_state(directory: str | Path, checkpoint: Checkpoint | None = None) -> TrainerState | None:
     directory = Path(directory)
     if not (directory / STATE_JSON).is_file():
         return None
-    tensors = load_file(str(directory / STATE_TENSORS))
+    checkpoint = checkpoint or read_checkpoint(directory)
+    tensors = load_file(str(_verified(directory, STATE_TENSORS, checkpoint)))
     rest = json.loads((directory / STATE_JSON).read_text())
-    rest["optimizer"] = _unflatten_optimizer(tensors, rest["optimizer"])
-    rest["rng"] = tensors["rng.torch"]
-    rest["prompt"] = {k[len(TRAINING_PROMPT):]: v for k, v in tensors.items() if k.startswith(TRAINING_PROMPT)}
-    return rest
+    optimizer = _unflatten_optimizer(tensors, rest["optimizer"])
+    if checkpoint.format == 1:  # counters at the top level; the prompt module under its old prefix
+        counters = {k: v for k, v in rest.items() if k != "optimizer"}
+        prefix = "training_prompt."
+    else:
+        counters, prefix = rest["counters"], "prompt_module."
+    module = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return TrainerState(counters, optimizer, tensors["rng.torch"], module)
 
 
-def check_base(meta: dict[str, Any], model_config, model_name: str) -> None:
-    """Refuse a base model the prompt was not trained for: a prompt means nothing in another embedding space."""
-    want, got = meta["base_fingerprint"], fingerprint(model_config)
-    diffs = [f"{k} {want[k]} vs {got[k]}" for k in want if want[k] != got.get(k)]
-    if diffs:
-        raise SoftpromptError(
-            f"checkpoint was trained on {meta['base_model']!r}, which does not match {model_name!r} "
-            f"({'; '.join(diffs)}); use the checkpoint's own base model"
-        )
+def _from_format_1(meta: dict[str, Any]) -> Checkpoint:
+    """A checkpoint of softprompt 0.1.0 before the run spec: its settings through today's resolver, with the
+    prompt, task and input length it recorded, and the defaults of that release where it recorded none."""
+    prompt = PromptTuningConfig.from_dict(meta["prompt"])
+    training = dict(meta["training"])
+    if training.get("head_init") == "cosine" and prompt.pooling != "siamese":
+        training["head_init"] = None  # saved before `fit` existed, when every run recorded cosine
+    if training.get("lr") is None:  # saved before runs recorded their lr: the default then, for every run
+        training["lr"] = 0.3 if training.get("optimizer") == "adafactor" else 3e-2
+    training.update(task_type=prompt.task_type.value, init=prompt.init.value, init_text=prompt.init_text,
+                    init_file=prompt.init_file, pooling=prompt.pooling, template=None, verbalizer=None,
+                    max_length=meta.get("max_length", training.get("max_length", 128)))
+    if training.get("epochs") == 1.0 and (training.get("max_steps") or training.get("max_time")):
+        training["epochs"] = None  # 0.1.0 recorded 1.0 whenever a step or time budget ruled
+    cfg = TrainConfig(**{k: v for k, v in training.items() if k in TrainConfig.__dataclass_fields__})
+    model = ModelInfo(meta["base_model"], meta["base_model"], None, meta["family"])
+    spec = resolve(cfg, model, TaskSpec.from_dict(meta["task"]), bf16_fast=False)
+    spec = replace(spec, prompt=prompt, decided={})
+    return Checkpoint(prompt, meta["family"], meta["base_model"], meta["base_fingerprint"], spec, meta.get("step"),
+                      meta.get("metrics") or {}, {}, {}, format=1)

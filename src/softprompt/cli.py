@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+from inspect import Parameter, Signature
 import json
 import os
 import sys
+import typing
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import click
 import typer
 
 from .errors import SoftpromptError
+from .spec import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prompt tuning for frozen transformers: train only k soft-prompt vectors.")
-
-DEFAULT_STEPS = 80  # the embedded default job: about 3 of its 10 minutes are training, on 2 CPU cores
-
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,77 +39,58 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _cli_type(hint: Any, default: Any) -> Any:
+    """The annotation typer understands for a TrainConfig field's type: Optional/List spelled out."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = default is None or len(args) < len(typing.get_args(hint))
+    inner = args[0] if args else hint
+    if typing.get_origin(inner) is list:
+        inner = List[typing.get_args(inner)[0]]  # type: ignore[misc]
+    return Optional[inner] if optional else inner
+
+
+def _config_parameters(defaults: dict[str, Any] | None = None) -> list[Parameter]:
+    """One typer option per TrainConfig field, from the field's default and help: options are declared there."""
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        default = meta.get("cli_default", None if f.default is dataclasses.MISSING else f.default)
+        default = (defaults or {}).get(f.name, default)
+        flags = [meta["flag"]] if "flag" in meta else []
+        option = typer.Option(default, *flags, help=meta["help"])
+        annotation = _cli_type(meta.get("cli_type", hints[f.name]), default)
+        params.append(Parameter(f.name, Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return params
+
+
+def _with_config_options(extra: list[Parameter], defaults: dict[str, Any] | None = None):
+    """Give a command `extra` options plus every TrainConfig option; it receives them all as keywords."""
+    def wrap(func):
+        params = extra + _config_parameters(defaults)
+        func.__signature__ = Signature(params)
+        func.__annotations__ = {p.name: p.annotation for p in params}
+        return func
+    return wrap
+
+
+def _train_config(options: dict[str, Any]) -> TrainConfig:
+    return TrainConfig(**{f.name: options[f.name] for f in dataclasses.fields(TrainConfig)})
+
+
+RESUME = Parameter("resume", Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+    False, help="continue the run in --output from its last/ checkpoint (its settings; --max-steps and "
+                "--max-time may change)"))
+
+
 @app.command()
-def train(
-    model: str = typer.Option("smollm2-135m", help="built-in name (smollm2-135m, minilm-l6), hub id or local folder"),
-    data: str = typer.Option("rotten_tomatoes", help="built-in dataset, CSV/TSV/JSONL file, folder (GLUE layout), "
-                                                     "or hub name such as glue/sst2"),
-    task: Optional[str] = typer.Option(None, help="built-in task spec (sst2, mrpc, rte, ...); inferred when possible"),
-    task_type: Optional[str] = typer.Option(None, help="SEQ_CLS (head), CAUSAL_LM or SEQ_2_SEQ_LM (label words)"),
-    text_column: Optional[List[str]] = typer.Option(None, help="input column(s) of a file, in the task's field order"),
-    label_column: Optional[str] = typer.Option(None, help="label column of a file"),
-    template: Optional[str] = typer.Option(None, help="text-to-text template with {field} slots and an optional "
-                                                       "{label} slot (default: the label follows the template)"),
-    verbalizer: Optional[List[str]] = typer.Option(None, help="label word per label, in label order (repeat)"),
-    prompt_length: int = typer.Option(8, help="number of virtual tokens k"),
-    residual_reparam: Optional[int] = typer.Option(None, help="train the prompt through a residual MLP with this "
-                                                            "bottleneck width, folded into a plain prompt at save "
-                                                            "(0: off; default 64 with a head, off for label words)"),
-    init: Optional[str] = typer.Option(None, help="random | vocab | class_labels | text | file (default: the "
-                                                   "task's instruction as text for label words, vocab for heads, "
-                                                   "'.' for siamese heads)"),
-    init_text: Optional[str] = typer.Option(None, help="text whose token embeddings start the prompt"),
-    pooling: Optional[str] = typer.Option(None, help="encoder heads: cls (the model's pooled [CLS]) | mean (mean "
-                                                     "of the text's final states) | siamese (pair tasks: each text "
-                                                     "mean-pooled apart, the head reads [u, v, |u-v|, u*v]) "
-                                                     "(default with a mean-pooling sentence-embedding model: "
-                                                     "mean for one text, siamese for a pair; else "
-                                                     "cls)"),
-    init_file: Optional[str] = typer.Option(None, help="checkpoint folder or prompt .safetensors to start from"),
-    head_init: Optional[str] = typer.Option(None, help="a head's start: cosine (siamese heads: the pair's cosine "
-                                                        "similarity fitted to the training labels) | fit (a ridge "
-                                                        "readout of the head's inputs on 512 training rows) | "
-                                                        "random (default: cosine for siamese heads, fit for "
-                                                        "decoder heads, else random)"),
-    loss: str = typer.Option("rank", help="text-to-text loss: rank (cross-entropy over the label strings' "
-                                           "scores) | lm (LM loss on the label tokens, the paper's)"),
-    class_weights: str = typer.Option("auto", help="none | balanced (each class's loss weighted by N / (classes "
-                                                   "* count)) | auto (balanced for tasks scored by MCC)"),
-    optimizer: str = typer.Option("adamw", help="adamw | adafactor"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-2 adamw, 1e-2 for a decoder's "
-                                                  "head; 0.3 adafactor)"),
-    head_lr: Optional[float] = typer.Option(None, help="a head's learning rate (default: --lr for "
-                                                      "encoders, --lr * 0.3 for decoders)"),
-    schedule: str = typer.Option("linear", help="linear | cosine | constant after warmup"),
-    warmup: float = typer.Option(0.05, help="warmup as a fraction of the budget"),
-    batch_size: int = typer.Option(16),
-    grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
-    max_steps: Optional[int] = typer.Option(None, help=f"optimizer-step budget ({DEFAULT_STEPS} when no budget is "
-                                                       "given)"),
-    max_time: Optional[float] = typer.Option(None, help="training-time budget in seconds (evaluation not counted)"),
-    epochs: Optional[float] = typer.Option(None, help="epoch budget"),
-    eval_every: int = typer.Option(40, help="evaluate on dev every N steps"),
-    patience: Optional[int] = typer.Option(None, help="stop after N evaluations without dev improvement"),
-    max_length: int = typer.Option(128, help="max input tokens (virtual tokens not counted)"),
-    max_train_examples: Optional[int] = typer.Option(None),
-    max_eval_examples: Optional[int] = typer.Option(None),
-    seed: int = typer.Option(0),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="the frozen model's weights and activations "
-                                        "in bf16 (prompt and head train in fp32); default: bf16 under --max-time "
-                                        "for decoders with label words on CPUs with AMX (2x the steps), else fp32"),
-    output: str = typer.Option("runs/latest", help="run folder: best/ and last/ checkpoints, metrics.jsonl"),
-    resume: bool = typer.Option(False, help="continue the run in --output from its last/ checkpoint"),
-    baselines: bool = typer.Option(True, help="also score the majority class and the untrained prompt on test"),
-    progress: bool = typer.Option(True, help="progress bar"),
-    report_to: Optional[str] = typer.Option(None, help="trackers besides metrics.jsonl, comma-separated: "
-                                                       "wandb,tensorboard,trackio,mlflow"),
-) -> None:
+@_with_config_options([RESUME])
+def train(**options: Any) -> None:
     """Train a soft prompt. With no arguments: SmolLM2-135M on the embedded Rotten Tomatoes data."""
     from .training import train as run_training
 
     _quiet_libraries()
-    cfg = _train_config(dict(locals()))
-    result = run_training(cfg, resume=resume, log=typer.echo)
+    result = run_training(_train_config(options), resume=options["resume"], log=typer.echo)
     typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s")
     for name, metrics in result.baselines.items():
         typer.echo(f"baseline {name:<16}  {result.baseline_split:<5} {_fmt(metrics)}")
@@ -117,26 +99,11 @@ def train(
     typer.echo(f"checkpoint: {result.best_checkpoint}")
 
 
-def _train_config(options: dict):
-    """The TrainConfig behind `train`'s options (also what `sweep` forwards to each run)."""
-    from .training import TrainConfig
-
-    options = {k: v for k, v in options.items() if k != "run_training"}
-    budget = {"max_steps": options.pop("max_steps"), "max_time": options.pop("max_time")}
-    epochs, resume = options.pop("epochs"), options.pop("resume")
-    if budget["max_steps"] is None and budget["max_time"] is None and epochs is None and not resume:
-        budget["max_steps"] = DEFAULT_STEPS
-        typer.echo(f"budget: {DEFAULT_STEPS} steps (set --max-steps, --max-time or --epochs)")
-    options["text_columns"] = options.pop("text_column") or None
-    options["verbalizer"] = options["verbalizer"] or None
-    return TrainConfig(**options, epochs=epochs or 1.0, **budget)
-
-
 def _load(checkpoint: str, model: Optional[str]):
     from .pipeline import PromptedTask
 
     _quiet_libraries()
-    return PromptedTask.from_checkpoint(checkpoint, model)
+    return PromptedTask.from_pretrained(checkpoint, model)
 
 
 @app.command("eval")
@@ -148,15 +115,13 @@ def evaluate(
     batch_size: int = typer.Option(64),
 ) -> None:
     """Score a checkpoint on a labelled split and print its metrics as JSON."""
-    from .checkpoint import read_meta
-    from .data import load_data
+    from .training import load_splits
 
     if split not in ("dev", "test"):
         raise SoftpromptError(f"--split must be dev or test, not {split!r}")
     prompted = _load(checkpoint, model)
-    training = read_meta(checkpoint).get("training", {})
-    splits = load_data(data or training.get("data", ""), prompted.task, seed=training.get("seed", 0),
-                       text_columns=training.get("text_columns"), label_column=training.get("label_column"))
+    spec = prompted.spec
+    splits = load_splits(data or spec.data, spec.task, spec.seed, spec.text_columns, spec.label_column)
     examples = getattr(splits, split)
     if not splits.labelled(split):
         raise SoftpromptError(f"the {split} split of {splits.source} has no labels to score against; try --split dev")
@@ -222,14 +187,16 @@ def info(checkpoint: Optional[str] = typer.Argument(None, help="checkpoint folde
     from .tasks import TASKS
 
     if checkpoint:
-        from .checkpoint import read_meta
+        from .checkpoint import read_checkpoint
 
-        meta = read_meta(checkpoint)
+        meta = read_checkpoint(checkpoint)
         size = sum(f.stat().st_size for f in Path(checkpoint).iterdir() if f.suffix == ".safetensors")
-        typer.echo(json.dumps({"base_model": meta["base_model"], "family": meta["family"], "prompt": meta["prompt"],
-                               "task": meta["task"]["name"], "template": meta["task"]["template"],
-                               "verbalizer": meta["task"]["verbalizer"], "step": meta.get("step"),
-                               "metrics": meta.get("metrics"), "bytes": size}, indent=2))
+        spec = meta.spec
+        typer.echo(json.dumps({"base_model": meta.base_model, "family": meta.family, "prompt": meta.prompt.to_dict(),
+                               "task": spec and spec.task.name, "template": spec and spec.task.template,
+                               "verbalizer": spec and spec.task.verbalizer, "step": meta.step,
+                               "metrics": meta.metrics, "decided": spec and spec.decided, "format": meta.format,
+                               "versions": meta.versions, "bytes": size}, indent=2))
         return
     typer.echo("models:")
     for name, text in BUILTIN_MODELS.items():
@@ -286,36 +253,37 @@ def _values(text: Optional[str], kind) -> list:
         raise SoftpromptError(f"cannot read {text!r} as a comma-separated list of {kind.__name__} values") from None
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def sweep(
-    ctx: typer.Context,
-    prompt_lengths: Optional[str] = typer.Option(None, help="comma-separated prompt lengths, e.g. 8,20"),
-    inits: Optional[str] = typer.Option(None, help="comma-separated inits, e.g. text,class_labels,vocab"),
-    lrs: Optional[str] = typer.Option(None, help="comma-separated learning rates, e.g. 0.03,0.1"),
-    report: bool = typer.Option(True, help="write report.html for all runs at the end"),
-) -> None:
+def _grid_option(name: str, help: str) -> Parameter:
+    return Parameter(name, Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                             default=typer.Option(None, help=help))
+
+
+SWEEP_OPTIONS = [
+    _grid_option("prompt_lengths", "comma-separated prompt lengths, e.g. 8,20"),
+    _grid_option("inits", "comma-separated inits, e.g. text,class_labels,vocab"),
+    _grid_option("lrs", "comma-separated learning rates, e.g. 0.03,0.1"),
+    Parameter("write_report", Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(True, "--report/--no-report", help="write report.html for all runs")),
+]
+
+
+@app.command()
+@_with_config_options(SWEEP_OPTIONS, defaults={"output": "runs/sweep"})
+def sweep(**options: Any) -> None:
     """Train a small grid (prompt length x init x lr) one run after another and report them together.
 
     Every other option is a `train` option and applies to every run; --output is the sweep's folder."""
     from .sweep import sweep as run_sweep
 
     _quiet_libraries()
-    train_command = typer.main.get_command(app).commands["train"]
-    args = list(ctx.args)
-    if "--output" not in args and not any(a.startswith("--output=") for a in args):
-        args += ["--output", "runs/sweep"]
-    try:
-        options = train_command.make_context("softprompt sweep", args).params
-    except click.ClickException as err:
-        raise SoftpromptError(f"sweep: {err.format_message()}") from None
-    if options.get("resume"):
-        raise SoftpromptError("sweep runs start fresh; resume a single run with softprompt train --resume")
-    grid = {"prompt_length": _values(prompt_lengths, int), "init": _values(inits, str), "lr": _values(lrs, float)}
-    results = run_sweep(_train_config(options), grid, log=typer.echo, report=report)
+    grid = {"prompt_length": _values(options["prompt_lengths"], int), "init": _values(options["inits"], str),
+            "lr": _values(options["lrs"], float)}
+    cfg = _train_config(options)
+    results = run_sweep(cfg, grid, log=typer.echo, report=options["write_report"])
     for setting, result in results:
         typer.echo(f"{setting}  steps={result.step}  dev {_fmt(result.dev)}")
-    typer.echo(f"sweep: {options['output']}" + (f" (report: {Path(options['output']) / 'report.html'})"
-                                                  if report else ""))
+    typer.echo(f"sweep: {cfg.output}" + (f" (report: {Path(cfg.output) / 'report.html'})"
+                                         if options["write_report"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,15 @@
-"""What a prompt is: its length, how it starts, and which kind of model output it trains against."""
+"""What a prompt is: its length, how it starts, and which kind of model output it trains against.
+
+Field names are ours, but peft's spellings are accepted too (`prompt_tuning_init`, `prompt_tuning_init_text`,
+`tokenizer_name_or_path`, ...), so a peft `adapter_config.json` for prompt tuning builds the same config.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import InitVar, asdict, dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from .errors import SoftpromptError
@@ -28,6 +34,14 @@ class PromptInit(str, Enum):
     FILE = "file"  # an existing prompt (prompt transfer from another task)
 
 
+PEFT_INITS = {"RANDOM": PromptInit.RANDOM, "TEXT": PromptInit.TEXT, "SAMPLE_VOCAB": PromptInit.VOCAB}
+# peft fields that say nothing a softprompt prompt needs: the model's shape is read off the model itself
+PEFT_IGNORED = ("peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "token_dim",
+                "num_transformer_submodules", "num_attention_heads", "num_layers", "modules_to_save",
+                "tokenizer_kwargs")
+PEFT_CONFIG_FILE = "adapter_config.json"
+
+
 @dataclass
 class PromptTuningConfig:
     """The soft prompt's settings; saved beside the prompt so a checkpoint rebuilds itself."""
@@ -42,10 +56,28 @@ class PromptTuningConfig:
     # SEQ_CLS encoders: the model's own pooled [CLS] (cls), the mean of the text's states (mean), or each text of
     # a pair mean-pooled apart and compared (siamese)
     pooling: str = "cls"
+    tokenizer_name_or_path: str | None = None  # where `text`/`vocab` inits find a tokenizer when none is passed
+    base_model_name_or_path: str | None = None
+    # peft's names for init and init_text: RANDOM, TEXT or SAMPLE_VOCAB, and the text
+    prompt_tuning_init: InitVar[str | None] = None
+    prompt_tuning_init_text: InitVar[str | None] = None
 
-    def __post_init__(self) -> None:
-        self.task_type = TaskType(self.task_type)
+    def __post_init__(self, prompt_tuning_init: str | None, prompt_tuning_init_text: str | None) -> None:
+        if prompt_tuning_init is not None:
+            name = str(getattr(prompt_tuning_init, "value", prompt_tuning_init)).upper()
+            if name not in PEFT_INITS:
+                raise SoftpromptError(f"prompt_tuning_init must be one of {', '.join(PEFT_INITS)}, not {name!r}")
+            if self.init is not PromptInit.RANDOM and PromptInit(self.init) is not PEFT_INITS[name]:
+                raise SoftpromptError(f"init={PromptInit(self.init).value!r} and prompt_tuning_init={name!r} "
+                                      "disagree; give one of them")
+            self.init = PEFT_INITS[name]
+        if prompt_tuning_init_text is not None:
+            if self.init_text not in (None, prompt_tuning_init_text):
+                raise SoftpromptError("init_text and prompt_tuning_init_text disagree; give one of them")
+            self.init_text = prompt_tuning_init_text
+        self.task_type = TaskType(getattr(self.task_type, "value", self.task_type))
         self.init = PromptInit(self.init)
+        self.label_words = list(self.label_words)
         if self.num_virtual_tokens < 0:
             raise SoftpromptError(f"num_virtual_tokens must be >= 0, got {self.num_virtual_tokens}")
         if self.init is PromptInit.TEXT and not self.init_text:
@@ -65,4 +97,29 @@ class PromptTuningConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PromptTuningConfig":
+        """Our own `to_dict`, or a peft prompt-tuning config (its `adapter_config.json`)."""
+        d = dict(d)
+        peft_type = str(d.get("peft_type") or "PROMPT_TUNING").split(".")[-1].upper()
+        if peft_type != "PROMPT_TUNING":
+            raise SoftpromptError(f"this is a peft {peft_type} config; PromptTuningConfig reads PROMPT_TUNING ones")
+        for name in PEFT_IGNORED:
+            d.pop(name, None)
+        known = set(cls.__dataclass_fields__) | {"prompt_tuning_init", "prompt_tuning_init_text"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SoftpromptError(f"unknown prompt setting(s) {', '.join(unknown)}")
+        if d.get("task_type") not in (None, *(t.value for t in TaskType)):
+            raise SoftpromptError(f"task type {d['task_type']!r} is not one softprompt trains: "
+                                  f"{', '.join(t.value for t in TaskType)}")
         return cls(**d)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "PromptTuningConfig":
+        """The config in a peft adapter folder (`adapter_config.json`)."""
+        path = Path(directory) / PEFT_CONFIG_FILE
+        if not path.is_file():
+            raise SoftpromptError(f"{directory} has no {PEFT_CONFIG_FILE}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            raise SoftpromptError(f"{path} is not valid JSON") from None

@@ -1,4 +1,4 @@
-"""A prompted model bound to its task: build one for training, rebuild one from a checkpoint, predict."""
+"""A prompted model bound to its task: build one from a resolved run spec, rebuild one from a checkpoint, predict."""
 
 from __future__ import annotations
 
@@ -8,65 +8,76 @@ from typing import Any, Iterable
 
 import torch
 
-from .assets import load_backbone, load_config
-from .checkpoint import check_base, read_meta
-from .config import PromptTuningConfig, TaskType
+from .assets import ModelInfo, describe_model, load_backbone
+from .checkpoint import Checkpoint, TrainerState, fingerprint, load_tensors, read_checkpoint, save_checkpoint
+from .config import TaskType
 from .data import Example, to_examples
 from .encoding import TaskEncoder, pad
 from .errors import SoftpromptError
 from .metrics import compute_metrics
-from .models import PromptModel, family_of, get_prompt_model
+from .models import PromptModel, get_prompt_model
 from .scoring import predictions, score
+from .spec import RunSpec
 from .tasks import TaskSpec
-
-
-def default_task_type(model_name: str, task: TaskSpec) -> TaskType:
-    """Encoders classify with a head; decoders and encoder-decoders generate label words (regression: head)."""
-    _, config = load_config(model_name)
-    family = family_of(config)
-    if family == "encoder" or task.is_regression:
-        return TaskType.SEQ_CLS
-    return TaskType.CAUSAL_LM if family == "decoder" else TaskType.SEQ_2_SEQ_LM
 
 
 @dataclass
 class PromptedTask:
     model: PromptModel
     encoder: TaskEncoder
-    task: TaskSpec
-    base_name: str
+    spec: RunSpec
+    base_config: Any  # the base model's transformers config, for the checkpoint's fingerprint
+
+    @property
+    def task(self) -> TaskSpec:
+        return self.spec.task
+
+    @property
+    def base_name(self) -> str:
+        return self.spec.model
 
     @classmethod
-    def build(cls, model_name: str, task: TaskSpec, prompt: PromptTuningConfig, max_length: int = 128,
-              corpus: Iterable[str] | None = None, seed: int = 0) -> "PromptedTask":
-        backbone = load_backbone(model_name, prompt.task_type, num_labels=max(len(task.labels), 1),
+    def build(cls, spec: RunSpec, model: ModelInfo | None = None, corpus: Iterable[str] | None = None,
+              initialise: bool = True) -> "PromptedTask":
+        """The base model with a fresh prompt as `spec` says (`model`: its config, already loaded)."""
+        model = model or describe_model(spec.model)
+        task = spec.task
+        backbone = load_backbone(model, spec.task_type, num_labels=max(len(task.labels), 1),
                                  regression=task.is_regression)
-        limit = getattr(backbone.model.config, "max_position_embeddings", None)
-        if limit and max_length + prompt.num_virtual_tokens > limit:
-            max_length = limit - prompt.num_virtual_tokens
-        encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, max_length, prompt.pooling == "siamese")
-        generator = torch.Generator().manual_seed(seed)
-        model = get_prompt_model(backbone.model, prompt, backbone.tokenizer, corpus, generator)
-        return cls(model, encoder, task, model_name)
+        encoder = TaskEncoder(backbone.tokenizer, task, spec.task_type, spec.max_length,
+                              spec.prompt.pooling == "siamese")
+        generator = torch.Generator().manual_seed(spec.seed)
+        prompted = get_prompt_model(backbone.model, spec.prompt, backbone.tokenizer, corpus, generator, initialise)
+        if spec.bf16:
+            prompted.freeze_in(torch.bfloat16)  # scored as it was trained and evaluated
+        return cls(prompted, encoder, spec, model.config)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, model_name: str | None = None) -> "PromptedTask":
-        """Everything comes from the folder; `model_name` only points at another copy of the same base."""
-        meta = read_meta(directory)
-        name = model_name or meta["base_model"]
-        _, config = load_config(name)
-        check_base(meta, config, name)
-        prompt = PromptTuningConfig.from_dict({**meta["prompt"], "init": "random"})
-        task = TaskSpec.from_dict(meta["task"])
-        backbone = load_backbone(name, prompt.task_type, num_labels=max(len(task.labels), 1),
-                                 regression=task.is_regression)
-        model = get_prompt_model(backbone.model, prompt, backbone.tokenizer)
-        model.load_prompt(directory)
-        if meta.get("training", {}).get("bf16"):
-            model.freeze_in(torch.bfloat16)  # scored as it was trained and evaluated
-        encoder = TaskEncoder(backbone.tokenizer, task, prompt.task_type, meta.get("max_length", 128),
-                              prompt.pooling == "siamese")
-        return cls(model.eval(), encoder, task, meta["base_model"])
+    def from_pretrained(cls, checkpoint: str | Path, model: str | None = None) -> "PromptedTask":
+        """Everything comes from the checkpoint folder (or a hub repo holding one); `model` only points at
+        another copy of the same base."""
+        directory = _local_folder(checkpoint)
+        meta = read_checkpoint(directory)
+        if meta.spec is None:
+            raise SoftpromptError(f"{checkpoint} holds a bare prompt with no task; load it with "
+                                  "PromptModel.from_pretrained(base_model, folder)")
+        info = describe_model(model or meta.spec.model)
+        meta.check_base(info.config, info.name)
+        prompted = cls.build(meta.spec, info, initialise=False)
+        prompted.model.load_tensors(load_tensors(directory, meta))
+        prompted.model.eval()
+        return prompted
+
+    from_checkpoint = from_pretrained  # the name of softprompt 0.1.0
+
+    def checkpoint(self, step: int | None = None, metrics: dict[str, Any] | None = None) -> Checkpoint:
+        return Checkpoint(self.spec.prompt, self.model.family, self.spec.model, fingerprint(self.base_config),
+                          self.spec, step, metrics or {})
+
+    def save_pretrained(self, directory: str | Path, step: int | None = None, metrics: dict[str, Any] | None = None,
+                        trainer_state: TrainerState | None = None) -> Path:
+        """One checkpoint folder, written atomically: the prompt (and head), the run spec, metrics."""
+        return save_checkpoint(directory, self.checkpoint(step, metrics), self.model.state_tensors(), trainer_state)
 
     def _examples(self, inputs: list[str | dict[str, Any] | Example]) -> list[Example]:
         return [i if isinstance(i, Example) else to_examples([i], self.task.fields)[0] for i in inputs]
@@ -112,3 +123,18 @@ class PromptedTask:
         probs = torch.softmax(scores, dim=-1)
         return [{"label": self.task.labels[int(p.argmax())],
                  "scores": {name: round(float(x), 6) for name, x in zip(self.task.labels, p)}} for p in probs]
+
+
+def _local_folder(checkpoint: str | Path) -> Path:
+    """A checkpoint folder as given, or a hub repo id fetched into the local hub cache."""
+    path = Path(checkpoint).expanduser()
+    if path.exists() or str(checkpoint).count("/") != 1:
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(checkpoint)))
+    except Exception as err:  # the hub client raises many types; all mean the same to the user
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise SoftpromptError(f"{checkpoint} is neither a checkpoint folder nor a hub repo reachable now "
+                              f"({first})") from None

@@ -13,7 +13,6 @@ from torch import nn
 from .config import PromptInit, PromptTuningConfig
 from .errors import SoftpromptError
 
-PROMPT_FILE = "prompt.safetensors"
 PROMPT_KEY = "prompt"
 
 
@@ -93,13 +92,18 @@ def _token_embedding_mean(tokenizer, embeddings: torch.Tensor, text: str) -> tor
 
 
 def load_prompt_file(path: str | Path) -> torch.Tensor:
+    """The prompt of a checkpoint folder (checked against its checksum) or of a bare .safetensors file."""
+    from .checkpoint import load_tensors
+
     path = Path(path)
-    file = path / PROMPT_FILE if path.is_dir() else path
-    if not file.is_file():
+    if path.is_dir():
+        tensors = load_tensors(path)
+    elif path.is_file():
+        tensors = load_file(str(path))
+    else:
         raise SoftpromptError(f"no prompt at {path}: give a checkpoint folder or a .safetensors prompt file")
-    tensors = load_file(str(file))
     if PROMPT_KEY not in tensors:
-        raise SoftpromptError(f"{file} holds no '{PROMPT_KEY}' tensor; is it a softprompt checkpoint?")
+        raise SoftpromptError(f"{path} holds no '{PROMPT_KEY}' tensor; is it a softprompt checkpoint?")
     return tensors[PROMPT_KEY]
 
 

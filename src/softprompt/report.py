@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import BEST, RESULTS, Checkpoint, read_checkpoint
 from .errors import SoftpromptError
+from .tasks import TaskSpec
 from .tracking import METRICS_LOG, read_metrics
-
-BEST, RESULTS = "best", "results.json"  # as the trainer writes them
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Run:
     name: str
     records: list[dict[str, Any]]
     results: dict[str, Any]
-    meta: dict[str, Any]
+    checkpoint: Checkpoint | None  # best/, when the run has one
 
     @property
     def steps(self) -> list[dict[str, Any]]:
@@ -36,11 +36,17 @@ class Run:
     def evals(self) -> list[dict[str, Any]]:
         return [r for r in self.records if any(k.startswith("dev_") for k in r)]
 
+    @property
+    def task(self) -> TaskSpec | None:
+        spec = self.checkpoint.spec if self.checkpoint else None
+        return spec.task if spec else None
+
     def setting(self) -> str:
-        t = self.meta.get("training", {})
-        return (f"{Path(str(t.get('model'))).name} · {self.meta.get('task', {}).get('name')} · "
-                f"k={t.get('prompt_length')} · "
-                f"init={self.meta.get('prompt', {}).get('init')} · lr={t.get('lr') or 'default'}")
+        spec = self.checkpoint.spec if self.checkpoint else None
+        if spec is None:
+            return ""
+        return (f"{Path(spec.model).name} · {spec.task.name} · k={spec.prompt.num_virtual_tokens} · "
+                f"init={spec.prompt.init.value} · lr={spec.lr}")
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -57,12 +63,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_run(path: Path, name: str | None = None) -> Run:
-    from .checkpoint import read_meta
-
     results_file = path / RESULTS
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    meta = read_meta(path / BEST) if (path / BEST).is_dir() else {}
-    return Run(path, name or path.name, read_metrics(path), results, meta)
+    checkpoint = read_checkpoint(path / BEST) if (path / BEST).is_dir() else None
+    return Run(path, name or path.name, read_metrics(path), results, checkpoint)
 
 
 def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -113,8 +117,9 @@ def _run_figure(run: Run, metric: str):
 def _confusion_figure(run: Run):
     import plotly.graph_objects as go
 
-    matrix = run.results.get("dev_confusion") or run.meta.get("metrics", {}).get("dev_confusion")
-    labels = list(run.meta.get("task", {}).get("labels", []))
+    matrix = run.results.get("dev_confusion") or (run.checkpoint.metrics.get("dev_confusion")
+                                                   if run.checkpoint else None)
+    labels = list(run.task.labels) if run.task else []
     if not matrix or len(labels) != len(matrix):
         return None
     fig = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Blues", text=matrix,
@@ -130,7 +135,7 @@ def _similarity_figure(runs: list[Run], prompts: list):
 
     from .interpret import prompt_similarity
 
-    names = [f"{r.name} ({r.meta.get('task', {}).get('name')})" for r in runs]
+    names = [f"{r.name} ({r.task.name if r.task else '?'})" for r in runs]
     sims = prompt_similarity(prompts)
     fig = go.Figure(go.Heatmap(z=sims, x=names, y=names, zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
                                text=[[("" if v is None else f"{v:.2f}") for v in row] for row in sims],
@@ -199,7 +204,7 @@ def write_report(run_dirs: list[str | Path], output: str | Path, top: int = 5, t
         if fig is not None:
             figures.append(("curves", fig))
     for run in runs:
-        metrics = run.meta.get("task", {}).get("metrics") or [k[4:] for k in metric_keys[:1]]
+        metrics = (run.task.metrics if run.task else None) or [k[4:] for k in metric_keys[:1]]
         if run.steps:
             figures.append(("runs", _run_figure(run, metrics[0] if metrics else "accuracy")))
         confusion = _confusion_figure(run)
@@ -207,9 +212,9 @@ def write_report(run_dirs: list[str | Path], output: str | Path, top: int = 5, t
             figures.append(("confusion", confusion))
     tables, prompts, with_prompts = [], [], []
     for run in runs:
-        if not run.meta:
+        if run.checkpoint is None:
             continue
-        prompted = PromptedTask.from_checkpoint(run.path / BEST, model)
+        prompted = PromptedTask.from_pretrained(run.path / BEST, model)
         weight = prompted.model.prompt.weight
         tables.append(_neighbour_table(run, nearest_tokens(weight, prompted.model.base.get_input_embeddings().weight,
                                                            prompted.encoder.tokenizer, top)))

@@ -3,7 +3,7 @@
 from .base import PromptModel
 from .decoder import DecoderPromptModel
 from .encoder import EncoderPromptModel
-from .factory import family_of, get_prompt_model
+from .factory import check_task_type, family_of, get_prompt_model
 from .seq2seq import Seq2SeqPromptModel
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "DecoderPromptModel",
     "Seq2SeqPromptModel",
     "family_of",
+    "check_task_type",
     "get_prompt_model",
 ]

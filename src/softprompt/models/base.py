@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import PromptTuningConfig, TaskType
 from ..errors import SoftpromptError
-from ..prompt import PROMPT_FILE, PROMPT_KEY, SoftPrompt, initial_prompt
+from ..prompt import PROMPT_KEY, SoftPrompt, initial_prompt
 
 HEAD_NAMES = ("classifier", "score", "classification_head")
 HEAD_PREFIX = "head."
@@ -199,35 +198,62 @@ class PromptModel(nn.Module):
         return self(**batch).loss
 
     # -- persistence ---------------------------------------------------------------------------------
-    def prompt_state(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint stores: the prompt and, for SEQ_CLS, the head."""
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint stores: the prompt as the model sees it and, for SEQ_CLS, the head."""
         state = {PROMPT_KEY: self.prompt.embeddings().detach().float().contiguous().cpu()}
         if self.head is not None:
             for name, value in self.head.state_dict().items():
                 state[f"{HEAD_PREFIX}{name}"] = value.detach().contiguous().cpu()
         return state
 
-    def save_prompt(self, directory: str | Path) -> Path:
-        path = Path(directory) / PROMPT_FILE
-        save_file(self.prompt_state(), str(path))
-        return path
-
-    def load_prompt(self, directory: str | Path) -> None:
-        path = Path(directory)
-        tensors = load_file(str(path / PROMPT_FILE if path.is_dir() else path))
-        prompt = tensors.pop(PROMPT_KEY)
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the prompt (and head) from `state_tensors()` output; nothing else of the model changes."""
+        tensors = dict(tensors)
+        prompt = tensors.pop(PROMPT_KEY, None)
+        if prompt is None:
+            raise SoftpromptError(f"no '{PROMPT_KEY}' tensor: not a softprompt checkpoint")
         if prompt.shape != self.prompt.weight.shape:
             raise SoftpromptError(
                 f"checkpoint prompt has shape {tuple(prompt.shape)} but this model expects "
                 f"{tuple(self.prompt.weight.shape)}: the base model's hidden size or the prompt length differs"
             )
-        self.prompt.reparam = None  # a checkpoint holds the folded prompt
+        if self.prompt.reparam is not None:
+            raise SoftpromptError("a checkpoint holds the prompt as the model sees it; load it into a model "
+                                  "without a residual reparameterisation (or fold that one first)")
+        self.load_head(tensors)
         with torch.no_grad():
             self.prompt.weight.copy_(prompt)
+
+    def load_head(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set a head from the `head.*` tensors of `state_tensors()` output (no head: nothing to set)."""
+        if self.head is None:
+            return
         head = {name[len(HEAD_PREFIX):]: t for name, t in tensors.items() if name.startswith(HEAD_PREFIX)}
-        if self.head is not None:
-            try:
-                self.head.load_state_dict(head)
-            except RuntimeError as err:
-                first = str(err).strip().splitlines()[-1].strip()
-                raise SoftpromptError(f"checkpoint head does not fit this model ({first})") from None
+        try:
+            self.head.load_state_dict(head)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1].strip()
+            raise SoftpromptError(f"checkpoint head does not fit this model ({first})") from None
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """A checkpoint folder of this prompt (and head): what `from_pretrained` reads back onto the same base."""
+        from ..checkpoint import Checkpoint, fingerprint, save_checkpoint
+
+        name = getattr(self.base.config, "_name_or_path", None) or None
+        meta = Checkpoint(self.config, self.family, name, fingerprint(self.base.config))
+        return save_checkpoint(directory, meta, self.state_tensors())
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path, tokenizer=None) -> "PromptModel":
+        """`base_model` (frozen from here on) with the prompt (and head) saved in `directory`, as peft's
+        `PeftModel.from_pretrained(model, path)`; the checkpoint's fingerprint must match the base model."""
+        from ..checkpoint import load_tensors, read_checkpoint
+        from .factory import get_prompt_model
+
+        checkpoint = read_checkpoint(directory)
+        checkpoint.check_base(base_model.config, type(base_model).__name__)
+        model = get_prompt_model(base_model, checkpoint.prompt, tokenizer, initialise=False)
+        if not isinstance(model, cls):
+            raise SoftpromptError(f"{directory} holds a {model.family} prompt, not one for {cls.__name__}")
+        model.load_tensors(load_tensors(directory, checkpoint))
+        return model

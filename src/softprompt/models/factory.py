@@ -31,30 +31,42 @@ def family_of(model_config) -> str:
     return "decoder"
 
 
+TASK_TYPES = {
+    "encoder": {TaskType.SEQ_CLS},
+    "decoder": {TaskType.SEQ_CLS, TaskType.CAUSAL_LM},
+    "seq2seq": {TaskType.SEQ_2_SEQ_LM},  # T5ForSequenceClassification cannot take inputs_embeds
+}
+
+
+def check_task_type(family: str, task_type: TaskType, model_type: str) -> None:
+    if task_type not in TASK_TYPES[family]:
+        names = ", ".join(sorted(t.value for t in TASK_TYPES[family]))
+        raise SoftpromptError(f"a {family} model ({model_type}) supports task type {names}, not {task_type.value}")
+
+
 def get_prompt_model(
     model: nn.Module,
     config: PromptTuningConfig,
     tokenizer=None,
     corpus: Iterable[str] | None = None,
     generator: torch.Generator | None = None,
+    initialise: bool = True,
 ) -> PromptModel:
     """Wrap `model` (frozen from here on) with a soft prompt initialised as `config.init` says.
 
-    `corpus` (e.g. the training texts) is where token frequencies for vocabulary init are counted.
+    `corpus` (e.g. the training texts) is where token frequencies for vocabulary init are counted. Without a
+    `tokenizer`, inits that need one load `config.tokenizer_name_or_path` (as peft does). `initialise=False`
+    leaves the prompt at zeros for a checkpoint to fill.
     """
     family = family_of(model.config)
-    allowed = {
-        "encoder": {TaskType.SEQ_CLS},
-        "decoder": {TaskType.SEQ_CLS, TaskType.CAUSAL_LM},
-        "seq2seq": {TaskType.SEQ_2_SEQ_LM},  # T5ForSequenceClassification cannot take inputs_embeds
-    }[family]
-    if config.task_type not in allowed:
-        names = ", ".join(sorted(t.value for t in allowed))
-        raise SoftpromptError(f"a {family} model ({model.config.model_type}) supports task type {names}, "
-                              f"not {config.task_type.value}")
+    check_task_type(family, config.task_type, model.config.model_type)
     if family == "decoder" and config.task_type is TaskType.SEQ_CLS and model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0  # pooling needs one defined
+    if tokenizer is None and config.tokenizer_name_or_path and initialise:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
     wrapped = FAMILIES[family](model, config, tokenizer)
-    if config.num_virtual_tokens:
+    if config.num_virtual_tokens and initialise:
         wrapped.init_prompt(corpus, generator)
     return wrapped

@@ -1,0 +1,335 @@
+"""What the user said (`TrainConfig`) and what a run does (`RunSpec`), and the one function between them.
+
+`TrainConfig` holds the user's words: `None` means "decide for me". `resolve` decides every such default in
+one place, from the task and the base model's config (read once, `assets.describe_model`), and returns a
+frozen `RunSpec` that the trainer, `PromptedTask`, the CLI and `sweep` read; each default it decides is
+recorded in `RunSpec.decided` with a one-line reason. The measurements behind the reasons live in
+docs/recipe.md, section "Defaults".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .assets import ModelInfo
+from .config import POOLINGS, PromptInit, PromptTuningConfig, TaskType
+from .errors import SoftpromptError
+from .tasks import TaskSpec
+from .tracking import parse_report_to
+
+RECIPE = "docs/recipe.md#defaults"
+LOSSES, CLASS_WEIGHTS, HEAD_INITS = ("rank", "lm"), ("auto", "none", "balanced"), ("cosine", "fit", "random")
+OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("linear", "cosine", "constant")
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A TrainConfig field and its `softprompt train` option in one place (cli: flag, multiple, ...)."""
+    kind = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**kind, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run as the user gave it; `None` means "decide for me" (see `resolve`)."""
+
+    model: str = _opt("smollm2-135m", "built-in name (smollm2-135m, minilm-l6), hub id or local folder")
+    data: str = _opt("rotten_tomatoes", "built-in dataset, CSV/TSV/JSONL file, folder (GLUE layout), or hub name "
+                                        "such as glue/sst2")
+    task: str | None = _opt(None, "built-in task spec (sst2, mrpc, rte, ...); inferred from the data when possible")
+    task_type: str | None = _opt(None, "SEQ_CLS (head), CAUSAL_LM or SEQ_2_SEQ_LM (label words); default: a head "
+                                       "for encoders and regression, label words otherwise")
+    text_columns: list[str] | None = _opt(None, "input column(s) of a file, in the task's field order (repeat)",
+                                          flag="--text-column")
+    label_column: str | None = _opt(None, "label column of a file")
+    template: str | None = _opt(None, "text-to-text template with {field} slots and an optional {label} slot "
+                                      "(default: the task's; the label follows the template)")
+    verbalizer: list[str] | None = _opt(None, "label word per label, in label order (repeat)")
+    prompt_length: int = _opt(8, "number of virtual tokens k")
+    residual_reparam: int | None = _opt(None, "train the prompt through a residual MLP with this bottleneck width, "
+                                              "folded into a plain prompt at save (0: off; default 64 with a "
+                                              "head, off for label words)")
+    init: str | None = _opt(None, "random | vocab | class_labels | text | file (default: the task's instruction "
+                                  "as text for label words, vocab for heads, '.' for siamese heads)")
+    init_text: str | None = _opt(None, "text whose token embeddings start the prompt")
+    init_file: str | None = _opt(None, "checkpoint folder or prompt .safetensors to start from")
+    pooling: str | None = _opt(None, "encoder heads: cls (the model's pooled [CLS]) | mean (of the text's final "
+                                     "states) | siamese (pairs: each text mean-pooled apart, the head reads u, "
+                                     "v, |u-v| and u*v) (default with a mean-pooling sentence-embedding model: "
+                                     "mean for one text, siamese for a pair; else cls)")
+    head_init: str | None = _opt(None, "a head's start: cosine (siamese heads: the pair's cosine fitted to the "
+                                       "training labels) | fit (a ridge readout of the head's inputs on 512 "
+                                       "training rows) | random (default: cosine for siamese heads, fit for "
+                                       "decoder heads, else random)")
+    loss: str = _opt("rank", "text-to-text loss: rank (cross-entropy over the label strings' scores) | lm (LM "
+                             "loss on the label tokens, the paper's)")
+    class_weights: str = _opt("auto", "none | balanced (each class's loss weighted by N / (classes * count)) | "
+                                      "auto (balanced for tasks scored by MCC)")
+    optimizer: str = _opt("adamw", "adamw | adafactor (the paper's)")
+    lr: float | None = _opt(None, "learning rate (default 3e-2 adamw, 1e-2 for a decoder's head; 0.3 adafactor)")
+    head_lr: float | None = _opt(None, "a head's learning rate (default: --lr for encoders, --lr * 0.3 for "
+                                       "decoders)")
+    weight_decay: float = _opt(1e-5, "AdamW/Adafactor weight decay")
+    schedule: str = _opt("linear", "linear | cosine | constant after warmup")
+    warmup: float = _opt(0.05, "warmup as a fraction of the budget (steps or time)")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+    batch_size: int = _opt(16, "training batch size")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    eval_batch_size: int = _opt(64, "evaluation batch size")
+    max_steps: int | None = _opt(None, "optimizer-step budget (80 when no budget is given)")
+    max_time: float | None = _opt(None, "training-time budget in seconds (evaluation not counted)")
+    epochs: float | None = _opt(None, "epoch budget")
+    eval_every: int = _opt(40, "evaluate on dev every N steps")
+    patience: int | None = _opt(None, "stop after N evaluations without dev improvement")
+    max_length: int = _opt(128, "max input tokens (virtual tokens not counted)")
+    max_train_examples: int | None = _opt(None, "train on a seeded sample of this many examples")
+    max_eval_examples: int | None = _opt(None, "evaluate on a seeded sample of this many examples")
+    seed: int = _opt(0, "seed of the data order, sampling and prompt init")
+    bf16: bool | None = _opt(None, "the frozen model's weights and activations in bf16 (prompt and head train in "
+                                   "fp32); default: bf16 under --max-time for decoders with label words on CPUs "
+                                   "with AMX, else fp32", flag="--bf16/--fp32")
+    output: str = _opt("runs/latest", "run folder: best/ and last/ checkpoints, metrics.jsonl")
+    eval_test: bool = _opt(True, "score the best checkpoint on test at the end")
+    # the CLI prints these beside the trained prompt's result; the API leaves the extra scoring to the caller
+    baselines: bool = _opt(False, "also score the majority class and the untrained prompt on test",
+                           cli_default=True)
+    progress: bool = _opt(True, "progress bar")
+    report_to: list[str] = _opt(list, "trackers besides metrics.jsonl, comma-separated: "
+                                      "wandb,tensorboard,trackio,mlflow", cli_type=str)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.prompt_length > 0, f"prompt length must be > 0, got {self.prompt_length}"),
+            (self.residual_reparam is None or self.residual_reparam >= 0,
+             "--residual-reparam is a bottleneck width >= 0 (0: off)"),
+            (self.loss in LOSSES, f"loss must be lm or rank, not {self.loss!r}"),
+            (self.pooling in (None, *POOLINGS), f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}"),
+            (self.head_init in (None, *HEAD_INITS), f"--head-init must be cosine, fit or random, not {self.head_init!r}"),
+            (self.class_weights in CLASS_WEIGHTS,
+             f"--class-weights must be auto, none or balanced, not {self.class_weights!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be adamw or adafactor, not {self.optimizer!r}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}"),
+            (self.batch_size > 0 and self.grad_accum > 0 and self.eval_batch_size > 0, "batch sizes must be > 0"),
+            (self.max_steps is None or self.max_steps > 0, "--max-steps must be > 0"),
+            (self.max_time is None or self.max_time > 0, "--max-time must be > 0 seconds"),
+            (self.epochs is None or self.epochs > 0, "--epochs must be > 0"),
+            (self.lr is None or self.lr > 0, "--lr must be > 0"),
+            (self.head_lr is None or self.head_lr > 0, "--head-lr must be > 0"),
+            (self.eval_every > 0, "--eval-every must be > 0"),
+            (0 <= self.warmup < 1, "--warmup is a fraction of the budget in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SoftpromptError(message)
+        self.report_to = parse_report_to(self.report_to)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run with every default decided: what the trainer runs, what a checkpoint records, what `eval` and
+    `predict` rebuild. `decided` maps each field that `resolve` chose (rather than the user) to why."""
+
+    model: str
+    family: str  # encoder | decoder | seq2seq
+    task: TaskSpec  # template and verbalizer as used
+    prompt: PromptTuningConfig  # length, init, pooling, label words, task type
+    data: str
+    text_columns: tuple[str, ...] | None
+    label_column: str | None
+    max_train_examples: int | None
+    max_eval_examples: int | None
+    seed: int
+    max_length: int  # input tokens, fitted to the model's positions beside the prompt
+    residual_reparam: int  # 0: off
+    head_init: str | None  # None: no head
+    loss: str
+    class_weights: str  # none | balanced
+    optimizer: str
+    lr: float
+    head_lr: float | None  # None: no head
+    weight_decay: float
+    schedule: str
+    warmup: float
+    max_grad_norm: float
+    batch_size: int
+    grad_accum: int
+    eval_batch_size: int
+    max_steps: int | None
+    max_time: float | None
+    epochs: float | None
+    eval_every: int
+    patience: int | None
+    bf16: bool
+    output: str
+    eval_test: bool
+    baselines: bool
+    progress: bool
+    report_to: tuple[str, ...]
+    decided: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def task_type(self) -> TaskType:
+        return self.prompt.task_type
+
+    @property
+    def has_head(self) -> bool:
+        return self.prompt.task_type is TaskType.SEQ_CLS
+
+    @property
+    def text_to_text(self) -> bool:
+        return not self.has_head
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(task=self.task.to_dict(), prompt=self.prompt.to_dict(), decided=dict(self.decided))
+        return asdict_plain(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SoftpromptError(f"run spec has unknown field(s) {', '.join(unknown)}; written by a newer softprompt?")
+        d["task"] = TaskSpec.from_dict(d["task"])
+        d["prompt"] = PromptTuningConfig.from_dict(d["prompt"])
+        for name in ("text_columns", "report_to"):
+            d[name] = tuple(d[name]) if d.get(name) is not None else d.get(name)
+        return cls(**d)
+
+
+def asdict_plain(d: dict[str, Any]) -> dict[str, Any]:
+    """Tuples as lists, so a dict survives a JSON round trip unchanged."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def fast_bf16() -> bool:
+    """Whether bf16 matrix products are fast here: CPUs with AMX tiles (docs/recipe.md, Precision)."""
+    import torch
+
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def default_task_type(family: str, task: TaskSpec) -> TaskType:
+    """Encoders classify with a head; decoders and encoder-decoders generate label words (regression: head)."""
+    if family == "encoder" or task.is_regression:
+        return TaskType.SEQ_CLS
+    return TaskType.CAUSAL_LM if family == "decoder" else TaskType.SEQ_2_SEQ_LM
+
+
+def resolve_task(task: TaskSpec, template: str | None, verbalizer: list[str] | None) -> TaskSpec:
+    """The task as the run uses it: the user's template and label words in place of the task's own."""
+    if template:
+        task = replace(task, template=template)  # validated by TaskSpec
+    if verbalizer:
+        if len(verbalizer) != len(task.labels):
+            raise SoftpromptError(f"--verbalizer needs {len(task.labels)} label words "
+                                  f"({', '.join(task.labels)}), got {len(verbalizer)}")
+        task = replace(task, verbalizer=tuple(verbalizer))
+    return task
+
+
+def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool | None = None) -> RunSpec:
+    """Decide every default of `cfg` for this base model and task (the one place that does); `bf16_fast`
+    stands in for the CPU check in tests."""
+    why: dict[str, str] = {}
+
+    def decide(name: str, value: Any, reason: str) -> Any:
+        why[name] = f"{reason} ({RECIPE})"
+        return value
+
+    task = resolve_task(task, cfg.template, cfg.verbalizer)
+    task_type = TaskType(cfg.task_type) if cfg.task_type else decide(
+        "task_type", default_task_type(model.family, task),
+        "a head for encoders and regression, label words (rank classification) for generative models")
+    if model.config is not None:  # a checkpoint's record was checked when it was trained
+        from .models import check_task_type
+
+        check_task_type(model.family, task_type, model.config.model_type)
+    head = task_type is TaskType.SEQ_CLS
+    decoder_head = head and model.family == "decoder"
+
+    pooling = cfg.pooling
+    if pooling is None:
+        if head and model.mean_pooling:
+            pooling = decide("pooling", "mean" if len(task.fields) == 1 else "siamese",
+                             "a mean-pooling sentence-embedding model reads one text by its mean and a pair as two "
+                             "texts compared, as it was trained")
+        else:
+            pooling = decide("pooling", "cls", "the model's own pooled first token")
+    if head:
+        default_text = "." if pooling == "siamese" else None
+    else:
+        default_text = task.instruction or None
+    if cfg.init:
+        init = PromptInit(cfg.init)
+    elif cfg.init_file or cfg.init_text:
+        init = PromptInit.FILE if cfg.init_file else PromptInit.TEXT
+    elif default_text:
+        init = decide("init", PromptInit.TEXT,
+                      "siamese heads start from '.' (punctuation the model passes over); label words from the "
+                      "task's instruction, which keeps the template's zero-shot accuracy")
+    else:
+        init = decide("init", PromptInit.VOCAB if head else PromptInit.CLASS_LABELS,
+                      "heads start from sampled vocabulary; label words without an instruction from their labels")
+    prompt = PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
+                                init_text=cfg.init_text or default_text, init_file=cfg.init_file, pooling=pooling,
+                                label_words=[w.strip() for w in task.verbalizer] or list(task.labels))
+
+    max_length = cfg.max_length
+    if model.max_positions and max_length + cfg.prompt_length > model.max_positions:
+        max_length = decide("max_length", model.max_positions - cfg.prompt_length,
+                            "input and prompt must fit the model's positions")
+
+    reparam = cfg.residual_reparam
+    if reparam is None:
+        reparam = decide("residual_reparam", 64 if head else 0,
+                         "a residual MLP helped heads and cost label words accuracy")
+
+    if cfg.head_init is not None and not head:
+        raise SoftpromptError("--head-init starts a classification or regression head; this run trains "
+                              "label words (use --task-type SEQ_CLS for a head)")
+    if cfg.head_init == "cosine" and pooling != "siamese":
+        raise SoftpromptError("--head-init cosine starts a siamese head; use fit or random with other pooling")
+    head_init = cfg.head_init
+    if head_init is None and head:
+        head_init = decide("head_init", "cosine" if pooling == "siamese" else "fit" if decoder_head else "random",
+                           "a siamese head starts at the pair's fitted cosine, a decoder's head as a ridge readout "
+                           "of its large last states; other heads as the model made them")
+
+    lr = cfg.lr
+    if lr is None:
+        lr = decide("lr", 0.3 if cfg.optimizer == "adafactor" else 1e-2 if decoder_head else 3e-2,
+                    "Adafactor at the paper's 0.3; AdamW at 3e-2, 1e-2 where the prompt must not outrun a "
+                    "decoder head's fitted start")
+    head_lr = cfg.head_lr if head else None
+    if head and head_lr is None:
+        head_lr = decide("head_lr", lr * 0.3 if decoder_head else lr,
+                         "a decoder's last states are several times larger, so its head steps slower")
+
+    text_to_text = not head
+    weights = cfg.class_weights
+    if weights == "auto":
+        balanced = task.metrics[0] == "mcc" and not (text_to_text and cfg.loss == "lm")
+        weights = decide("class_weights", "balanced" if balanced else "none",
+                         "tasks scored by MCC weight classes, where unweighted training settled on the majority")
+    elif weights == "balanced" and task.is_regression:
+        raise SoftpromptError("--class-weights balanced needs a classification task; this one is regression")
+    elif weights == "balanced" and text_to_text and cfg.loss == "lm":
+        raise SoftpromptError("--class-weights balanced weights the rank loss or a head; use --loss rank")
+
+    max_steps = cfg.max_steps
+    if cfg.max_steps is None and cfg.max_time is None and cfg.epochs is None:
+        max_steps = decide("max_steps", 80, "no budget given: the embedded default job's, a few minutes on 2 cores")
+
+    bf16 = cfg.bf16
+    if bf16 is None:
+        fast = fast_bf16() if bf16_fast is None else bf16_fast
+        bf16 = decide("bf16", model.family == "decoder" and text_to_text and cfg.max_time is not None and fast,
+                      "bf16 frozen weights buy steps within a time budget on CPUs with AMX; under a step budget "
+                      "they only cost accuracy")
+
+    same = {f.name: getattr(cfg, f.name) for f in fields(RunSpec) if f.name in TrainConfig.__dataclass_fields__}
+    same.update(text_columns=tuple(cfg.text_columns) if cfg.text_columns else None, report_to=tuple(cfg.report_to))
+    return RunSpec(**{**same, "family": model.family, "task": task, "prompt": prompt, "max_length": max_length,
+                      "residual_reparam": reparam, "head_init": head_init, "lr": lr, "head_lr": head_lr,
+                      "class_weights": weights, "max_steps": max_steps, "bf16": bf16, "decided": why})
