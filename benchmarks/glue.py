@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from softprompt.assets import load_backbone, resolve_model
-from softprompt.checkpoint import read_meta
+from softprompt.assets import describe_model, load_backbone, resolve_model
+from softprompt.checkpoint import read_checkpoint
 from softprompt.config import TaskType
 from softprompt.encoding import TaskEncoder, collate, pad
 from softprompt.metrics import compute_metrics
@@ -57,7 +57,7 @@ def ours(model: str, task_name: str, budget: float, prompt_length: int, dev_limi
                       eval_every=10**9, eval_test=False, max_eval_examples=dev_limit, progress=False,
                       output=str(out))
     result = train(cfg, log=lambda _: None)
-    bf16 = read_meta(out / "best")["training"]["bf16"]  # default: bf16 for label words on CPUs with AMX
+    bf16 = read_checkpoint(out / "best").spec.bf16  # default: bf16 for label words on CPUs with AMX
     return {"metrics": result.dev, "steps": result.step, "seconds": result.seconds,
             "params": result.trained_parameters, "stored": _stored(out / "best"),
             "precision": "bf16" if bf16 else "fp32"}
@@ -76,10 +76,10 @@ def peft_run(method: str, model: str, task_name: str, budget: float, prompt_leng
     task = get_task(task_name)
     kind = task_type(model, task)
     torch.manual_seed(seed)
-    backbone = load_backbone(model, kind, num_labels=max(len(task.labels), 1), regression=task.is_regression)
+    backbone = load_backbone(describe_model(model), kind, num_labels=max(len(task.labels), 1),
+                             regression=task.is_regression)
     # the same train/dev examples as the softprompt row (the same --dev-limit subset)
-    splits = load_splits(TrainConfig(model=model, data=str(GLUE / task.glue_folder), task=task_name,
-                                     max_eval_examples=dev_limit, seed=seed))
+    splits = load_splits(str(GLUE / task.glue_folder), task_name, seed, max_eval_examples=dev_limit)
     dev = splits.dev
     encoder = TaskEncoder(backbone.tokenizer, task, kind, 128)
     if method == "lora":

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from softprompt.training import Trainer, TrainConfig
+from softprompt.training import TrainConfig, prepare
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 FOLDERS = {"rte": "RTE", "mrpc": "MRPC", "stsb": "STS-B"}
@@ -30,7 +30,8 @@ def main() -> None:
     k = args.prompt_length
     cfg = TrainConfig(model="minilm-l6", data=str(GLUE / FOLDERS[args.task]), task=args.task, prompt_length=k,
                       init="vocab", residual_reparam=0, output=tempfile.mkdtemp(), progress=False)
-    trainer = Trainer(cfg, log=lambda _: None)
+    trainer = prepare(cfg, log=lambda _: None)
+    assert trainer.spec.head_init == "cosine"  # siamese pooling for a pair on a sentence-embedding model
     features = trainer.encoder.encode_all(trainer.splits.train)
     table = trainer.model.base.get_input_embeddings().weight.detach()
     tokenizer = trainer.encoder.tokenizer
@@ -48,7 +49,7 @@ def main() -> None:
         with torch.no_grad():
             trainer.model.prompt.weight.copy_(prompt)
         start = time.perf_counter()
-        trainer._start_head_at_cosine(features)
+        trainer._start_head(features)
         fitted = time.perf_counter() - start
         metrics = ", ".join(f"{m}={v:.4f}" for m, v in trainer.evaluate(trainer.splits.dev).items())
         print(f"{name:<50} dev {metrics}  (fit {fitted:.0f} s)", flush=True)

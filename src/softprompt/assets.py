@@ -41,7 +41,7 @@ def cache_dir() -> Path:
 def smollm2_path() -> Path:
     """SmolLM2 as plain fp32 safetensors, converted from the packaged GGUF once and cached.
 
-    The GGUF is Q4_1; transformers dequantises it on load (~20-40 s), so the result is kept and every
+    The GGUF is Q4_1; transformers dequantises it on load (tens of seconds), so the result is kept and every
     later load is an ordinary `from_pretrained` of a local folder.
     """
     target = cache_dir() / "smollm2-135m"

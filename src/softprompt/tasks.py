@@ -86,9 +86,9 @@ _BEFORE_SPACE = re.compile(r" (\.\.\.|[.,:;?!)%])")  # punctuation that attaches
 
 def natural_text(text: str) -> str:
     """Penn-Treebank-tokenized, lowercased text (SST-2: "it 's a charming journey . ") as a writer would type
-    it ("It's a charming journey."). A pretrained LM read the latter: on SST-2 dev, SmolLM2's zero-shot
-    accuracy with the default template went from 82.68% to 84.98%. Natural text passes through unchanged
-    apart from its first letter's case."""
+    it ("It's a charming journey."). A pretrained LM read the latter, and scores it better zero-shot
+    (docs/recipe.md, "SST-2 inputs as natural text"). Natural text passes through unchanged apart from its
+    first letter's case."""
     text = _CLITIC.sub(r"\1", text.strip())
     text = _BEFORE_SPACE.sub(r"\1", text).replace("( ", "(").replace("`` ", '"').replace(" ''", '"')
     return text[:1].upper() + text[1:]

@@ -29,8 +29,8 @@ _layout: ContextVar[tuple[int, torch.Tensor]] = ContextVar("softprompt_packed_la
 def _sdpa(query, key, value, **kwargs):
     """SDPA over grouped heads; torch before 2.5 gets the key/value heads repeated instead.
 
-    bf16 on CPU runs in fp32: torch's CPU flash-attention backward in bf16 took 37% of a SmolLM2 training
-    step (10 ms a call against 1.5 ms in fp32), and attention is a small part of the work in fp32."""
+    bf16 on CPU runs in fp32: torch's CPU flash-attention backward is several times slower in bf16 than in
+    fp32, where attention is a small part of the work (docs/recipe.md, "Precision")."""
     if query.device.type == "cpu" and query.dtype == torch.bfloat16:
         mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():

@@ -85,7 +85,7 @@ class PromptModel(nn.Module):
 
     def freeze_in(self, dtype: torch.dtype) -> None:
         """Keep the frozen weights in `dtype` (bf16: half the memory and, where the chip has bf16 matrix units,
-        about half the step time). What trains (prompt, head) keeps fp32 weights, so optimizer updates are not
+        faster steps; docs/recipe.md, "Precision"). What trains (prompt, head) keeps fp32 weights, so optimizer updates are not
         rounded away; the head reads its input in its own dtype. Buffers (rotary frequencies) stay as they are."""
         trained = {id(p) for p in self.trainable_parameters()}
         for param in self.base.parameters():
@@ -103,9 +103,9 @@ class PromptModel(nn.Module):
     def start_head_at_readout(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
         """Set the head to a ridge readout of its own inputs (what it reads under the starting prompt),
         fitted to training labels (one-hot for classes, whose logits are then scaled to the cross-entropy's
-        best temperature). A random head over a decoder's last state (L1 norm ~660 on SmolLM2) starts with
-        errors far above the labels' spread, and the prompt is trained against that noise first (STS-B:
-        squared error above the scores' variance after 350 steps in one run of two). The ridge strength is
+        best temperature). A random head over a decoder's large last states starts with errors far above the
+        labels' spread, and the prompt is trained against that noise first (docs/recipe.md, "SmolLM2-135M with
+        a head"). The ridge strength is
         picked on a held-out quarter of the rows; returns that quarter's mean squared error. With a deeper head
         (RoBERTa's), `inputs` are what its last linear layer reads, and only that layer is set."""
         head = self.readout

@@ -67,8 +67,9 @@ class EncoderPromptModel(PromptModel):
     def start_head_at_cosine(self, cosine: torch.Tensor, labels: torch.Tensor) -> None:
         """Set the siamese head to a function of cos(u, v) alone, fitted to training labels: per class
         w_c * cos + b_c (a least-squares line for regression). The model was trained to score a pair by that
-        cosine; a random head over [u, v, |u - v|, u * v] must find it from a few thousand pairs (RTE: 55% after
-        600 s, where the fitted cosine alone scores 63% on dev). w_c sits in the u * v block, whose sum is cos."""
+        cosine; a random head over [u, v, |u - v|, u * v] must find it from a few thousand pairs, and on RTE did
+        worse after 600 s than the fitted cosine alone (docs/recipe.md, "MiniLM-L6"). w_c sits in the u * v
+        block, whose sum is cos."""
         x, head = cosine.double(), self.head
         if head.out_features == 1:
             slope, intercept = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), labels.double()[:, None]

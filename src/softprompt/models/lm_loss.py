@@ -1,18 +1,18 @@
 """Next-token cross-entropy through a frozen LM head, without keeping the logits.
 
-Over SmolLM2's 49k vocabulary, 512 labelled tokens give 100 MB of fp32 logits, and the plain path walks
-them several times (log-softmax, its backward, a zero-filled gradient the size of the logits), and autograd
-keeps them until backward. The head is frozen, so the only gradient needed is the one to the hidden states,
-and it is known as soon as the softmax is: (softmax - one-hot) @ W. This computes it chunk by chunk during
-the forward and keeps only that (N, d) gradient for backward: a SmolLM2 step at batch 8 x 64 tokens saves
-about 230 MB less for backward. The time is the same as the plain path's here (the two matmuls dominate).
+Over a large vocabulary the logits of a batch's labelled tokens are large, and the plain path walks them
+several times (log-softmax, its backward, a zero-filled gradient the size of the logits), and autograd keeps
+them until backward. The head is frozen, so the only gradient needed is the one to the hidden states, and it
+is known as soon as the softmax is: (softmax - one-hot) @ W. This computes it chunk by chunk during the
+forward and keeps only that (N, d) gradient for backward: less memory saved, the same time (the two matmuls
+dominate either way; docs/benchmarks.md, "the LM loss without logits").
 """
 
 from __future__ import annotations
 
 import torch
 
-ROWS_PER_CHUNK = 128  # 128 x 49k fp32 logits = 25 MB at a time; 64-256 timed the same here
+ROWS_PER_CHUNK = 128  # bounds the logits alive at once; chunk sizes around it timed the same (docs/benchmarks.md)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
