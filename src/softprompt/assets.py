@@ -99,6 +99,16 @@ def pools_by_mean(name: str) -> bool:
         return False
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub model was downloaded before (then transformers loads it offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id: not cached
+        return False
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a run needs to know about its base model before loading its weights, read from its config once."""
@@ -118,10 +128,32 @@ class Backbone:
     name: str  # what the user called it; stored in checkpoints
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (None: it can), found before a client's retries: HF_HUB_OFFLINE,
+    or a TCP connection to its endpoint that fails within seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as err:
+        return f"no network to {endpoint.hostname}: {err.strerror or err}"
+    return None
+
+
 def load_config(name: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = resolve_model(name)
+    reason = None if Path(path).exists() else hub_unreachable()
+    if reason and not _in_hub_cache(str(path)):
+        raise SoftpromptError(f"cannot load model {name!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a local "
+                              f"model folder, or a hub id reachable now ({reason})")
     try:
         return path, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

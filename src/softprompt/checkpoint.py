@@ -136,21 +136,29 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
 
 
 def _write_atomic(directory: Path, write: Callable[[Path], None]) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    except OSError as err:
+        raise SoftpromptError(f"cannot write checkpoint {directory} ({err.strerror})") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is meant to be shared
+    old = directory.with_name(f".{directory.name}-old")
     try:
         write(tmp)
         if directory.exists():
-            old = directory.with_name(f".{directory.name}-old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+    except OSError as err:
+        if old.exists() and not directory.exists():
+            os.replace(old, directory)
+        raise SoftpromptError(f"cannot write checkpoint {directory} ({err.strerror or err}); the one there before is "
+                              "intact") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -11,7 +11,6 @@ import typing
 from pathlib import Path
 from typing import Any, List, Optional
 
-import click
 import typer
 
 from .errors import SoftpromptError
@@ -129,15 +128,26 @@ def evaluate(
     typer.echo(json.dumps({"checkpoint": checkpoint, "split": split, "n": len(examples), **metrics}))
 
 
+def _stdin_lines() -> list[str]:
+    """Lines piped to stdin; none from a terminal (or where there is no stdin to read)."""
+    try:
+        if sys.stdin is None or sys.stdin.isatty():
+            return []
+        return sys.stdin.read().splitlines()
+    except (OSError, ValueError):  # closed, or captured (as under pytest)
+        return []
+
+
 def _read_inputs(texts: list[str], file: Optional[str]) -> list[str | dict]:
-    """Inputs from arguments, a file or stdin: a line is a text, tab-separated fields, or a JSON object."""
+    """Inputs in order: the arguments, then the lines of --file, then lines piped to stdin; a line is a text,
+    tab-separated fields, or a JSON object."""
+    lines = list(texts)
     if file:
         try:
-            lines = Path(file).read_text(encoding="utf-8").splitlines()
-        except OSError as err:
-            raise SoftpromptError(f"cannot read {file}: {err.strerror}") from None
-    else:
-        lines = texts or sys.stdin.read().splitlines()
+            lines += Path(file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise SoftpromptError(f"cannot read {file}: {getattr(err, 'strerror', None) or err}") from None
+    lines += _stdin_lines()
     items: list[str | dict] = []
     for line in filter(str.strip, lines):
         if line.lstrip().startswith("{"):
@@ -155,7 +165,7 @@ def _read_inputs(texts: list[str], file: Optional[str]) -> list[str | dict]:
 @app.command()
 def predict(
     checkpoint: str = typer.Argument(..., help="checkpoint folder"),
-    texts: Optional[List[str]] = typer.Argument(None, help="texts to classify (else --file or stdin)"),
+    texts: Optional[List[str]] = typer.Argument(None, help="texts to classify (then those of --file and of stdin)"),
     file: Optional[str] = typer.Option(None, help="one input per line: a text, tab-separated fields, or JSON"),
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
     batch_size: int = typer.Option(32),
@@ -299,12 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as err:
         _err(str(err))
         return 130
-    except click.exceptions.Exit as err:
+    except typer.Exit as err:
         return err.exit_code
-    except click.ClickException as err:
-        err.show()
-        return err.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except typer.TyperException as err:  # typer's own click: usage errors (a misspelt option, an extra argument)
+        show = getattr(err, "show", None)
+        if show is None:
+            _err(f"error: {err}")
+            return 2
+        show()
+        return getattr(err, "exit_code", 2)
+    except (typer.Abort, KeyboardInterrupt):
         _err("aborted")
         return 130
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,6 +39,7 @@ class Splits:
     dev: list[Example]
     test: list[Example]
     source: str
+    notes: list[str] = field(default_factory=list)  # what loading changed, for the run's log
 
     def labelled(self, split: str) -> bool:
         rows = getattr(self, split)
@@ -71,19 +73,22 @@ def _label_index(raw: Any, task: TaskSpec, where: str) -> int | float | None:
     )
 
 
-def _infer_task(train_rows: list[dict], dev_rows: list[dict], fields: tuple[str, ...], label: str) -> TaskSpec:
-    """A classification task for user data: the label set is what train holds; dev may not add to it."""
+def _infer_task(train_rows: list[dict], other_rows: dict[str, list[dict]], fields: tuple[str, ...],
+                label: str) -> TaskSpec:
+    """A classification task for user data: the label set is what train holds; dev and test may not add to it."""
     seen = sorted({str(r[label]).strip() for r in train_rows if str(r[label]).strip() != ""},
                   key=lambda s: (0, float(s)) if _is_number(s) else (1, s))
-    for row in dev_rows:
-        value = str(row[label]).strip()
-        if value and value not in seen:
-            raise SoftpromptError(
-                f"dev label {value!r} never occurs in train (train labels: {', '.join(seen)}); "
-                "fix the data or give a task with --task"
-            )
+    for split, rows in other_rows.items():
+        for row in rows:
+            value = str(row.get(label, "")).strip()
+            if value and value not in seen:
+                raise SoftpromptError(
+                    f"{split} label {value!r} never occurs in train (train labels: {', '.join(seen)}); "
+                    "fix the data or give a task with --task"
+                )
     if len(seen) < 2:
-        raise SoftpromptError(f"training data has {len(seen)} distinct label(s) in column {label!r}; need at least 2")
+        raise SoftpromptError(f"label column {label!r} holds {len(seen)} distinct value(s) in the training data "
+                              f"({', '.join(seen) or 'none'}); a classifier needs at least 2 labels")
     return TaskSpec("custom", fields, tuple(seen), ("accuracy", "macro_f1") if len(seen) > 2 else ("accuracy", "f1"))
 
 
@@ -98,6 +103,18 @@ def _is_number(s: str) -> bool:
 # -- reading rows ---------------------------------------------------------------------------------------
 def _read_rows(path: Path, positions: dict[str, int] | None = None, header_names: Iterable[str] = ()) -> list[dict]:
     """Rows of a CSV/TSV/JSONL file as dicts; header-less TSV rows get their columns from `positions`."""
+    try:
+        return _parse_rows(path, positions, header_names)
+    except UnicodeDecodeError as err:
+        raise SoftpromptError(f"{path} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
+                              f"{err.start}); save it as UTF-8") from None
+    except csv.Error as err:
+        raise SoftpromptError(f"{path} is not well-formed CSV ({err}); check its quotes and delimiters") from None
+    except OSError as err:
+        raise SoftpromptError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _parse_rows(path: Path, positions: dict[str, int] | None, header_names: Iterable[str]) -> list[dict]:
     if path.suffix in (".jsonl", ".json"):
         text = path.read_text(encoding="utf-8")
         try:
@@ -111,7 +128,7 @@ def _read_rows(path: Path, positions: dict[str, int] | None = None, header_names
         if path.suffix == ".tsv":
             rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
         else:
-            rows = list(csv.reader(f))
+            rows = list(csv.reader(f, strict=True))  # an unclosed quote is an error, not a swallowed file
     if not rows:
         return []
     names = set(header_names)
@@ -203,8 +220,12 @@ def from_file(path: Path, task: TaskSpec | None, seed: int, text_columns=None, l
     rows = _read_rows(path)
     probe = _probe(task, text_columns)
     cols, label_col = _columns_for(rows, probe, str(path), text_columns, label_column)
+    if int(len(rows) * SPLIT_FRACTIONS[1]) < 1:
+        raise SoftpromptError(f"{path} has {len(rows)} data row(s); one file is split 80/10/10 into train/dev/test, "
+                              f"so it needs at least {math.ceil(1 / SPLIT_FRACTIONS[1])} (or give a folder with "
+                              "train and dev files)")
     train, dev, test = _seeded_split(rows, seed)
-    task = task or _infer_task(train, dev, probe.fields, label_col)
+    task = task or _infer_task(train, {"dev": dev, "test": test}, probe.fields, label_col)
     return Splits(task, *(_to_examples(r, task, cols, label_col, f"{path}") for r in (train, dev, test)),
                   source=str(path))
 
@@ -231,7 +252,7 @@ def from_folder(folder: Path, task: TaskSpec | None, text_columns=None, label_co
     headers = [n for key in probe.fields + ("label",) for n in probe.column_names(key)]
     rows = [_read_rows(f, probe.positions, headers) if f else [] for f in files]
     cols, label_col = _columns_for(rows[0], probe, str(files[0]), text_columns, label_column)
-    task = task or _infer_task(rows[0], rows[1], probe.fields, label_col)
+    task = task or _infer_task(rows[0], {"dev": rows[1], "test": rows[2]}, probe.fields, label_col)
     splits = []
     for name, f, r in zip(SPLIT_NAMES, files, rows):
         if not r:
@@ -257,12 +278,18 @@ def from_hub(name: str, task: TaskSpec | None, text_columns=None, label_column=N
     """A dataset on the Hugging Face hub (or a local dataset folder in hub layout) through `datasets`."""
     import datasets
 
+    from .assets import hub_unreachable
+
     repo, config = parse_hub_name(name)
     if task is None:
         matches = [t.name for t in TASKS.values() if t.hub == (repo, config)]
         if not matches:
             raise SoftpromptError(f"say which task {name!r} is with --task (built-in: {', '.join(TASKS)})")
         task = get_task(matches[0])
+    reason = None if Path(repo).exists() else hub_unreachable()
+    if reason:
+        raise SoftpromptError(f"cannot load dataset {name!r} from the hub ({reason}); use a local file or GLUE "
+                              "folder instead")
     try:
         loaded = datasets.load_dataset(repo, config)
     except Exception as err:  # the hub client raises many types; all mean the same to the user
@@ -305,6 +332,9 @@ def load_data(source: str, task: TaskSpec | str | None = None, *, seed: int = 0,
     if isinstance(task, str):
         task = get_task(task)
     path = Path(source).expanduser()
+    local = source.startswith(("/", "./", "../", "~")) and not Path(parse_hub_name(source)[0]).expanduser().exists()
+    if not path.exists() and (path.suffix in FILE_SUFFIXES or local):
+        raise SoftpromptError(f"data file {source} does not exist; check the path given to --data")
     if source in BUILTIN_DATASETS and not path.exists():
         splits = rotten_tomatoes(seed)
         if task is not None:
@@ -322,10 +352,33 @@ def load_data(source: str, task: TaskSpec | str | None = None, *, seed: int = 0,
             f"unknown data {source!r}: give a built-in dataset ({', '.join(BUILTIN_DATASETS)}), a file, "
             "a folder, or a hub name such as glue/sst2"
         )
+    dropped = 0
+    for name in SPLIT_NAMES:
+        rows = getattr(splits, name)
+        kept = [e for e in rows if any(v.strip() for v in e.fields.values())]
+        dropped += len(rows) - len(kept)
+        setattr(splits, name, kept)
+    if dropped:
+        splits.notes.append(f"dropped {dropped} example(s) whose text is empty")
     if not splits.train:
-        raise SoftpromptError(f"{source} has no training examples")
+        raise SoftpromptError(f"{source} has no training examples (with text)")
     if not splits.dev:
         raise SoftpromptError(f"{source} has no dev examples to evaluate on")
     if not splits.labelled("train") or not splits.labelled("dev"):
         raise SoftpromptError(f"{source}: every train and dev example needs a label")
+    if not splits.task.is_regression:
+        _check_label_sets(splits)
     return splits
+
+
+def _check_label_sets(splits: Splits) -> None:
+    """Train must hold two labels or more, and every label dev or test holds."""
+    task, seen = splits.task, {e.label for e in splits.train}
+    if len(seen) < 2:
+        raise SoftpromptError(f"the training data of {splits.source} holds one label only "
+                              f"({', '.join(task.labels[i] for i in seen)}); a classifier needs at least 2")
+    for name in ("dev", "test"):
+        unseen = sorted({e.label for e in getattr(splits, name) if e.label is not None} - seen)
+        if unseen:
+            raise SoftpromptError(f"{name} label(s) {', '.join(task.labels[i] for i in unseen)} never occur in the "
+                                  f"training data of {splits.source}; fix the data")

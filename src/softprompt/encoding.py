@@ -32,6 +32,7 @@ class TaskEncoder:
                  separate: bool = False) -> None:
         self.tokenizer, self.task, self.task_type, self.max_length = tokenizer, task, task_type, max_length
         self.separate = separate
+        self.truncated = 0  # inputs cut to max_length so far (the template and the label slot are never cut)
         if max_length < 8:
             raise SoftpromptError(f"max input length {max_length} leaves no room for text; "
                                   "shorten the prompt or raise --max-length")
@@ -57,14 +58,16 @@ class TaskEncoder:
         """The rendered template, with the longest field cut (by tokens) until it fits; the tail survives."""
         budget = self.max_length - max((len(i) for i in self.label_ids), default=0)
         fields = dict(fields)
-        for _ in range(8):
+        for attempt in range(8):
             ids = self.tokenizer(self.task.render(fields))["input_ids"]
             excess = len(ids) - budget
             if excess <= 0:
+                self.truncated += attempt > 0
                 return ids
             longest = max(fields, key=lambda f: len(fields[f]))
             tokens = self.tokenizer(fields[longest], add_special_tokens=False)["input_ids"]
             fields[longest] = self.tokenizer.decode(tokens[: max(0, len(tokens) - excess - 1)])
+        self.truncated += 1
         return ids[-budget:]
 
     def encode(self, example: Example) -> Feature:
@@ -79,10 +82,17 @@ class TaskEncoder:
         texts = [fields[f] for f in self.task.fields]
         pair = (texts[0], " ".join(texts[1:])) if len(texts) > 1 else (texts[0],)
         if self.separate:
-            first, second = (self.tokenizer(t, truncation=True, max_length=self.max_length)["input_ids"] for t in pair)
-            return Feature(first, example.label, pair_ids=second)
-        enc = self.tokenizer(*pair, truncation=True, max_length=self.max_length)
+            first, second = (self._cut(t) for t in pair)
+            return Feature(first["input_ids"], example.label, pair_ids=second["input_ids"])
+        enc = self._cut(*pair)
         return Feature(enc["input_ids"], example.label, enc.get("token_type_ids"))
+
+    def _cut(self, *texts: str):
+        """The tokenizer's encoding cut to max_length, counted in `truncated` when it was cut."""
+        enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+        if len(enc["input_ids"]) == self.max_length:
+            self.truncated += len(self.tokenizer(*texts)["input_ids"]) > self.max_length
+        return enc
 
     def encode_all(self, examples: list[Example]) -> list[Feature]:
         return [self.encode(e) for e in examples]

@@ -132,6 +132,11 @@ def _local_folder(checkpoint: str | Path) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
+    from .assets import hub_unreachable
+
+    reason = hub_unreachable()
+    if reason:
+        raise SoftpromptError(f"{checkpoint} is neither a checkpoint folder nor a hub repo reachable now ({reason})")
     try:
         return Path(snapshot_download(str(checkpoint)))
     except Exception as err:  # the hub client raises many types; all mean the same to the user

@@ -89,6 +89,9 @@ class TrainConfig:
                                    "fp32); default: bf16 under --max-time for decoders with label words on CPUs "
                                    "with AMX, else fp32", flag="--bf16/--fp32")
     output: str = _opt("runs/latest", "run folder: best/ and last/ checkpoints, metrics.jsonl")
+    save_every: int | None = _opt(None, "also save last/ (for --resume) every N steps; by default every 50 steps "
+                                        "and every 60 s, so a killed run loses little")
+    on_nan: str = _opt("stop", "a NaN or infinite loss: stop (with last/ as of the step before) | skip the step")
     eval_test: bool = _opt(True, "score the best checkpoint on test at the end")
     # the CLI prints these beside the trained prompt's result; the API leaves the extra scoring to the caller
     baselines: bool = _opt(False, "also score the majority class and the untrained prompt on test",
@@ -117,6 +120,8 @@ class TrainConfig:
             (self.head_lr is None or self.head_lr > 0, "--head-lr must be > 0"),
             (self.eval_every > 0, "--eval-every must be > 0"),
             (0 <= self.warmup < 1, "--warmup is a fraction of the budget in [0, 1)"),
+            (self.save_every is None or self.save_every > 0, "--save-every must be > 0 steps"),
+            (self.on_nan in ("stop", "skip"), f"--on-nan must be stop or skip, not {self.on_nan!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,6 +166,9 @@ class RunSpec:
     patience: int | None
     bf16: bool
     output: str
+    save_every: int
+    save_seconds: float | None  # also save last/ when this long has passed since the last save
+    on_nan: str
     eval_test: bool
     baselines: bool
     progress: bool
@@ -321,6 +329,11 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     if cfg.max_steps is None and cfg.max_time is None and cfg.epochs is None:
         max_steps = decide("max_steps", 80, "no budget given: the embedded default job's, a few minutes on 2 cores")
 
+    save_every, save_seconds = cfg.save_every, None
+    if save_every is None:
+        save_every, save_seconds = decide("save_every", 50, "a killed run resumes from last/; saving a prompt takes "
+                                          "milliseconds"), 60.0
+
     bf16 = cfg.bf16
     if bf16 is None:
         fast = fast_bf16() if bf16_fast is None else bf16_fast
@@ -332,4 +345,5 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     same.update(text_columns=tuple(cfg.text_columns) if cfg.text_columns else None, report_to=tuple(cfg.report_to))
     return RunSpec(**{**same, "family": model.family, "task": task, "prompt": prompt, "max_length": max_length,
                       "residual_reparam": reparam, "head_init": head_init, "lr": lr, "head_lr": head_lr,
-                      "class_weights": weights, "max_steps": max_steps, "bf16": bf16, "decided": why})
+                      "class_weights": weights, "max_steps": max_steps, "bf16": bf16, "save_every": save_every,
+                      "save_seconds": save_seconds, "decided": why})

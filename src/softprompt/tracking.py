@@ -129,6 +129,21 @@ class RunLog:
         self.trackers = []
 
 
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop the records after `step` (a run resumed from there logs them again)."""
+    path = Path(run_dir) / METRICS_LOG
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl (a line cut short by a crash is skipped)."""
     path = Path(run_dir) / METRICS_LOG

@@ -27,7 +27,7 @@ from .pipeline import PromptedTask
 from .scoring import label_scores
 from .spec import RunSpec, TrainConfig, resolve
 from .tasks import TaskSpec, get_task
-from .tracking import RunLog, require_trackers
+from .tracking import RunLog, require_trackers, truncate_metrics
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingInterrupted", "train", "load_splits"]
 
@@ -155,6 +155,9 @@ class Trainer:
     # -- bookkeeping --------------------------------------------------------------------------------
     def _save(self, name: str, metrics: dict[str, Any] | None = None, rng: torch.Tensor | None = None) -> Path:
         """best/ (with its dev metrics) or last/ (with what --resume needs), one atomic write each."""
+        if not all(torch.isfinite(p).all() for p in self.model.trainable_parameters()):
+            raise SoftpromptError("the prompt (or head) holds NaN or infinite values; not saved. Lower --lr, or "
+                                  "pass --on-nan skip")
         state = None
         if name == LAST:
             state = TrainerState(dict(self.state), self.optimizer.state_dict(),
@@ -173,6 +176,7 @@ class Trainer:
         self.optimizer.load_state_dict(saved.optimizer)
         torch.set_rng_state(saved.rng)
         self.state.update(saved.counters)
+        truncate_metrics(self.output, self.state["step"])  # what a killed run logged after its last save
         self.log(f"resumed from {last} at step {self.state['step']}")
 
     def _progress(self) -> float:
@@ -280,6 +284,11 @@ class Trainer:
     def train(self) -> TrainResult:
         spec = self.spec
         features = self.encoder.encode_all(self.splits.train)
+        for note in self.splits.notes:
+            self.log(note)
+        if self.encoder.truncated:
+            self.log(f"{self.encoder.truncated} training input(s) longer than --max-length {spec.max_length} were "
+                     "cut to fit (the template and label slot are kept)")
         self.log(f"{self.splits.source}: {len(self.splits.train)} train / {len(self.splits.dev)} dev / "
                  f"{len(self.splits.test)} test; {self.model.family} model {spec.model}, "
                  f"{spec.task_type.value} in {'bf16' if spec.bf16 else 'fp32'}, "
@@ -292,7 +301,7 @@ class Trainer:
         if self.state["step"] == 0 and spec.head_init in ("cosine", "fit"):
             self._start_head(features)
         self.model.train()
-        loss_ema, interrupted = None, False
+        loss_ema, interrupted, saved_at = None, False, time.monotonic()
         run_log = RunLog(self.output, list(spec.report_to), name=self.output.name, config=spec.to_dict())
         try:
             while not self._done():
@@ -307,8 +316,20 @@ class Trainer:
                     loss = self.loss(batch) / spec.grad_accum
                     loss.backward()
                     total += float(loss.detach())
-                torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), spec.max_grad_norm)
-                self.optimizer.step()
+                norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), spec.max_grad_norm)
+                if math.isfinite(total) and math.isfinite(float(norm)):
+                    self.optimizer.step()
+                elif spec.on_nan == "stop":
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.state["epoch"], self.state["batch_in_epoch"], rng = snapshot
+                    last = self._save(LAST, rng=rng)
+                    raise SoftpromptError(f"the loss or its gradient is not finite at step {self.state['step'] + 1} "
+                                          f"(loss {total}); stopped, {last} holds the step before. Lower --lr, or "
+                                          "pass --on-nan skip to skip such steps")
+                else:
+                    self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+                    self.log(f"step {self.state['step'] + 1}: loss or gradient not finite, step skipped "
+                             f"({self.state['skipped_steps']} so far)")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] += 1
                 seconds = time.perf_counter() - start
@@ -317,6 +338,10 @@ class Trainer:
                 run_log.log({"step": self.state["step"], "loss": total, "lr": lr,
                                   "elapsed": round(self.state["elapsed"], 2), "steps_per_s": round(1 / seconds, 4),
                                   "tokens_per_s": round(tokens / seconds, 1)})
+                if self.state["step"] % spec.save_every == 0 or (
+                        spec.save_seconds is not None and time.monotonic() - saved_at >= spec.save_seconds):
+                    self._save(LAST)  # a killed run resumes from here
+                    saved_at = time.monotonic()
                 if self.state["step"] % spec.eval_every == 0:
                     last_metrics = self._eval_and_keep_best(run_log)
                     if spec.patience is not None and self.state["stale_evals"] >= spec.patience:
@@ -395,6 +420,9 @@ def prepare_resume(output: str | Path, overrides: dict[str, Any] | None = None,
                    log: Callable[[str], None] = print) -> Trainer:
     """The run in `output` as its last/ checkpoint recorded it (budgets and the progress bar may change), with
     the state restored."""
+    if not (Path(output) / LAST).is_dir():
+        raise SoftpromptError(f"nothing to resume in {output}: no {LAST}/ checkpoint there (start the run without "
+                              "--resume, or give its --output)")
     spec = read_checkpoint(Path(output) / LAST).spec
     if spec is None:
         raise SoftpromptError(f"{Path(output) / LAST} holds no run spec to resume")
