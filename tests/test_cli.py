@@ -137,7 +137,7 @@ def test_ctrl_c_saves_and_resume_repeats_the_run_exactly(tiny_dirs, tiny_csv, tm
     code, _, err = run(common + ["--output", tmp_path / "part"], capsys)
     assert code == 130
     printed = err.split("Resume with: ", 1)[1].strip()
-    assert printed == f"softprompt train --output {tmp_path / 'part'} --resume"
+    assert printed == f"softprompt train --resume {tmp_path / 'part'}"
     assert json.loads((tmp_path / "part" / "last" / "trainer_state.json").read_text())["counters"]["step"] == 2
     monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", real_clip)
 

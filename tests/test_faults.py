@@ -99,7 +99,7 @@ def test_a_task_type_the_model_cannot_do_and_a_damaged_checkpoint(tiny_dirs, tin
 
 
 def test_resume_without_a_run(tmp_path, capsys):
-    code, _, err = run(["train", "--resume", "--output", tmp_path / "empty"], capsys)
+    code, _, err = run(["train", "--resume", tmp_path / "empty"], capsys)
     _assert_clean_error(code, err, "nothing to resume")
 
 
@@ -181,7 +181,7 @@ def test_a_killed_run_resumes_to_the_prompt_of_an_uninterrupted_one(tiny_dirs, t
     proc.wait(timeout=60)
     killed_at = json.loads(state.read_text())["counters"]["step"]
     assert 20 <= killed_at < 120
-    resumed = subprocess.run([sys.executable, "-m", "softprompt", "train", "--output", str(part), "--resume",
+    resumed = subprocess.run([sys.executable, "-m", "softprompt", "train", "--resume", str(part),
                               "--no-progress"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {part / 'last'} at step {killed_at}" in resumed.stdout

@@ -77,9 +77,9 @@ def _train_config(options: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{f.name: options[f.name] for f in dataclasses.fields(TrainConfig)})
 
 
-RESUME = Parameter("resume", Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-    False, help="continue the run in --output from its last/ checkpoint (its settings; --max-steps and "
-                "--max-time may change)"))
+RESUME = Parameter("resume", Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+    None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last/ checkpoint, with its own settings "
+                                  "(--max-steps and --max-time may change)"))
 
 
 @app.command()
@@ -89,7 +89,9 @@ def train(**options: Any) -> None:
     from .training import train as run_training
 
     _quiet_libraries()
-    result = run_training(_train_config(options), resume=options["resume"], log=typer.echo)
+    resume = options["resume"]
+    cfg = _train_config({**options, "output": resume} if resume else options)
+    result = run_training(cfg, resume=bool(resume), log=typer.echo)
     typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s")
     for name, metrics in result.baselines.items():
         typer.echo(f"baseline {name:<16}  {result.baseline_split:<5} {_fmt(metrics)}")

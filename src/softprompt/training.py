@@ -363,7 +363,7 @@ class Trainer:
         if interrupted:
             raise TrainingInterrupted(
                 f"interrupted at step {self.state['step']}; saved {last}. Resume with: "
-                f"softprompt train --output {self.output} --resume"
+                f"softprompt train --resume {self.output}"
             )
         return self._finish()
 
@@ -421,8 +421,8 @@ def prepare_resume(output: str | Path, overrides: dict[str, Any] | None = None,
     """The run in `output` as its last/ checkpoint recorded it (budgets and the progress bar may change), with
     the state restored."""
     if not (Path(output) / LAST).is_dir():
-        raise SoftpromptError(f"nothing to resume in {output}: no {LAST}/ checkpoint there (start the run without "
-                              "--resume, or give its --output)")
+        raise SoftpromptError(f"nothing to resume in {output}: no {LAST}/ checkpoint there (give the run's folder, "
+                              "or start it without --resume)")
     spec = read_checkpoint(Path(output) / LAST).spec
     if spec is None:
         raise SoftpromptError(f"{Path(output) / LAST} holds no run spec to resume")
