@@ -76,7 +76,7 @@ def _label_index(raw: Any, task: TaskSpec, where: str) -> int | float | None:
 def _infer_task(train_rows: list[dict], other_rows: dict[str, list[dict]], fields: tuple[str, ...],
                 label: str) -> TaskSpec:
     """A classification task for user data: the label set is what train holds; dev and test may not add to it."""
-    seen = sorted({str(r[label]).strip() for r in train_rows if str(r[label]).strip() != ""},
+    seen = sorted({str(r.get(label, "")).strip() for r in train_rows if str(r.get(label, "")).strip() != ""},
                   key=lambda s: (0, float(s)) if _is_number(s) else (1, s))
     for split, rows in other_rows.items():
         for row in rows:
@@ -119,10 +119,14 @@ def _parse_rows(path: Path, positions: dict[str, int] | None, header_names: Iter
         text = path.read_text(encoding="utf-8")
         try:
             if path.suffix == ".json" and text.lstrip().startswith("["):
-                return list(json.loads(text))
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+                rows = json.loads(text)
+            else:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as err:
             raise SoftpromptError(f"{path}: not valid JSON lines ({err.msg} at line {err.lineno})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise SoftpromptError(f"{path}: every row must be a JSON object with the text and label fields")
+        return rows
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding="utf-8-sig", newline="") as f:
         if path.suffix == ".tsv":
