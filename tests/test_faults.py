@@ -219,3 +219,23 @@ def test_train_config_refuses_bad_fault_options():
         TrainConfig(on_nan="ignore")
     with pytest.raises(SoftpromptError, match="--save-every must be > 0"):
         TrainConfig(save_every=0)
+
+
+def test_remote_code_runs_only_when_the_user_asks(tiny_dirs, tmp_path, monkeypatch):
+    import transformers
+
+    from softprompt import PromptedTask, describe_model, resolve
+
+    seen = []
+    real = transformers.AutoConfig.from_pretrained.__func__
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", classmethod(
+        lambda cls, *a, **kw: seen.append(kw.get("trust_remote_code")) or real(cls, *a, **kw)))
+    model = describe_model(tiny_dirs["bert"])
+    assert seen == [False] and model.trust_remote_code is False
+    spec = resolve(TrainConfig(model=tiny_dirs["bert"], prompt_length=2, trust_remote_code=True),
+                   describe_model(tiny_dirs["bert"], trust_remote_code=True), get_task("sst2"))
+    assert seen == [False, True] and spec.trust_remote_code
+    PromptedTask.build(spec).save_pretrained(tmp_path / "c")
+    with pytest.raises(SoftpromptError, match="pass --trust-remote-code"):
+        PromptedTask.from_pretrained(tmp_path / "c")
+    assert PromptedTask.from_pretrained(tmp_path / "c", trust_remote_code=True).spec.trust_remote_code

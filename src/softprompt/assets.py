@@ -119,6 +119,7 @@ class ModelInfo:
     family: str = "decoder"  # encoder | decoder | seq2seq (models.family_of)
     max_positions: int | None = None
     mean_pooling: bool = False  # a sentence-embedding model pooled by the mean of its states (pools_by_mean)
+    trust_remote_code: bool = False  # the user allowed code from the model's repository to run
 
 
 @dataclass
@@ -171,11 +172,10 @@ def describe_model(name: str, trust_remote_code: bool = False) -> ModelInfo:
     path, config = load_config(name, trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelInfo(name, str(path), config, family_of(config), getattr(text, "max_position_embeddings", None),
-                     pools_by_mean(name))
+                     pools_by_mean(name), trust_remote_code)
 
 
-def load_backbone(model: ModelInfo, task_type: TaskType, num_labels: int = 2, regression: bool = False,
-                  trust_remote_code: bool = False) -> Backbone:
+def load_backbone(model: ModelInfo, task_type: TaskType, num_labels: int = 2, regression: bool = False) -> Backbone:
     """The frozen model with the right head for `task_type`, and its tokenizer (with a pad token); reads the
     config `describe_model` loaded instead of loading it again."""
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
@@ -188,12 +188,12 @@ def load_backbone(model: ModelInfo, task_type: TaskType, num_labels: int = 2, re
         config.problem_type = "regression" if regression else "single_label_classification"
     else:
         auto = AutoModelForCausalLM if task_type is TaskType.CAUSAL_LM else AutoModelForSeq2SeqLM
-    tokenizer = AutoTokenizer.from_pretrained(model.path, config=config, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model.path, config=config, trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     try:
         # a head of another size (a checkpoint fine-tuned for other labels) is re-initialised: it trains anyway
-        base = auto.from_pretrained(model.path, config=config, trust_remote_code=trust_remote_code,
+        base = auto.from_pretrained(model.path, config=config, trust_remote_code=model.trust_remote_code,
                                     ignore_mismatched_sizes=task_type is TaskType.SEQ_CLS)
     except ValueError as err:
         raise SoftpromptError(f"model {model.name!r} ({config.model_type}) cannot be loaded for {task_type.value}: "

@@ -100,11 +100,15 @@ def train(**options: Any) -> None:
     typer.echo(f"checkpoint: {result.best_checkpoint}")
 
 
-def _load(checkpoint: str, model: Optional[str]):
+TRUST = typer.Option(False, "--trust-remote-code", help="let the base model run the code in its repository "
+                                                         "(only for one you trust)")
+
+
+def _load(checkpoint: str, model: Optional[str], trust_remote_code: bool = False):
     from .pipeline import PromptedTask
 
     _quiet_libraries()
-    return PromptedTask.from_pretrained(checkpoint, model)
+    return PromptedTask.from_pretrained(checkpoint, model, trust_remote_code)
 
 
 @app.command("eval")
@@ -113,6 +117,7 @@ def evaluate(
     data: Optional[str] = typer.Option(None, help="data to score (default: the data it was trained on)"),
     split: str = typer.Option("test", help="dev | test"),
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
+    trust_remote_code: bool = TRUST,
     batch_size: int = typer.Option(64),
 ) -> None:
     """Score a checkpoint on a labelled split and print its metrics as JSON."""
@@ -120,7 +125,7 @@ def evaluate(
 
     if split not in ("dev", "test"):
         raise SoftpromptError(f"--split must be dev or test, not {split!r}")
-    prompted = _load(checkpoint, model)
+    prompted = _load(checkpoint, model, trust_remote_code)
     spec = prompted.spec
     splits = load_splits(data or spec.data, spec.task, spec.seed, spec.text_columns, spec.label_column)
     examples = getattr(splits, split)
@@ -170,6 +175,7 @@ def predict(
     texts: Optional[List[str]] = typer.Argument(None, help="texts to classify (then those of --file and of stdin)"),
     file: Optional[str] = typer.Option(None, help="one input per line: a text, tab-separated fields, or JSON"),
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
+    trust_remote_code: bool = TRUST,
     batch_size: int = typer.Option(32),
     generate: bool = typer.Option(False, "--generate", help="print free text generated after the template "
                                                             "instead of a label (decoder checkpoints)"),
@@ -178,7 +184,7 @@ def predict(
     """Classify texts; prints one JSON line per input with the label and per-label scores."""
     from .data import to_examples
 
-    prompted = _load(checkpoint, model)
+    prompted = _load(checkpoint, model, trust_remote_code)
     fields = prompted.task.fields
     items = [dict(zip(fields, i.split("\t"))) if isinstance(i, str) and len(fields) > 1 else i
              for i in _read_inputs(texts or [], file)]
@@ -242,13 +248,14 @@ def inspect(
     checkpoint: str = typer.Argument(..., help="checkpoint folder (e.g. runs/latest/best)"),
     top: int = typer.Option(5, help="nearest vocabulary tokens per virtual token"),
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
+    trust_remote_code: bool = TRUST,
 ) -> None:
     """The nearest vocabulary tokens (cosine) of each virtual token of a trained prompt."""
     from .interpret import nearest_tokens
 
     if top < 1:
         raise SoftpromptError("--top must be at least 1")
-    prompted = _load(checkpoint, model)
+    prompted = _load(checkpoint, model, trust_remote_code)
     weight = prompted.model.prompt.weight
     rows = nearest_tokens(weight, prompted.model.base.get_input_embeddings().weight, prompted.encoder.tokenizer, top)
     typer.echo(f"{checkpoint}: {weight.shape[0]} virtual tokens of {prompted.base_name}, nearest tokens by cosine")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -40,7 +40,7 @@ class PromptedTask:
     def build(cls, spec: RunSpec, model: ModelInfo | None = None, corpus: Iterable[str] | None = None,
               initialise: bool = True) -> "PromptedTask":
         """The base model with a fresh prompt as `spec` says (`model`: its config, already loaded)."""
-        model = model or describe_model(spec.model)
+        model = model or describe_model(spec.model, spec.trust_remote_code)
         task = spec.task
         backbone = load_backbone(model, spec.task_type, num_labels=max(len(task.labels), 1),
                                  regression=task.is_regression)
@@ -53,17 +53,22 @@ class PromptedTask:
         return cls(prompted, encoder, spec, model.config)
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | Path, model: str | None = None) -> "PromptedTask":
+    def from_pretrained(cls, checkpoint: str | Path, model: str | None = None,
+                        trust_remote_code: bool = False) -> "PromptedTask":
         """Everything comes from the checkpoint folder (or a hub repo holding one); `model` only points at
-        another copy of the same base."""
+        another copy of the same base. Code from the base model's repository runs only when the caller says
+        so, whatever the checkpoint recorded."""
         directory = _local_folder(checkpoint)
         meta = read_checkpoint(directory)
         if meta.spec is None:
             raise SoftpromptError(f"{checkpoint} holds a bare prompt with no task; load it with "
                                   "PromptModel.from_pretrained(base_model, folder)")
-        info = describe_model(model or meta.spec.model)
+        if meta.spec.trust_remote_code and not trust_remote_code:
+            raise SoftpromptError(f"{checkpoint} was trained on a model that runs code from its repository; pass "
+                                  "--trust-remote-code (trust_remote_code=True) if you trust it")
+        info = describe_model(model or meta.spec.model, trust_remote_code)
         meta.check_base(info.config, info.name)
-        prompted = cls.build(meta.spec, info, initialise=False)
+        prompted = cls.build(replace(meta.spec, trust_remote_code=trust_remote_code), info, initialise=False)
         prompted.model.load_tensors(load_tensors(directory, meta))
         prompted.model.eval()
         return prompted

@@ -34,6 +34,8 @@ class TrainConfig:
     """Every setting of a run as the user gave it; `None` means "decide for me" (see `resolve`)."""
 
     model: str = _opt("smollm2-135m", "built-in name (smollm2-135m, minilm-l6), hub id or local folder")
+    trust_remote_code: bool = _opt(False, "let a hub model run the code in its repository (only for one you trust)",
+                                   flag="--trust-remote-code")
     data: str = _opt("rotten_tomatoes", "built-in dataset, CSV/TSV/JSONL file, folder (GLUE layout), or hub name "
                                         "such as glue/sst2")
     task: str | None = _opt(None, "built-in task spec (sst2, mrpc, rte, ...); inferred from the data when possible")
@@ -135,6 +137,7 @@ class RunSpec:
     `predict` rebuild. `decided` maps each field that `resolve` chose (rather than the user) to why."""
 
     model: str
+    trust_remote_code: bool
     family: str  # encoder | decoder | seq2seq
     task: TaskSpec  # template and verbalizer as used
     prompt: PromptTuningConfig  # length, init, pooling, label words, task type

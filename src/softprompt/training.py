@@ -407,7 +407,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Trainer:
     """A fresh run: the base model's config read once, the data loaded, every default resolved, the model built."""
     check_writable(Path(cfg.output))
     require_trackers(cfg.report_to)
-    model = describe_model(cfg.model)
+    model = describe_model(cfg.model, cfg.trust_remote_code)
     splits = load_splits(cfg.data, cfg.task, cfg.seed, cfg.text_columns, cfg.label_column, cfg.max_train_examples,
                          cfg.max_eval_examples)
     spec = resolve(cfg, model, splits.task)
