@@ -140,6 +140,14 @@ def test_bad_checkpoints_say_what_is_wrong(tiny_dirs, tmp_path):
     (damaged / TENSOR_FILE).write_bytes(data[:-8] + bytes(8))
     with pytest.raises(SoftpromptError, match="does not match its checksum"):
         PromptedTask.from_pretrained(damaged)
+    mistyped = tmp_path / "mistyped"
+    shutil.copytree(good, mistyped)
+    (mistyped / META_FILE).write_text(json.dumps({**meta, "spec": {**meta["spec"], "lr": "fast"}}))
+    with pytest.raises(SoftpromptError, match="'lr' holds 'fast'.*damaged"):
+        read_checkpoint(mistyped)
+    (mistyped / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "prompt"}))
+    with pytest.raises(SoftpromptError, match="damaged"):
+        read_checkpoint(mistyped)
     (tmp_path / "nothing").mkdir()
     with pytest.raises(SoftpromptError, match="not a softprompt checkpoint"):
         read_checkpoint(tmp_path / "nothing")

@@ -203,8 +203,8 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
                               f"reads up to {FORMAT}): pip install -U softprompt")
     try:
         return _from_format_1(meta) if fmt == 1 else Checkpoint.from_dict(meta)
-    except (KeyError, TypeError) as err:
-        raise SoftpromptError(f"{path} lacks or mistypes {err}; the checkpoint is damaged") from None
+    except (KeyError, TypeError, ValueError, AttributeError, SoftpromptError) as err:
+        raise SoftpromptError(f"{path} is not a valid checkpoint ({err}); the checkpoint is damaged") from None
 
 
 def _verified(directory: Path, name: str, checkpoint: Checkpoint) -> Path:

@@ -10,6 +10,8 @@ docs/recipe.md, section "Defaults".
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+import types
+import typing
 from typing import Any
 
 from .assets import ModelInfo
@@ -201,6 +203,14 @@ class RunSpec:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise SoftpromptError(f"run spec has unknown field(s) {', '.join(unknown)}; written by a newer softprompt?")
+        hints = typing.get_type_hints(cls)
+        for name, value in d.items():
+            union = typing.get_origin(hints[name]) in (typing.Union, types.UnionType)
+            allowed = typing.get_args(hints[name]) if union else (hints[name],)
+            plain = tuple(t for t in allowed if t in (int, float, bool, str, type(None)))
+            if len(plain) == len(allowed) and not isinstance(value, plain + ((int,) if float in plain else ())):
+                raise SoftpromptError(f"run spec field {name!r} holds {repr(value)[:40]}, which is not a "
+                                      f"{hints[name]}")
         d["task"] = TaskSpec.from_dict(d["task"])
         d["prompt"] = PromptTuningConfig.from_dict(d["prompt"])
         for name in ("text_columns", "report_to"):
