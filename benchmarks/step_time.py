@@ -104,7 +104,7 @@ def train_steps(base, ids, mask, p: int, device, dtype):
         steps["peft"] = lambda: peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ours = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM"))
     ours.to(device=device, dtype=dtype)  # peft wraps `base` without changing it, so both share the weights
-    ours._use_shared_prefix(ids.shape[1])  # its one-time check against the concat, outside what is measured
+    ours.engine.shares(ids.shape[1])  # its one-time check against the concat, outside what is measured
     steps["softprompt"] = lambda: ours.training_loss(input_ids=ids, attention_mask=mask, labels=labels).backward()
     return steps
 
@@ -121,8 +121,8 @@ def rank_throughput(base, tokenizer, p: int, examples, device, batch: int, round
     zero = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=0, task_type="CAUSAL_LM"))
     ours = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM"))
     concat = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM"))
-    concat._shared_reason = "benchmark: the concatenated sequence"
-    ours.to(device)._use_shared_prefix(max(map(len, feats)))  # its one-time check, outside the timed passes
+    concat.engine.force_off("benchmark: the concatenated sequence")
+    ours.to(device).engine.shares(max(map(len, feats)))  # its one-time check, outside the timed passes
     runs = {name: (lambda m=model: score(m.to(device), encoder, feats, batch))
             for name, model in (("no prompt", zero), ("concat", concat), ("softprompt", ours))}
     if peft is not None:

@@ -8,7 +8,7 @@ import torch
 
 from softprompt import PromptedTask, TrainConfig
 from softprompt import training
-from softprompt.checkpoint import read_meta
+from softprompt.checkpoint import read_checkpoint
 from softprompt.models.attention import _sdpa
 
 from .test_models import batch, wrap
@@ -73,7 +73,7 @@ def test_shared_prefix_matches_concat_with_bf16_weights(tokenizer, tiny_llama):
     losses, grads = [], []
     for reason in (None, "forced off"):
         if reason:
-            model._shared_reason = reason
+            model.engine.force_off(reason)
         loss = model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
         loss.backward()
         losses.append(loss.detach())
@@ -87,14 +87,14 @@ def test_shared_prefix_matches_concat_with_bf16_weights(tokenizer, tiny_llama):
 @pytest.mark.parametrize("fast", [True, False])
 def test_timed_decoder_runs_default_to_bf16_where_it_is_fast_and_checkpoints_keep_it(tiny_dirs, tiny_csv,
                                                                                      tmp_path, monkeypatch, fast):
-    monkeypatch.setattr(training, "bf16_is_fast", lambda: fast)
-    trainer = training.Trainer(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, prompt_length=4, max_steps=3,
+    monkeypatch.setattr("softprompt.spec.fast_bf16", lambda: fast)
+    trainer = training.prepare(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, prompt_length=4, max_steps=3,
                                            max_time=600, eval_every=3, output=str(tmp_path / "run"), progress=False),
                                log=lambda _: None)
-    assert trainer.cfg.bf16 is fast
+    assert trainer.spec.bf16 is fast
     result = trainer.train()
-    assert read_meta(result.best_checkpoint)["training"]["bf16"] is fast
-    loaded = PromptedTask.from_checkpoint(result.best_checkpoint)
+    assert read_checkpoint(result.best_checkpoint).spec.bf16 is fast
+    loaded = PromptedTask.from_pretrained(result.best_checkpoint)
     dtype = torch.bfloat16 if fast else torch.float32
     assert loaded.model.base.get_input_embeddings().weight.dtype == dtype
     assert loaded.model.prompt.weight.dtype == torch.float32
@@ -103,7 +103,7 @@ def test_timed_decoder_runs_default_to_bf16_where_it_is_fast_and_checkpoints_kee
     assert loaded.evaluate(trainer.splits.dev) == result.dev
     # fp32: heads and encoders (bf16 measured on label words only), and step budgets (bf16 buys no steps there)
     for model, task_type, max_time in (("bert", None, 600), ("llama", "SEQ_CLS", 600), ("llama", None, None)):
-        other = training.Trainer(TrainConfig(model=tiny_dirs[model], data=tiny_csv, prompt_length=4, max_steps=1,
+        other = training.prepare(TrainConfig(model=tiny_dirs[model], data=tiny_csv, prompt_length=4, max_steps=1,
                                              max_time=max_time, task_type=task_type, output=str(tmp_path / model),
                                              progress=False), log=lambda _: None)
-        assert other.cfg.bf16 is False
+        assert other.spec.bf16 is False

@@ -7,7 +7,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from softprompt import PromptTuningConfig, TrainConfig, Trainer, get_prompt_model
+from softprompt import PromptTuningConfig, TrainConfig, get_prompt_model
+from softprompt.training import prepare
 
 TEXTS = ["a gripping and funny film", "dull", "the plot never quite comes together , but the cast is fine"]
 ATOL = 1e-5
@@ -259,14 +260,14 @@ def test_tail_only_training_loss_equals_full_forward_loss(tokenizer, name, side,
                                                           monkeypatch):
     """The tail loss, through the shared prompt prefix (prompt and rows packed into one sequence, or rows after
     the prompt's cached keys/values) or the concatenated sequence, is forward's loss, gradient included."""
-    from softprompt.models import attention, decoder
+    from softprompt.models import attention, shared_prefix
 
     model = wrap(request.getfixturevalue(name), 5, "CAUSAL_LM", tokenizer)
     assert model.shared_prefix_reason() is None
     if path == "cached":
-        monkeypatch.setattr(decoder, "can_pack", lambda model: False)
+        monkeypatch.setattr(shared_prefix, "can_pack", lambda model: False)
     if path == "concat":
-        model._shared_reason = "forced off for the test"
+        model.engine.force_off("forced off for the test")
     enc = batch(tokenizer, side)
     labels = enc["input_ids"].clone()
     if not first_labelled:
@@ -293,7 +294,7 @@ def test_decoder_generate_continues_after_prompt_and_input(tokenizer, tiny_llama
     model = wrap(tiny_llama, 4, "CAUSAL_LM", tokenizer)
     enc = batch(tokenizer, "left")
     got = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=4)  # from the kept prompt KV
-    model._shared_reason = "forced off"  # transformers' generate on the concatenated sequence
+    model.engine.force_off()  # transformers' generate on the concatenated sequence
     via_hf = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=4, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)
     assert torch.equal(got, via_hf[:, -4:])
@@ -313,13 +314,13 @@ def test_shared_prefix_tail_logits_equal_concat_and_cache_follows_the_prompt(tok
     enc = batch(tokenizer, "right")
     with torch.no_grad():
         shared = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
-        model._shared_reason = "forced off"
+        model.engine.force_off()
         concat = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
-        del model._shared_reason
+        model.engine.force_off(None)
         torch.testing.assert_close(shared, concat, atol=ATOL, rtol=0)
         model.prompt.weight.add_(0.5)  # the kept keys/values must not outlive the prompt they came from
         moved = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
-        model._shared_reason = "forced off"
+        model.engine.force_off()
         torch.testing.assert_close(moved, model.tail_logits(enc["input_ids"], enc["attention_mask"], 2),
                                    atol=ATOL, rtol=0)
     assert not torch.allclose(moved, shared)
@@ -357,7 +358,7 @@ def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num
     shared prompt prefix as the model's own pooling and loss on the concatenated sequence."""
     from transformers import LlamaForSequenceClassification
 
-    from softprompt.models import attention, decoder
+    from softprompt.models import attention, shared_prefix
 
     from .conftest import _llama_config
 
@@ -366,14 +367,14 @@ def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num
                  "SEQ_CLS", tokenizer)
     assert model.shared_prefix_reason() is None
     if path == "cached":
-        monkeypatch.setattr(decoder, "can_pack", lambda model: False)
+        monkeypatch.setattr(shared_prefix, "can_pack", lambda model: False)
     enc = batch(tokenizer, side)
     labels = torch.tensor([0, 2, 1]) if num_labels == 3 else torch.tensor([0.5, 4.0, 2.5])
     results = []
     with spy_attention(attention.PACKED, attention.packed_sdpa) as packed:
         for reason in (None, "forced off for the test"):
             if reason:
-                model._shared_reason = reason
+                model.engine.force_off(reason)
             model.zero_grad(set_to_none=True)
             out = model(enc["input_ids"], enc["attention_mask"], labels=labels)
             out.loss.backward()
@@ -382,7 +383,7 @@ def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num
     for shared, concat in zip(*results):
         torch.testing.assert_close(shared, concat, atol=ATOL, rtol=0)
     with torch.no_grad():  # inference: rows after the prompt's kept keys/values
-        del model._shared_reason
+        model.engine.force_off(None)
         torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"]).logits, results[1][0],
                                    atol=ATOL, rtol=0)
 
@@ -393,12 +394,12 @@ def test_accumulated_training_through_the_shared_prefix_equals_the_concat(tiny_d
     prefix (packed step, rank scores or the logit-free LM loss) as through the plain concatenation."""
     prompts = []
     for shared in (True, False):
-        trainer = Trainer(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, prompt_length=4, max_steps=2,
+        trainer = prepare(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, prompt_length=4, max_steps=2,
                                                batch_size=8, grad_accum=2, loss=loss, eval_every=100,
                                                output=str(tmp_path / f"{loss}{shared}"), progress=False),
                                    log=lambda _: None)
         if not shared:
-            trainer.model._shared_reason = "forced off for the test"
+            trainer.model.engine.force_off("forced off for the test")
         start = trainer.model.prompt.weight.detach().clone()
         trainer.train()
         prompts.append(trainer.model.prompt.weight.detach())
@@ -433,10 +434,11 @@ def shared_and_concat(model, tokenizer):
 
     enc = batch(tokenizer, "left")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    assert model.engine.reason() is None  # the one-time probe passes, and runs before packed calls are counted
     results = []
     with spy_attention(attention.PACKED, attention.packed_sdpa) as packed:
         for shared in (True, False):
-            model._shared_reason = None if shared else "forced off for the test"
+            model.engine.force_off(None if shared else "forced off for the test")
             model.prompt.weight.grad = None
             loss = model.training_loss(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                        labels=labels)
@@ -485,7 +487,7 @@ def test_soft_capping_sinks_and_state_space_layers_fall_back_and_unknown_attenti
     from softprompt.models import attention
 
     gemma2 = wrap(tiny_decoder(tokenizer, "gemma2"), 5, "CAUSAL_LM", tokenizer)
-    assert gemma2.shared_prefix_reason() == "logit soft-capping" and not gemma2._use_shared_prefix(4)
+    assert gemma2.shared_prefix_reason() == "logit soft-capping" and not gemma2.engine.shares(4)
     gpt_oss = tiny_decoder(tokenizer, "gpt_oss", num_local_experts=2, num_experts_per_tok=1, sliding_window=None,
                            layer_types=["full_attention"] * 2)
     assert wrap(gpt_oss, 5, "CAUSAL_LM", tokenizer).shared_prefix_reason() == "attention sinks"
@@ -509,24 +511,24 @@ def test_a_shared_prefix_that_disagrees_with_the_concat_on_the_probe_is_not_used
                                                                                 monkeypatch):
     """Before its first use the shared prefix is checked on a probe batch; a model where it gives other states
     than the concatenation (or fails) takes the concat, so results stay the concat's."""
-    from softprompt.models.decoder import DecoderPromptModel
+    from softprompt.models.shared_prefix import SharedPrefix
 
-    honest = DecoderPromptModel._shared_hidden
+    honest = SharedPrefix.states
 
     def faulty(self, *args, **kwargs):
         if fault == "error":
             raise RuntimeError("unsupported attention")
-        hidden, last, rest = honest(self, *args, **kwargs)
-        return hidden + 0.1 * hidden.abs().max(), last, rest
+        rows = honest(self, *args, **kwargs)
+        return rows._replace(hidden=rows.hidden + 0.1 * rows.hidden.abs().max())
 
-    monkeypatch.setattr(DecoderPromptModel, "_shared_hidden", faulty)
+    monkeypatch.setattr(SharedPrefix, "states", faulty)
     model = wrap(tiny_llama, 5, "CAUSAL_LM", tokenizer)
-    assert model.shared_prefix_reason() is None and not model._use_shared_prefix(4)
-    assert ("failed on a probe" if fault == "error" else "differed from the concatenation") in model._shared_reason
+    assert model.shared_prefix_reason() is None and not model.engine.shares(4)
+    assert ("failed on a probe" if fault == "error" else "differed from the concatenation") in model.engine.reason()
     enc = batch(tokenizer, "left")
-    model._shared_reason = "forced off for the test"
+    model.engine.force_off("forced off for the test")
     want = model.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
-    del model._shared_reason
+    model.engine.force_off(None)
     torch.testing.assert_close(model.tail_logits(enc["input_ids"], enc["attention_mask"], 2), want)
 
 
@@ -536,7 +538,7 @@ def test_the_probe_passes_for_a_model_the_shared_prefix_serves(tokenizer, tiny_l
         model = wrap(base, 5, "CAUSAL_LM", tokenizer)
         model.freeze_in(dtype)
         base.train()  # dropout on (GPT-2's 0.1): the probe turns it off, and back on
-        assert model._use_shared_prefix(4), model._shared_reason
+        assert model.engine.shares(4), model.engine.reason()
         assert base.training
 
 
@@ -547,4 +549,4 @@ def test_the_probe_catches_decoder_classes_the_engine_does_not_model(tokenizer, 
     differ from the concatenation's."""
     model = wrap(tiny_decoder(tokenizer, family), 5, "CAUSAL_LM", tokenizer)
     assert model.shared_prefix_reason() is None
-    assert not model._use_shared_prefix(4) and "differed from the concatenation" in model._shared_reason
+    assert not model.engine.shares(4) and "differed from the concatenation" in model.engine.reason()

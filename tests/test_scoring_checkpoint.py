@@ -63,21 +63,21 @@ def _examples():
 
 
 def test_save_load_gives_identical_outputs(tiny_dirs, tmp_path):
-    from softprompt.checkpoint import save_checkpoint
+    from softprompt import TrainConfig, describe_model, resolve
     from softprompt.tasks import get_task
 
     for name, task_type in (("llama", TaskType.CAUSAL_LM), ("bert", TaskType.SEQ_CLS)):
-        task = get_task("rotten_tomatoes")
-        cfg = PromptTuningConfig(num_virtual_tokens=4, task_type=task_type, init="random")
-        prompted = PromptedTask.build(tiny_dirs[name], task, cfg, max_length=32, seed=3)
+        model = describe_model(tiny_dirs[name])
+        spec = resolve(TrainConfig(model=tiny_dirs[name], prompt_length=4, task_type=task_type.value, init="random",
+                                   max_length=32, seed=3), model, get_task("rotten_tomatoes"))
+        prompted = PromptedTask.build(spec, model)
         with torch.no_grad():
             prompted.model.prompt.weight.add_(0.1)  # not the init any more
             if prompted.model.head is not None:
                 prompted.model.head.weight.mul_(2)
         before = prompted.scores(_examples())
-        save_checkpoint(tmp_path / name, prompted.model, {"base_model": tiny_dirs[name], "task": task.to_dict(),
-                                                          "max_length": 32})
-        loaded = PromptedTask.from_checkpoint(tmp_path / name)
+        prompted.save_pretrained(tmp_path / name)
+        loaded = PromptedTask.from_pretrained(tmp_path / name)
         assert torch.equal(loaded.scores(_examples()), before)
         size = (tmp_path / name / "prompt.safetensors").stat().st_size
         assert size < 4096  # KB-sized: the prompt (and head) only
@@ -90,6 +90,6 @@ def test_multi_token_labels_from_one_shared_prefix_equal_one_pass_per_label(toke
     model = get_prompt_model(tiny_llama, PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"), tokenizer)
     feats = encoder.encode_all([Example({"text": t}, 0) for t in ["a long sentence here", "short", "mid size one"]])
     shared = score(model, encoder, feats, batch_size=3)
-    model._shared_reason = "forced off"
+    model.engine.force_off()
     per_label = score(model, encoder, feats, batch_size=3)
     torch.testing.assert_close(shared, per_label, atol=1e-4, rtol=0)
