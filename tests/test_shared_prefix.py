@@ -203,7 +203,22 @@ def test_the_probe_catches_a_key_value_path_that_differs_from_the_models_own(tin
     engine = SharedPrefix(tiny_llama, random_key_values(tiny_llama, 4, torch.Generator().manual_seed(0)))
     monkeypatch.setattr(SharedPrefix, "states", faulty)
     assert engine.cannot_share() is None and not engine.shares(4)
-    assert ("failed on a probe" if fault == "error" else "differed from the concatenation") in engine.reason()
+    assert ("failed on a probe" if fault == "error" else "differed from the model given them as its cache") in \
+        engine.reason()
+
+
+def test_keys_values_in_fp32_serve_a_model_in_bf16(tokenizer, tiny_llama):
+    """Keys/values kept in fp32 (what trains) run with bf16 frozen weights, as the rows' own keys/values are,
+    in the probe's reference too; the results stay close to fp32's."""
+    source = random_key_values(tiny_llama, 4, torch.Generator().manual_seed(0))
+    enc = batch(tokenizer, "left")
+    with torch.no_grad():
+        want = SharedPrefix(tiny_llama, source).tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+        engine = SharedPrefix(tiny_llama.to(torch.bfloat16), source)
+        assert engine.reason() is None
+        got = engine.tail_logits(enc["input_ids"], enc["attention_mask"], 2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
 
 
 def test_the_engines_state_exists_from_construction_and_follows_the_prompt(tokenizer, tiny_llama):

@@ -153,8 +153,8 @@ class SharedPrefix:
             self._reason = self.cannot_share() or self._probe_mismatch()
             self._checked = True
             if self._reason and self._reason != "no prompt to share":
-                log.warning("softprompt: %s cannot share the prompt across the batch (%s); using the concatenated "
-                            "sequence", type(self.base).__name__, self._reason)
+                log.warning("softprompt: %s cannot share the prompt across the batch (%s)%s", type(self.base).__name__,
+                            self._reason, "; using the concatenated sequence" if self.kind == "input_vectors" else "")
         return self._reason
 
     def shares(self, length: int) -> bool:
@@ -211,7 +211,8 @@ class SharedPrefix:
         # missing head, cross-row leakage) show
         tolerance = 1e-1 if half else 1e-4
         if gap > tolerance:
-            return f"on a probe batch it differed from the concatenation by {gap:.1e} (relative)"
+            reference = "the concatenation" if self.kind == "input_vectors" else "the model given them as its cache"
+            return f"on a probe batch it differed from {reference} by {gap:.1e} (relative)"
         return None
 
     def _reference(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -221,9 +222,9 @@ class SharedPrefix:
         k, rows = self.source.num_tokens, ids.shape[0]
         model = self.base if self.reads_logits else self.base.base_model
         if self.kind == "key_values":
-            cache = DynamicCache(config=self.base.config)
+            cache, dtype = DynamicCache(config=self.base.config), self.base.get_input_embeddings().weight.dtype
             for i, (keys, values) in enumerate(self.source.key_values()):
-                cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
+                cache.update(keys.expand(rows, -1, -1, -1).to(dtype), values.expand(rows, -1, -1, -1).to(dtype), i)
             full_mask = torch.cat([mask.new_ones(rows, k), mask], 1)
             out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions_from_mask(full_mask)[:, k:],
                         **{self._cache_kwarg(): cache})
