@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from softprompt import PromptTuningConfig, get_prompt_model
-from softprompt.assets import load_backbone
+from softprompt.assets import describe_model, load_backbone
 from softprompt.config import TaskType
 from softprompt.data import load_data
 from softprompt.encoding import TaskEncoder, pad
@@ -152,7 +152,7 @@ def llama_1b(device: str, dtype: torch.dtype):
     SmolLM2's tokenizer, whose ids all fall inside its vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = load_backbone("smollm2-135m", TaskType.CAUSAL_LM).tokenizer
+    tokenizer = load_backbone(describe_model("smollm2-135m"), TaskType.CAUSAL_LM).tokenizer
     config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
@@ -182,7 +182,7 @@ def main() -> None:
     if args.model == "llama-1b":
         base, tokenizer = llama_1b(device, dtype)
     else:
-        backbone = load_backbone(args.model, TaskType.CAUSAL_LM)
+        backbone = load_backbone(describe_model(args.model), TaskType.CAUSAL_LM)
         base, tokenizer = backbone.model, backbone.tokenizer
     base = base.to(device=device, dtype=dtype)
     where = f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})"

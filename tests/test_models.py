@@ -506,11 +506,8 @@ def test_soft_capping_sinks_and_state_space_layers_fall_back_and_unknown_attenti
         attention._layout.reset(token)
 
 
-@pytest.mark.parametrize("fault", ["wrong", "error"])
-def test_a_shared_prefix_that_disagrees_with_the_concat_on_the_probe_is_not_used(tokenizer, tiny_llama, fault,
-                                                                                monkeypatch):
-    """Before its first use the shared prefix is checked on a probe batch; a model where it gives other states
-    than the concatenation (or fails) takes the concat, so results stay the concat's."""
+def faulty_states(fault: str):
+    """SharedPrefix.states that fails ("error") or shifts every state ("wrong"): what the probe must catch."""
     from softprompt.models.shared_prefix import SharedPrefix
 
     honest = SharedPrefix.states
@@ -521,7 +518,17 @@ def test_a_shared_prefix_that_disagrees_with_the_concat_on_the_probe_is_not_used
         rows = honest(self, *args, **kwargs)
         return rows._replace(hidden=rows.hidden + 0.1 * rows.hidden.abs().max())
 
-    monkeypatch.setattr(SharedPrefix, "states", faulty)
+    return faulty
+
+
+@pytest.mark.parametrize("fault", ["wrong", "error"])
+def test_a_shared_prefix_that_disagrees_with_the_concat_on_the_probe_is_not_used(tokenizer, tiny_llama, fault,
+                                                                                monkeypatch):
+    """Before its first use the shared prefix is checked on a probe batch; a model where it gives other states
+    than the concatenation (or fails) takes the concat, so results stay the concat's."""
+    from softprompt.models.shared_prefix import SharedPrefix
+
+    monkeypatch.setattr(SharedPrefix, "states", faulty_states(fault))
     model = wrap(tiny_llama, 5, "CAUSAL_LM", tokenizer)
     assert model.shared_prefix_reason() is None and not model.engine.shares(4)
     assert ("failed on a probe" if fault == "error" else "differed from the concatenation") in model.engine.reason()

@@ -14,7 +14,7 @@ from softprompt.errors import SoftpromptError
 from softprompt.models.shared_prefix import InputVectors, KeyValues, SharedPrefix
 from softprompt.prompt import SoftPrompt
 
-from .test_models import ATOL, batch, wrap
+from .test_models import ATOL, batch, faulty_states, wrap
 
 
 def cache_kwarg(base) -> str:
@@ -192,16 +192,8 @@ def test_random_keys_values_equal_the_model_given_them_as_its_cache(tokenizer, t
 
 @pytest.mark.parametrize("fault", ["wrong", "error"])
 def test_the_probe_catches_a_key_value_path_that_differs_from_the_models_own(tiny_llama, fault, monkeypatch):
-    honest = SharedPrefix.states
-
-    def faulty(self, *args, **kwargs):
-        if fault == "error":
-            raise RuntimeError("unsupported attention")
-        rows = honest(self, *args, **kwargs)
-        return rows._replace(hidden=rows.hidden + 0.1 * rows.hidden.abs().max())
-
     engine = SharedPrefix(tiny_llama, random_key_values(tiny_llama, 4, torch.Generator().manual_seed(0)))
-    monkeypatch.setattr(SharedPrefix, "states", faulty)
+    monkeypatch.setattr(SharedPrefix, "states", faulty_states(fault))
     assert engine.cannot_share() is None and not engine.shares(4)
     assert ("failed on a probe" if fault == "error" else "differed from the model given them as its cache") in \
         engine.reason()
