@@ -184,14 +184,6 @@ class RunSpec:
     def task_type(self) -> TaskType:
         return self.prompt.task_type
 
-    @property
-    def has_head(self) -> bool:
-        return self.prompt.task_type is TaskType.SEQ_CLS
-
-    @property
-    def text_to_text(self) -> bool:
-        return not self.has_head
-
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(task=self.task.to_dict(), prompt=self.prompt.to_dict(), decided=dict(self.decided))
