@@ -140,11 +140,9 @@ def _local_folder(checkpoint: str | Path) -> Path:
     from .assets import hub_unreachable
 
     reason = hub_unreachable()
-    if reason:
-        raise SoftpromptError(f"{checkpoint} is neither a checkpoint folder nor a hub repo reachable now ({reason})")
-    try:
-        return Path(snapshot_download(str(checkpoint)))
-    except Exception as err:  # the hub client raises many types; all mean the same to the user
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise SoftpromptError(f"{checkpoint} is neither a checkpoint folder nor a hub repo reachable now "
-                              f"({first})") from None
+    if reason is None:
+        try:
+            return Path(snapshot_download(str(checkpoint)))
+        except Exception as err:  # the hub client raises many types; all mean the same to the user
+            reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    raise SoftpromptError(f"{checkpoint} is neither a checkpoint folder nor a hub repo reachable now ({reason})")

@@ -141,7 +141,7 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed": 0.0,
                                       "best_metric": None, "best_step": None, "stale_evals": 0,
-                                      "last_eval_step": None}
+                                      "last_eval_step": None, "skipped_steps": 0}
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The prompt (and its residual MLP) at --lr, a head at --head-lr."""
@@ -327,7 +327,7 @@ class Trainer:
                                           f"(loss {total}); stopped, {last} holds the step before. Lower --lr, or "
                                           "pass --on-nan skip to skip such steps")
                 else:
-                    self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+                    self.state["skipped_steps"] += 1
                     self.log(f"step {self.state['step'] + 1}: loss or gradient not finite, step skipped "
                              f"({self.state['skipped_steps']} so far)")
                 self.optimizer.zero_grad(set_to_none=True)
