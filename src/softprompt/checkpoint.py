@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .assets import ModelInfo
-from .config import PromptTuningConfig
+from .config import PEFT_CONFIG_FILE, PromptTuningConfig
 from .errors import SoftpromptError
 from .spec import RunSpec, TrainConfig, resolve
 from .tasks import TaskSpec
@@ -106,7 +106,7 @@ class TrainerState:
     prompt_module: dict[str, torch.Tensor]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -164,19 +164,23 @@ def _write_atomic(directory: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, tensors: dict[str, torch.Tensor],
-                    trainer_state: TrainerState | None = None) -> Path:
-    """Write one checkpoint folder (and the trainer state, for `last/`) atomically."""
+                    trainer_state: TrainerState | None = None, tensor_file: str = TENSOR_FILE,
+                    extra_json: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write one checkpoint folder (and the trainer state, for `last/`) atomically. `tensor_file` and `extra_json`
+    (file name -> content) let the same folder be another library's format too (a peft adapter, peft_interop.py)."""
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / TENSOR_FILE))
-        files = {TENSOR_FILE: _sha256(tmp / TENSOR_FILE)}
+        save_file(tensors, str(tmp / tensor_file))
+        files = {tensor_file: file_sha256(tmp / tensor_file)}
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
         if trainer_state is not None:
             state_tensors, plain = _flatten_optimizer(trainer_state.optimizer)
             state_tensors["rng.torch"] = trainer_state.rng
             state_tensors.update({f"prompt_module.{k}": v.detach().contiguous().cpu()
                                   for k, v in trainer_state.prompt_module.items()})
             save_file(state_tensors, str(tmp / STATE_TENSORS))
-            files[STATE_TENSORS] = _sha256(tmp / STATE_TENSORS)
+            files[STATE_TENSORS] = file_sha256(tmp / STATE_TENSORS)
             (tmp / STATE_JSON).write_text(json.dumps({"optimizer": plain, "counters": trainer_state.counters},
                                                      indent=2))
         meta = replace(checkpoint, files=files, versions=checkpoint.versions or versions(), format=FORMAT)
@@ -190,6 +194,9 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     """The checkpoint in `directory`, checked: the one reader every consumer uses."""
     path = Path(directory) / META_FILE
     if not path.is_file():
+        if (Path(directory) / PEFT_CONFIG_FILE).is_file():
+            raise SoftpromptError(f"{directory} is a peft adapter with no task: load it with PromptModel.from_pretrained("
+                                  "base_model, folder), or make a checkpoint of it with softprompt import")
         raise SoftpromptError(f"{directory} is not a softprompt checkpoint (no {META_FILE})")
     try:
         meta = json.loads(path.read_text())
@@ -212,22 +219,28 @@ def _verified(directory: Path, name: str, checkpoint: Checkpoint) -> Path:
     if not path.is_file():
         raise SoftpromptError(f"{directory} has no {name}; the checkpoint is incomplete")
     want = checkpoint.files.get(name)
-    if want is not None and _sha256(path) != want:
+    if want is not None and file_sha256(path) != want:
         raise SoftpromptError(f"{path} does not match its checksum in {META_FILE}: the file is truncated or "
                               "corrupted; use another checkpoint (e.g. last/ or best/ of the run)")
     return path
 
 
 def load_tensors(directory: str | Path, checkpoint: Checkpoint | None = None) -> dict[str, torch.Tensor]:
-    """The prompt (and head) tensors of a checkpoint, checked against the checksum it recorded."""
+    """The prompt (and head) tensors of a checkpoint, checked against the checksum it recorded; a checkpoint
+    exported as a peft adapter (`softprompt export --format peft`) gives them under softprompt's names too."""
+    from .peft_interop import PEFT_TENSOR_FILE, from_peft_tensors
+
     directory = Path(directory)
     checkpoint = checkpoint or read_checkpoint(directory)
+    peft = PEFT_TENSOR_FILE in checkpoint.files and TENSOR_FILE not in checkpoint.files
+    tensor_file = PEFT_TENSOR_FILE if peft else TENSOR_FILE
     try:
-        return load_file(str(_verified(directory, TENSOR_FILE, checkpoint)))
+        tensors = load_file(str(_verified(directory, tensor_file, checkpoint)))
+        return from_peft_tensors(tensors) if peft else tensors
     except Exception as err:  # safetensors raises its own error types for damaged headers
         if isinstance(err, SoftpromptError):
             raise
-        raise SoftpromptError(f"{directory / TENSOR_FILE} cannot be read ({err}); the checkpoint is damaged") from None
+        raise SoftpromptError(f"{directory / tensor_file} cannot be read ({err}); the checkpoint is damaged") from None
 
 
 def read_trainer_state(directory: str | Path, checkpoint: Checkpoint | None = None) -> TrainerState | None:

@@ -1,4 +1,5 @@
-"""`softprompt train | eval | predict | info | report | inspect | sweep`: a thin layer over the Python API."""
+"""`softprompt train | eval | predict | info | report | inspect | sweep | export | import`: a thin layer over the
+Python API."""
 
 from __future__ import annotations
 
@@ -261,6 +262,37 @@ def inspect(
     typer.echo(f"{checkpoint}: {weight.shape[0]} virtual tokens of {prompted.base_name}, nearest tokens by cosine")
     for i, row in enumerate(rows):
         typer.echo(f"{i:>4}  " + "  ".join(f"{n.token!r:>14} {n.cosine:.3f}" for n in row))
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="checkpoint folder (e.g. runs/latest/best)"),
+    output: str = typer.Argument(..., help="folder to write"),
+    format: str = typer.Option("peft", "--format", help="peft: a prompt-tuning adapter PeftModel.from_pretrained "
+                                                        "loads"),
+) -> None:
+    """Write a checkpoint in another library's format (peft: adapter_config.json + adapter_model.safetensors)."""
+    from .peft_interop import export_peft
+
+    if format != "peft":
+        raise SoftpromptError(f"--format must be peft, not {format!r}")
+    _quiet_libraries()
+    path, note = export_peft(checkpoint, output)
+    typer.echo(f"peft adapter: {path}")
+    typer.echo(note)
+
+
+@app.command("import")
+def import_(
+    adapter: str = typer.Argument(..., help="peft prompt-tuning adapter folder"),
+    output: str = typer.Argument(..., help="checkpoint folder to write"),
+    model: Optional[str] = typer.Option(None, help="its base model (default: the adapter's base_model_name_or_path)"),
+) -> None:
+    """Make a softprompt checkpoint of a peft prompt-tuning adapter."""
+    from .peft_interop import import_peft
+
+    _quiet_libraries()
+    typer.echo(f"checkpoint: {import_peft(adapter, output, model)}")
 
 
 def _values(text: Optional[str], kind) -> list:

@@ -92,10 +92,14 @@ def _token_embedding_mean(tokenizer, embeddings: torch.Tensor, text: str) -> tor
 
 
 def load_prompt_file(path: str | Path) -> torch.Tensor:
-    """The prompt of a checkpoint folder (checked against its checksum) or of a bare .safetensors file."""
-    from .checkpoint import load_tensors
+    """The prompt of a checkpoint folder (checked against its checksum), of a peft adapter folder, or of a bare
+    .safetensors file."""
+    from .checkpoint import META_FILE, load_tensors
+    from .peft_interop import is_peft_adapter, peft_prompt
 
     path = Path(path)
+    if path.is_dir() and is_peft_adapter(path) and not (path / META_FILE).is_file():
+        return peft_prompt(path)
     if path.is_dir():
         tensors = load_tensors(path)
     elif path.is_file():

@@ -56,7 +56,7 @@ class TrainConfig:
     init: str | None = _opt(None, "random | vocab | class_labels | text | file (default: the task's instruction "
                                   "as text for label words, vocab for heads, '.' for siamese heads)")
     init_text: str | None = _opt(None, "text whose token embeddings start the prompt")
-    init_file: str | None = _opt(None, "checkpoint folder or prompt .safetensors to start from")
+    init_file: str | None = _opt(None, "checkpoint folder, peft adapter folder or prompt .safetensors to start from")
     pooling: str | None = _opt(None, "encoder heads: cls (the model's pooled [CLS]) | mean (of the text's final "
                                      "states) | siamese (pairs: each text mean-pooled apart, the head reads u, "
                                      "v, |u-v| and u*v) (default with a mean-pooling sentence-embedding model: "

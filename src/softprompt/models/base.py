@@ -246,14 +246,21 @@ class PromptModel(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path, tokenizer=None) -> "PromptModel":
         """`base_model` (frozen from here on) with the prompt (and head) saved in `directory`, as peft's
-        `PeftModel.from_pretrained(model, path)`; the checkpoint's fingerprint must match the base model."""
+        `PeftModel.from_pretrained(model, path)`; the checkpoint's fingerprint must match the base model.
+        `directory` may be a peft prompt-tuning adapter folder too."""
         from ..checkpoint import load_tensors, read_checkpoint
+        from ..peft_interop import is_peft_adapter, read_peft
         from .factory import get_prompt_model
 
-        checkpoint = read_checkpoint(directory)
-        checkpoint.check_base(base_model.config, type(base_model).__name__)
+        name = type(base_model).__name__
+        if is_peft_adapter(directory):
+            checkpoint, tensors = read_peft(directory, base_model.config, name)
+        else:
+            checkpoint = read_checkpoint(directory)
+            tensors = load_tensors(directory, checkpoint)
+        checkpoint.check_base(base_model.config, name)
         model = get_prompt_model(base_model, checkpoint.prompt, tokenizer, initialise=False)
         if not isinstance(model, cls):
             raise SoftpromptError(f"{directory} holds a {model.family} prompt, not one for {cls.__name__}")
-        model.load_tensors(load_tensors(directory, checkpoint))
+        model.load_tensors(tensors)
         return model
