@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .assets import ModelInfo, describe_model, load_backbone
+from .assets import Backbone, ModelInfo, describe_model, load_backbone
 from .checkpoint import Checkpoint, TrainerState, fingerprint, load_tensors, read_checkpoint, save_checkpoint
 from .config import TaskType
 from .data import Example, to_examples
@@ -38,12 +38,13 @@ class PromptedTask:
 
     @classmethod
     def build(cls, spec: RunSpec, model: ModelInfo | None = None, corpus: Iterable[str] | None = None,
-              initialise: bool = True) -> "PromptedTask":
-        """The base model with a fresh prompt as `spec` says (`model`: its config, already loaded)."""
+              initialise: bool = True, backbone: Backbone | None = None) -> "PromptedTask":
+        """The base model with a fresh prompt as `spec` says (`model`: its config, already loaded; `backbone`:
+        the weights with the task's head, already loaded, e.g. a backbone shared by several tasks)."""
         model = model or describe_model(spec.model, spec.trust_remote_code)
         task = spec.task
-        backbone = load_backbone(model, spec.task_type, num_labels=max(len(task.labels), 1),
-                                 regression=task.is_regression)
+        backbone = backbone or load_backbone(model, spec.task_type, num_labels=max(len(task.labels), 1),
+                                             regression=task.is_regression)
         encoder = TaskEncoder(backbone.tokenizer, task, spec.task_type, spec.max_length,
                               spec.prompt.pooling == "siamese")
         generator = torch.Generator().manual_seed(spec.seed)
@@ -58,14 +59,7 @@ class PromptedTask:
         """Everything comes from the checkpoint folder (or a hub repo holding one); `model` only points at
         another copy of the same base. Code from the base model's repository runs only when the caller says
         so, whatever the checkpoint recorded."""
-        directory = _local_folder(checkpoint)
-        meta = read_checkpoint(directory)
-        if meta.spec is None:
-            raise SoftpromptError(f"{checkpoint} holds a bare prompt with no task; load it with "
-                                  "PromptModel.from_pretrained(base_model, folder)")
-        if meta.spec.trust_remote_code and not trust_remote_code:
-            raise SoftpromptError(f"{checkpoint} was trained on a model that runs code from its repository; pass "
-                                  "--trust-remote-code (trust_remote_code=True) if you trust it")
+        directory, meta = read_task_checkpoint(checkpoint, trust_remote_code)
         info = describe_model(model or meta.spec.model, trust_remote_code)
         meta.check_base(info.config, info.name)
         prompted = cls.build(replace(meta.spec, trust_remote_code=trust_remote_code), info, initialise=False)
@@ -111,10 +105,7 @@ class PromptedTask:
             ids, mask = pad([f.input_ids for f in features[start:start + batch_size]], tokenizer.pad_token_id)
             with torch.inference_mode():
                 new = self.model.generate(ids, mask, max_new_tokens=max_new_tokens)
-            for row in new.tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                texts.append(tokenizer.decode(row, skip_special_tokens=True))
+            texts.extend(decode_generated(tokenizer, row) for row in new.tolist())
         return texts
 
     def predict(self, inputs: list[str | dict[str, Any] | Example], batch_size: int = 32) -> list[dict[str, Any]]:
@@ -128,6 +119,27 @@ class PromptedTask:
         probs = torch.softmax(scores, dim=-1)
         return [{"label": self.task.labels[int(p.argmax())],
                  "scores": {name: round(float(x), 6) for name, x in zip(self.task.labels, p)}} for p in probs]
+
+
+def decode_generated(tokenizer, ids: list[int]) -> str:
+    """Generated ids as text, cut at the first end-of-text."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def read_task_checkpoint(checkpoint: str | Path, trust_remote_code: bool = False) -> tuple[Path, Checkpoint]:
+    """The folder of a checkpoint of a task (a folder, or a hub repo id fetched) and its metadata, refused before
+    anything loads where it has no task or needs code from the base model's repository the caller did not allow."""
+    directory = _local_folder(checkpoint)
+    meta = read_checkpoint(directory)
+    if meta.spec is None:
+        raise SoftpromptError(f"{checkpoint} holds a bare prompt with no task; load it with "
+                              "PromptModel.from_pretrained(base_model, folder)")
+    if meta.spec.trust_remote_code and not trust_remote_code:
+        raise SoftpromptError(f"{checkpoint} was trained on a model that runs code from its repository; pass "
+                              "--trust-remote-code (trust_remote_code=True) if you trust it")
+    return directory, meta
 
 
 def _local_folder(checkpoint: str | Path) -> Path:

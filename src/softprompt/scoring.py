@@ -20,18 +20,28 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
+def first_token_scores(last_logits: torch.Tensor, label_ids: list[list[int]]) -> torch.Tensor:
+    """(B, labels) scores of one-token label strings from the logits after each row (B, V)."""
+    return torch.log_softmax(last_logits.float(), -1)[:, [i[0] for i in label_ids]]
+
+
+def continuation_scores(logits: list[torch.Tensor], label_ids: list[list[int]]) -> torch.Tensor:
+    """(B, labels) scores from `continuation_logits` output: each label string's summed log-likelihood."""
+    rows = logits[0].shape[0]
+    return torch.stack([_token_logprobs(each, torch.tensor([label] * rows)) for each, label in zip(logits, label_ids)],
+                       dim=1)
+
+
 def _decoder_label_scores(model: PromptModel, prefixes: list[list[int]], label_ids: list[list[int]],
                           pad_id: int) -> torch.Tensor:
     """Rows are left-aligned inside the model, so each row ends with its label: only the tail needs logits."""
     if all(len(ids) == 1 for ids in label_ids):  # one forward: the next-token distribution after the prefix
         ids, mask = pad(prefixes, pad_id)
-        last = model.tail_logits(ids, mask, 1)[:, 0]
-        return torch.log_softmax(last.float(), -1)[:, [i[0] for i in label_ids]]
+        return first_token_scores(model.tail_logits(ids, mask, 1)[:, 0], label_ids)
     ids, mask = pad(prefixes, pad_id)
     shared = model.continuation_logits(ids, mask, label_ids)
     if shared is not None:  # the prompt and the input ran once for all label strings
-        return torch.stack([_token_logprobs(logits, torch.tensor([label] * len(prefixes)))
-                            for logits, label in zip(shared, label_ids)], dim=1)
+        return continuation_scores(shared, label_ids)
     columns = []
     for label in label_ids:
         ids, mask = pad([p + label for p in prefixes], pad_id)
@@ -63,8 +73,13 @@ def label_scores(model: PromptModel, encoder: TaskEncoder, features: list[Featur
         return _seq2seq_label_scores(model, prefixes, encoder.label_ids, pad_id)
     batch = collate([replace(f, label=0) for f in features], encoder)  # labels may be unknown here
     batch.pop("labels")
-    logits = model(**batch).logits.float()
-    return logits[:, 0] if encoder.task.is_regression else torch.log_softmax(logits, -1)
+    return head_scores(model(**batch).logits, encoder.task.is_regression)
+
+
+def head_scores(logits: torch.Tensor, regression: bool) -> torch.Tensor:
+    """What a head's logits score: the value for regression, log-probabilities over the classes otherwise."""
+    logits = logits.float()
+    return logits[:, 0] if regression else torch.log_softmax(logits, -1)
 
 
 @torch.inference_mode()

@@ -109,9 +109,15 @@ AttentionInterface.register(PACKED, packed_sdpa)
 AttentionMaskInterface.register(PACKED, _no_mask)
 
 
+def _layers_config(model: torch.nn.Module):
+    """The config the attention layers read: the backbone's. A head wrapper built around a backbone shared by
+    several tasks (multitask.py) has a config of its own, so switching the wrapper's would change nothing."""
+    return model.base_model.config
+
+
 def can_pack(model: torch.nn.Module) -> bool:
     """The packed step replaces SDPA, so it runs where the model uses SDPA."""
-    return model.config._attn_implementation == "sdpa"
+    return _layers_config(model)._attn_implementation == "sdpa"
 
 
 @contextmanager
@@ -122,7 +128,7 @@ def packed_attention(model: torch.nn.Module, prompt_tokens: int, row_mask: torch
     visible = torch.cat([causal.new_ones(n, prompt_tokens), causal], dim=1)  # (n, k + n)
     keys = torch.cat([row_mask.new_ones(row_mask.shape[0], prompt_tokens), row_mask], dim=1).bool()
     token = _layout.set((prompt_tokens, (visible[None] & keys[:, None])[:, None]))
-    config = model.config
+    config = _layers_config(model)
     config._attn_implementation = PACKED
     try:
         yield
@@ -134,7 +140,7 @@ def packed_attention(model: torch.nn.Module, prompt_tokens: int, row_mask: torch
 @contextmanager
 def grouped_attention(model: torch.nn.Module):
     """Run `model` with `gqa_sdpa` while inside, where it uses SDPA on CPU; otherwise leave it alone."""
-    config = model.config
+    config = _layers_config(model)
     text = config.get_text_config()
     grouped = getattr(text, "num_key_value_heads", None) not in (None, text.num_attention_heads)
     swap = _TORCH_HAS_GQA and grouped and config._attn_implementation == "sdpa" and model.device.type == "cpu"

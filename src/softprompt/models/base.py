@@ -27,11 +27,17 @@ def align_order(mask: torch.Tensor, side: str) -> torch.Tensor:
     return torch.argsort(key, dim=1, stable=True)
 
 
-def insertion_index(offsets: torch.Tensor, length: int, k: int) -> torch.Tensor:
-    """Gather index into cat([prompt, tokens]) that places the prompt at column offsets[i] of row i."""
-    j = torch.arange(length + k, device=offsets.device).unsqueeze(0)
+def insertion_index(offsets: torch.Tensor, length: int, k: int | torch.Tensor) -> torch.Tensor:
+    """Gather index into cat([prompt, tokens]) that places the prompt at column offsets[i] of row i.
+
+    `k` is the prompt's length, or each row's (B,) when rows carry prompts of different lengths (several tasks
+    in one batch), padded at their end to the longest; a row with a shorter prompt then ends in repeats of its
+    last column, which the caller masks."""
+    longest = int(k.max()) if torch.is_tensor(k) else k
+    j = torch.arange(length + longest, device=offsets.device).unsqueeze(0)
     off = offsets.unsqueeze(1)
-    return torch.where(j < off, j + k, torch.where(j < off + k, j - off, j))
+    k = k.unsqueeze(1) if torch.is_tensor(k) else k
+    return torch.where(j < off, j + longest, torch.where(j < off + k, j - off, (j - k).clamp(max=length - 1) + longest))
 
 
 def splice(tokens: torch.Tensor, fill: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,11 @@ from ..errors import SoftpromptError
 from .base import PromptModel
 
 
+def masked_mean(hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(B, h): each row's mean final state over the columns `text` marks (its text: no virtual tokens, no pads)."""
+    return (hidden * text.unsqueeze(-1).to(hidden.dtype)).sum(1) / text.sum(1, keepdim=True).to(hidden.dtype)
+
+
 class EncoderPromptModel(PromptModel):
     pad_side = "right"
     family = "encoder"
@@ -44,8 +49,7 @@ class EncoderPromptModel(PromptModel):
         inputs, _, _ = self.prompted_inputs(input_ids, attention_mask, token_type_ids)
         text = inputs["attention_mask"].clone()
         text[:, 1:1 + self.prompt.num_tokens] = 0  # the prompt sits right after [CLS]
-        hidden = self.base.base_model(**inputs, **kwargs).last_hidden_state
-        return (hidden * text.unsqueeze(-1).to(hidden.dtype)).sum(1) / text.sum(1, keepdim=True).to(hidden.dtype)
+        return masked_mean(self.base.base_model(**inputs, **kwargs).last_hidden_state, text)
 
     def pair_embeddings(self, input_ids, attention_mask=None, pair_ids=None, pair_mask=None, **kwargs):
         """(u, v): each text of a pair run alone with the prompt, mean-pooled, at unit length (as the model
@@ -93,6 +97,17 @@ class EncoderPromptModel(PromptModel):
         head.weight[:, 3 * dim:] = w.detach()[:, None].to(head.weight.dtype)
         head.bias.copy_(b.detach())
 
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The head over pooled features (mean or siamese pooling), as the model's own dropout + head."""
+        features = getattr(self.base, "dropout", torch.nn.Identity())(features)
+        # RoBERTa-style heads (dense, tanh, projection) read the first position of a sequence of states
+        return self.head(features) if isinstance(self.head, torch.nn.Linear) else self.head(features[:, None])
+
+    @staticmethod
+    def pair_features(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """What the siamese head reads from two unit-length embeddings."""
+        return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, pair_ids=None,
                 pair_mask=None, **kwargs):
         pooling = self.config.pooling
@@ -102,10 +117,8 @@ class EncoderPromptModel(PromptModel):
             features = self._mean_states(input_ids, attention_mask, token_type_ids, **kwargs)
         else:
             u, v = self.pair_embeddings(input_ids, attention_mask, pair_ids, pair_mask, **kwargs)
-            features = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
-        features = getattr(self.base, "dropout", torch.nn.Identity())(features)
-        # RoBERTa-style heads (dense, tanh, projection) read the first position of a sequence of states
-        logits = self.head(features) if isinstance(self.head, torch.nn.Linear) else self.head(features[:, None])
+            features = self.pair_features(u, v)
+        logits = self.head_logits(features)
         loss = None
         if labels is not None:
             if logits.shape[-1] == 1:

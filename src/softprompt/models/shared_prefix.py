@@ -78,6 +78,21 @@ class Rows(NamedTuple):
     cache: tuple[LayerKV, torch.Tensor, torch.Tensor] | None
 
 
+def stack_prefixes(prefixes: list[LayerKV], owner: torch.Tensor) -> tuple[LayerKV, torch.Tensor]:
+    """Keys/values for a batch whose rows follow different prefixes (several tasks in one batch): row i gets
+    prefixes[owner[i]] (each batch 1), right-aligned in the longest one's length K, so that it ends where the
+    row's own tokens begin. Returns them (B rows) and the (B, K) mask of the slots each row's prefix fills."""
+    lengths = torch.tensor([layers[0][0].shape[2] for layers in prefixes], device=owner.device)
+    longest = int(lengths.max())
+    stacked = []
+    for layer in zip(*prefixes):  # one layer of every prefix: ((keys, values), ...)
+        keys, values = (torch.cat([nn.functional.pad(kv[part], (0, 0, longest - kv[part].shape[2], 0)) for kv in layer])
+                        for part in (0, 1))
+        stacked.append((keys[owner], values[owner]))
+    slots = torch.arange(longest, device=owner.device).unsqueeze(0)
+    return stacked, (slots >= (longest - lengths[owner]).unsqueeze(1)).long()
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids counting real tokens only (pads before the first real token get 0)."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -346,12 +361,18 @@ class SharedPrefix:
                             continuations: list[list[int]]) -> list[torch.Tensor]:
         """For each continuation (the same token list after every row), the logits predicting its tokens.
         Prefix and input run once; each continuation then runs only its own tokens after their keys/values."""
-        hidden, _, (layers, mask, last_position) = self.states(input_ids, attention_mask, keep_cache=True)
+        hidden, _, cache = self.states(input_ids, attention_mask, keep_cache=True)
+        return self.continuations_after(hidden[:, -1:], cache, continuations)
+
+    def continuations_after(self, last: torch.Tensor, cache: tuple[LayerKV, torch.Tensor, torch.Tensor],
+                            continuations: list[list[int]]) -> list[torch.Tensor]:
+        """`continuation_logits` from rows already run: their last states (B, 1, d) and `Rows.cache`."""
+        layers, mask, last_position = cache
         out = []
         for tokens in continuations:
-            states = [hidden[:, -1:]]  # the input's last token predicts the continuation's first
+            states = [last]  # the input's last token predicts the continuation's first
             if len(tokens) > 1:
-                ids = torch.tensor([tokens[:-1]] * hidden.shape[0], device=hidden.device)
+                ids = torch.tensor([tokens[:-1]] * last.shape[0], device=last.device)
                 more = torch.cat([mask, mask.new_ones(ids.shape)], dim=1)
                 steps = last_position + 1 + torch.arange(ids.shape[1], device=ids.device)
                 states.append(self.run_cached(layers, ids, more, steps)[0])
@@ -361,11 +382,19 @@ class SharedPrefix:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation after prefix + rows, from their keys/values; only the new token ids."""
-        hidden, _, (layers, mask, position) = self.states(input_ids, attention_mask, keep_cache=True)
+        hidden, _, cache = self.states(input_ids, attention_mask, keep_cache=True)
+        return self.greedy_after(hidden[:, -1], cache, max_new_tokens)
+
+    @torch.no_grad()
+    def greedy_after(self, last: torch.Tensor, cache: tuple[LayerKV, torch.Tensor, torch.Tensor],
+                     max_new_tokens: int) -> torch.Tensor:
+        """`generate` from rows already run: their last states (B, d) and `Rows.cache`."""
+        layers, mask, position = cache
         new = []
         for _ in range(max_new_tokens):
-            token = self.lm_logits(hidden[:, -1]).argmax(-1, keepdim=True)
+            token = self.lm_logits(last).argmax(-1, keepdim=True)
             new.append(token)
             mask, position = torch.cat([mask, mask.new_ones(token.shape)], dim=1), position + 1
             hidden, layers = self.run_cached(layers, token, mask, position)
+            last = hidden[:, -1]
         return torch.cat(new, dim=1)
