@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -163,3 +165,24 @@ def test_adding_and_removing_prompts_and_what_is_refused(tiny_dirs, decoder_prom
         model.load(other)
     with pytest.raises(Exception, match="lacks field"):
         model.predict([("sentiment", {"wrong": "x"})])
+
+
+def test_cli_eval_of_several_checkpoints_reports_members_and_ensemble(tiny_dirs, tiny_csv, tmp_path, capsys):
+    from softprompt.cli import main
+
+    runs = []
+    for seed, k in ((1, 3), (2, 5)):
+        runs.append(tmp_path / f"run{seed}")
+        assert main(["train", "--model", tiny_dirs["llama"], "--data", tiny_csv, "--max-steps", "2", "--seed", str(seed),
+                     "--prompt-length", str(k), "--no-progress", "--no-baselines", "--output", str(runs[-1])]) == 0
+    capsys.readouterr()
+    alone = []
+    for run in runs:
+        assert main(["eval", str(run / "best"), "--split", "dev"]) == 0
+        alone.append(json.loads(capsys.readouterr().out))
+    assert main(["eval", *(str(r / "best") for r in runs), "--split", "dev"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == alone[0]["n"] and result["checkpoints"] == [str(r / "best") for r in runs]
+    for run, single in zip(runs, alone):
+        assert result["members"][str(run / "best")]["accuracy"] == pytest.approx(single["accuracy"])
+    assert 0 <= result["mean_probability"]["accuracy"] <= 1 and 0 <= result["majority_vote"]["accuracy"] <= 1

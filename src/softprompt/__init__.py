@@ -15,6 +15,11 @@ What a run will do, every default decided (and why), before it runs::
 
     spec = resolve(TrainConfig(model="minilm-l6", data="glue/sst2"), describe_model("minilm-l6"), get_task("sst2"))
 
+Many tasks (and prompt ensembles) on one frozen model, in mixed batches::
+
+    model = MultiTaskModel.from_pretrained({"sentiment": "runs/a/best", "nli": ["runs/b/best", "runs/c/best"]})
+    model.predict([("sentiment", "a gorgeous film"), ("nli", {"sentence1": "...", "sentence2": "..."})])
+
 Several runs and a report::
 
     sweep(TrainConfig(max_time=120, output="runs/sweep"), {"prompt_length": [8, 20], "lr": [3e-2, 0.1]})
@@ -30,6 +35,7 @@ from .data import Example, Splits, load_data, to_examples
 from .errors import SoftpromptError
 from .interpret import Neighbour, nearest_tokens, prompt_similarity
 from .metrics import compute_metrics
+from .multitask import BaseMismatch, MultiTaskModel, TaskInfo, UnknownTask
 from .models import DecoderPromptModel, EncoderPromptModel, PromptModel, Seq2SeqPromptModel, get_prompt_model
 from .pipeline import PromptedTask
 from .report import write_report
@@ -45,5 +51,5 @@ __all__ = [
     "describe_model", "Trainer", "TrainResult", "TrainingInterrupted", "train", "TaskSpec", "TASKS", "get_task",
     "Example", "Splits", "load_data", "to_examples", "compute_metrics", "Checkpoint", "read_checkpoint",
     "save_checkpoint", "SoftpromptError", "RunLog", "read_metrics", "sweep", "write_report", "nearest_tokens",
-    "prompt_similarity", "Neighbour", "__version__",
+    "prompt_similarity", "Neighbour", "MultiTaskModel", "TaskInfo", "UnknownTask", "BaseMismatch", "__version__",
 ]

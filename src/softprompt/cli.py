@@ -114,26 +114,39 @@ def _load(checkpoint: str, model: Optional[str], trust_remote_code: bool = False
 
 @app.command("eval")
 def evaluate(
-    checkpoint: str = typer.Argument(..., help="checkpoint folder (e.g. runs/latest/best)"),
+    checkpoints: List[str] = typer.Argument(..., help="checkpoint folder(s) (e.g. runs/latest/best); several "
+                                                      "prompts of one task are scored as an ensemble too"),
     data: Optional[str] = typer.Option(None, help="data to score (default: the data it was trained on)"),
     split: str = typer.Option("test", help="dev | test"),
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
     trust_remote_code: bool = TRUST,
     batch_size: int = typer.Option(64),
 ) -> None:
-    """Score a checkpoint on a labelled split and print its metrics as JSON."""
+    """Score a checkpoint on a labelled split and print its metrics as JSON; with several, each member's and
+    the ensemble's (mean probability, majority vote), all in one batched pass."""
     from .training import load_splits
 
     if split not in ("dev", "test"):
         raise SoftpromptError(f"--split must be dev or test, not {split!r}")
-    prompted = _load(checkpoint, model, trust_remote_code)
-    spec = prompted.spec
+    if len(checkpoints) == 1:
+        prompted = _load(checkpoints[0], model, trust_remote_code)
+        spec, score = prompted.spec, prompted.evaluate
+    else:
+        from .multitask import MultiTaskModel
+
+        _quiet_libraries()
+        ensemble = MultiTaskModel.from_pretrained({"ensemble": checkpoints}, trust_remote_code, base_model=model)
+        spec = ensemble.prompts("ensemble")[0].prompted.spec
+
+        def score(examples, batch_size):
+            return ensemble.evaluate("ensemble", examples, batch_size)
     splits = load_splits(data or spec.data, spec.task, spec.seed, spec.text_columns, spec.label_column)
     examples = getattr(splits, split)
     if not splits.labelled(split):
         raise SoftpromptError(f"the {split} split of {splits.source} has no labels to score against; try --split dev")
-    metrics = prompted.evaluate(examples, batch_size)
-    typer.echo(json.dumps({"checkpoint": checkpoint, "split": split, "n": len(examples), **metrics}))
+    metrics = score(examples, batch_size)
+    name = {"checkpoint": checkpoints[0]} if len(checkpoints) == 1 else {"checkpoints": checkpoints}
+    typer.echo(json.dumps({**name, "split": split, "n": len(examples), **metrics}))
 
 
 def _stdin_lines() -> list[str]:

@@ -135,10 +135,11 @@ class MultiTaskModel:
 
     @classmethod
     def from_pretrained(cls, checkpoints: Sequence[str | Path] | Mapping[str, str | Path | Sequence[str | Path]],
-                        trust_remote_code: bool = False, bf16: bool | None = None) -> "MultiTaskModel":
+                        trust_remote_code: bool = False, bf16: bool | None = None,
+                        base_model: str | None = None) -> "MultiTaskModel":
         """Checkpoints of one base model: a list (each named by its task; several of one task make an ensemble)
-        or {task: checkpoint or [checkpoints]}. The base model and, unless given, the precision come from the
-        first checkpoint."""
+        or {task: checkpoint or [checkpoints]}. The base model (unless `base_model` points at another copy of it)
+        and the precision (unless given) come from the first checkpoint."""
         if isinstance(checkpoints, Mapping):
             entries = [(path, task) for task, paths in checkpoints.items()
                        for path in ([paths] if isinstance(paths, (str, Path)) else paths)]
@@ -147,7 +148,7 @@ class MultiTaskModel:
         if not entries:
             raise SoftpromptError("no checkpoints given")
         _, first = read_task_checkpoint(_ensure_run_folder(Path(entries[0][0])), trust_remote_code)
-        model = cls(first.spec.model, trust_remote_code, first.spec.bf16 if bf16 is None else bf16)
+        model = cls(base_model or first.spec.model, trust_remote_code, first.spec.bf16 if bf16 is None else bf16)
         for path, task in entries:
             model.add(model.load(path, task))
         return model
@@ -218,6 +219,12 @@ class MultiTaskModel:
             else:
                 registry[task] = {name: p for name, p in registry[task].items() if name != member}
             self._registry = registry
+
+    def prompts(self, task: str) -> list[LoadedPrompt]:
+        """The members of `task`."""
+        if task not in self._registry:
+            raise UnknownTask(f"no task {task!r}")
+        return list(self._registry[task].values())
 
     def tasks(self) -> dict[str, TaskInfo]:
         registry = self._registry
