@@ -5,7 +5,8 @@ and `softprompt.json`, a `Checkpoint`: the prompt config, the base model and a f
 the run's resolved `RunSpec` when a training run wrote it, metrics, and the versions that wrote it, with a
 SHA-256 of each tensor file. A resumable one (`last/`) adds the trainer state: `trainer_state.safetensors`
 (optimizer moments, RNG, the prompt module as it trains, residual MLP included) and `trainer_state.json`.
-Folders are written beside their target and renamed into place, so a crash never leaves a half-written one.
+Folders are written beside their target and renamed into place, so a crash never leaves a half-written one (a
+non-empty folder that is not a checkpoint gets the files moved in instead, softprompt.json last).
 Nothing is ever unpickled. Format 1 (softprompt 0.1.0 before the run spec) is still read.
 """
 
@@ -147,7 +148,12 @@ def _write_atomic(directory: Path, write: Callable[[Path], None]) -> None:
     old = directory.with_name(f".{directory.name}-old")
     try:
         write(tmp)
-        if directory.exists():
+        if directory.is_dir() and not (directory / META_FILE).exists() and any(directory.iterdir()):
+            # a folder holding other things (a Trainer's output_dir with its checkpoint-N folders) is kept: the
+            # files move in, softprompt.json last, so the folder reads as a checkpoint only once it is whole
+            for f in sorted(tmp.iterdir(), key=lambda p: p.name == META_FILE):
+                os.replace(f, directory / f.name)
+        elif directory.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
             os.replace(tmp, directory)
