@@ -1,4 +1,4 @@
-"""`softprompt train | eval | predict | info | report | inspect | sweep | export | import`: a thin layer over the
+"""`softprompt train | eval | predict | info | report | inspect | sweep | export | import | serve`: a thin layer over the
 Python API."""
 
 from __future__ import annotations
@@ -348,6 +348,36 @@ def sweep(**options: Any) -> None:
         typer.echo(f"{setting}  steps={result.step}  dev {_fmt(result.dev)}")
     typer.echo(f"sweep: {cfg.output}" + (f" (report: {Path(cfg.output) / 'report.html'})"
                                          if options["write_report"] else ""))
+
+
+@app.command()
+def serve(
+    checkpoints: Optional[List[str]] = typer.Argument(None, metavar="CHECKPOINT_OR_FOLDER...",
+                                                      help="checkpoint or run folders, NAME=PATH, folders of "
+                                                           "checkpoints (DIR/<task>/[<member>/]), hub repo ids"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback unless told otherwise)"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, envvar="SOFTPROMPT_API_KEY", show_envvar=True,
+                                          help="require this key on every route but /health"),
+    read_only: bool = typer.Option(False, "--read-only", help="refuse adding and removing prompts over HTTP"),
+    max_batch: int = typer.Option(32, help="rows per forward at most"),
+    max_wait_ms: float = typer.Option(5, help="how long a request waits for others to share its forward"),
+    max_inputs: int = typer.Option(64, help="inputs per request at most"),
+    max_input_chars: int = typer.Option(4000, help="characters per input (per field) at most"),
+    max_body_bytes: int = typer.Option(1_000_000, help="request body size at most"),
+    watch: Optional[str] = typer.Option(None, metavar="DIR", help="serve the checkpoints of DIR (DIR/<task>/ or "
+                                                                  "DIR/<task>/<member>/), following changes"),
+    workers: int = typer.Option(1, help="worker processes, each with its own copy of the model"),
+    trust_remote_code: bool = TRUST,
+) -> None:
+    """Serve prompts over HTTP: a JSON API (/docs), a playground page at /, mixed-task dynamic batching."""
+    from .serve import serve as run_server
+
+    _quiet_libraries()
+    run_server(checkpoints or [], host=host, port=port, workers=workers, watch=watch,
+               trust_remote_code=trust_remote_code, api_key=api_key, read_only=read_only, max_batch=max_batch,
+               max_wait_ms=max_wait_ms, max_inputs=max_inputs, max_input_chars=max_input_chars,
+               max_body_bytes=max_body_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
