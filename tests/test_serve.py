@@ -354,7 +354,8 @@ def test_playground_in_a_headless_browser(server):
               }, () => {
                 const pair = read();
                 choose('ensemble', () => { document.getElementById('field-text').value = 'the film was good'; },
-                       () => done({pair, ensemble: read(), boxes: document.querySelectorAll('textarea').length}));
+                       () => done({pair, ensemble: read(), boxes: document.querySelectorAll('textarea').length,
+                                   vote: document.getElementById('vote').textContent}));
               }));""")
         assert "error" not in result, result
         pair = httpx.post(f"{server.url}/v1/predict", json={"task": "pair", "inputs": PAIRS[:1]}).json()["results"][0]
@@ -363,7 +364,7 @@ def test_playground_in_a_headless_browser(server):
         shown = dict(zip(["other", "same"], (float(c) for c in result["pair"]["rows"][0][1:])))
         assert shown == pytest.approx(pair["scores"], abs=1e-3)
         rows = result["ensemble"]["rows"]
-        assert result["boxes"] == 1 and len(rows) == 3 and rows[-1][0] == "ensemble"
+        assert result["boxes"] == 1 and len(rows) == 3 and rows[-1][0] == "ensemble" and "vote" in result["vote"]
         assert all(len(row) == 3 for row in rows)  # a name and one probability per label
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == []

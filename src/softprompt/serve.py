@@ -108,13 +108,12 @@ class Guard:
     def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
 
-    def _authorized(self, scope) -> bool:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    def _authorized(self, method: str, headers: dict[str, str]) -> bool:
         offered = [headers.get("x-api-key", "")]
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer":
             offered.append(token.strip())
-        if scope["method"] in ("GET", "HEAD"):
+        if method in ("GET", "HEAD"):
             for part in headers.get("cookie", "").split(";"):
                 name, _, value = part.strip().partition("=")
                 if name == KEY_COOKIE:
@@ -125,14 +124,14 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
-            accept = dict(scope["headers"]).get(b"accept", b"").decode("latin-1")
-            if scope["method"] == "GET" and "text/html" in accept:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}  # names are lower case
+        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(scope["method"], headers):
+            if scope["method"] == "GET" and "text/html" in headers.get("accept", ""):  # a browser: the login page
                 page = resources.files(__package__).joinpath("static/login.html").read_text(encoding="utf-8")
                 return await HTMLResponse(page, status_code=401)(scope, receive, send)
             return await _error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
                                      "or 'X-API-Key: KEY'")(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await self._too_large(scope, receive, send)
         body, more = bytearray(), True
@@ -170,10 +169,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if not task.done():
-        task.cancel()
-        return None
-    return task.result()
+        answered = task.done()
+        task.cancel()  # a no-op once answered; otherwise (client gone, server stopping) its rows are dropped
+    return task.result() if answered else None
 
 
 def create_app(model: MultiTaskModel, *, api_key: str | None = None, read_only: bool = False, max_batch: int = 32,
@@ -228,6 +226,11 @@ def create_app(model: MultiTaskModel, *, api_key: str | None = None, read_only: 
     @app.exception_handler(SoftpromptError)
     async def bad_input(_: Request, err: SoftpromptError) -> JSONResponse:
         return _error(422, str(err))
+
+    @app.exception_handler(Exception)
+    async def bug(_: Request, err: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=err)
+        return _error(500, f"internal error ({type(err).__name__}); the server's log has the details")
 
     def checked(pairs: list[tuple[str, Input]], generate: bool = False) -> list[tuple[str, Input]]:
         """Limits (413), then tasks (404) and fields (422), against one snapshot of the tasks."""
