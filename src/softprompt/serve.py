@@ -388,4 +388,6 @@ def serve(sources: Sequence[str], *, host: str = "127.0.0.1", port: int = 8000, 
         return
     resolve_sources(sources)  # a bad argument fails here, once, not in every worker
     os.environ[SETTINGS_ENV] = json.dumps(settings)
-    uvicorn.run("softprompt.serve:app_from_env", factory=True, host=host, port=port, workers=workers)
+    # each worker loads the model before it answers uvicorn's health pings: give it time to
+    uvicorn.run("softprompt.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+                timeout_worker_healthcheck=120)
