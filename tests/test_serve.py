@@ -289,33 +289,37 @@ def test_batcher_skips_the_rest_of_a_cancelled_request_and_isolates_a_failing_on
     assert ran[1] == ["x", "y", "bad"] and ran[2:] == [["x", "y"], ["bad"]]  # the failed batch, then each alone
 
 
-def test_api_key_and_read_only(model):
-    keyed = Server(create_app(model, api_key="s3cret", read_only=True))
-    try:
-        url = keyed.url
-        assert httpx.get(f"{url}/health").status_code == 200
-        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
-            response = httpx.get(f"{url}/v1/tasks", headers=headers)
-            assert response.status_code == 401 and "API key" in response.json()["detail"]
-        for headers in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}):
-            assert httpx.get(f"{url}/v1/tasks", headers=headers).status_code == 200
-        assert httpx.get(f"{url}/docs", cookies={"softprompt_key": "s3cret"}).status_code == 200
-        login = httpx.get(f"{url}/", headers={"Accept": "text/html"})
-        assert login.status_code == 401 and "<form" in login.text
-        # the cookie is for page loads only: it cannot carry a request another site forges
-        posted = httpx.post(f"{url}/v1/predict", json={"task": "sentiment", "inputs": ["x"]},
-                            cookies={"softprompt_key": "s3cret"})
-        assert posted.status_code == 401
-        auth = {"X-API-Key": "s3cret"}
-        assert httpx.post(f"{url}/v1/predict", json={"task": "sentiment", "inputs": ["x"]}, headers=auth,
-                          timeout=30).status_code == 200
-        for method, path in (("post", "/v1/prompts"), ("delete", "/v1/prompts/sentiment")):
-            kwargs = {"json": {"path": "whatever"}} if method == "post" else {}
-            response = httpx.request(method, url + path, headers=auth, **kwargs)
-            assert response.status_code == 403 and "read-only" in response.json()["detail"]
-        assert "sentiment" in {t["name"] for t in httpx.get(f"{url}/v1/tasks", headers=auth).json()["tasks"]}
-    finally:
-        keyed.stop()
+@pytest.fixture(scope="module")
+def keyed(model, server):
+    """A second server over the same model (used only while the first is idle): an API key, read-only."""
+    running = Server(create_app(model, api_key="s3cret", read_only=True))
+    yield running
+    running.stop()
+
+
+def test_api_key_and_read_only(keyed):
+    url = keyed.url
+    assert httpx.get(f"{url}/health").status_code == 200
+    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+        response = httpx.get(f"{url}/v1/tasks", headers=headers)
+        assert response.status_code == 401 and "API key" in response.json()["detail"]
+    for headers in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}):
+        assert httpx.get(f"{url}/v1/tasks", headers=headers).status_code == 200
+    assert httpx.get(f"{url}/docs", cookies={"softprompt_key": "s3cret"}).status_code == 200
+    login = httpx.get(f"{url}/", headers={"Accept": "text/html"})
+    assert login.status_code == 401 and "<form" in login.text
+    # the cookie is for page loads only: it cannot carry a request another site forges
+    posted = httpx.post(f"{url}/v1/predict", json={"task": "sentiment", "inputs": ["x"]},
+                        cookies={"softprompt_key": "s3cret"})
+    assert posted.status_code == 401
+    auth = {"X-API-Key": "s3cret"}
+    assert httpx.post(f"{url}/v1/predict", json={"task": "sentiment", "inputs": ["x"]}, headers=auth,
+                      timeout=30).status_code == 200
+    for method, path in (("post", "/v1/prompts"), ("delete", "/v1/prompts/sentiment")):
+        kwargs = {"json": {"path": "whatever"}} if method == "post" else {}
+        response = httpx.request(method, url + path, headers=auth, **kwargs)
+        assert response.status_code == 403 and "read-only" in response.json()["detail"]
+    assert "sentiment" in {t["name"] for t in httpx.get(f"{url}/v1/tasks", headers=auth).json()["tasks"]}
 
 
 def test_cli_serve_refuses_what_it_cannot_serve(tmp_path, capsys):
@@ -368,5 +372,29 @@ def test_playground_in_a_headless_browser(server):
         assert all(len(row) == 3 for row in rows)  # a name and one probability per label
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == []
+    finally:
+        browser.quit()
+
+
+def test_playground_asks_for_the_key_once_then_works(keyed):
+    browser = _browser()
+    try:
+        browser.get(keyed.url + "/")
+        browser.find_element("id", "key").send_keys("s3cret")
+        browser.find_element("css selector", "#login button").click()
+        browser.set_script_timeout(30)
+        label = browser.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const wait = (test, then, tries = 0) => test() ? then() :
+                tries > 300 ? done('timed out: ' + document.body.innerText) :
+                setTimeout(() => wait(test, then, tries + 1), 50);
+            wait(() => document.getElementById('task') && document.querySelectorAll('#task option').length, () => {
+              document.getElementById('task').value = 'sentiment';
+              document.getElementById('task').dispatchEvent(new Event('change'));
+              document.getElementById('field-text').value = 'the film was good';
+              document.getElementById('predict').click();
+              wait(() => document.querySelector('#scores'), () => done(document.getElementById('label').textContent));
+            });""")
+        assert label in ("negative", "positive"), label
     finally:
         browser.quit()
