@@ -34,7 +34,6 @@ from .multitask import BaseMismatch, MultiTaskModel, TaskInfo, UnknownTask
 from .pipeline import read_task_checkpoint
 from .watch import PromptWatcher, checkpoint_dir, log, scan
 
-API_KEY_ENV = "SOFTPROMPT_API_KEY"
 SETTINGS_ENV = "SOFTPROMPT_SERVE"  # how `serve` hands its settings to uvicorn's worker processes
 KEY_COOKIE = "softprompt_key"  # set by the login page; accepted on GET only, so it cannot carry a forged POST
 MAX_NEW_TOKENS = 256
