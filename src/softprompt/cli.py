@@ -87,12 +87,15 @@ RESUME = Parameter("resume", Parameter.KEYWORD_ONLY, annotation=Optional[str], d
 @_with_config_options([RESUME])
 def train(**options: Any) -> None:
     """Train a soft prompt. With no arguments: SmolLM2-135M on the embedded Rotten Tomatoes data."""
+    from .distributed import Ranks
     from .training import train as run_training
 
     _quiet_libraries()
     resume = options["resume"]
     cfg = _train_config({**options, "output": resume} if resume else options)
     result = run_training(cfg, resume=bool(resume), log=typer.echo)
+    if not Ranks.from_env().is_main:
+        return  # under a launcher the main rank reports
     typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s")
     for name, metrics in result.baselines.items():
         typer.echo(f"baseline {name:<16}  {result.baseline_split:<5} {_fmt(metrics)}")

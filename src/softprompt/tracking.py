@@ -129,6 +129,16 @@ class RunLog:
         self.trackers = []
 
 
+class NullLog:
+    """A RunLog that keeps nothing: what ranks other than the main one log to."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
     """Drop the records after `step` (a run resumed from there logs them again)."""
     path = Path(run_dir) / METRICS_LOG

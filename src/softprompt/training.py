@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -20,14 +21,15 @@ from tqdm.auto import tqdm
 from .assets import describe_model
 from .checkpoint import BEST, LAST, RESULTS, TrainerState, load_tensors, read_checkpoint, read_trainer_state
 from .data import Example, Splits, load_data
+from .distributed import Ranks
 from .encoding import Feature, collate
 from .errors import SoftpromptError
 from .metrics import compute_metrics, confusion_matrix
 from .pipeline import PromptedTask
-from .scoring import label_scores
+from .scoring import label_scores, predictions
 from .spec import RunSpec, TrainConfig, resolve
 from .tasks import TaskSpec, get_task
-from .tracking import RunLog, require_trackers, truncate_metrics
+from .tracking import NullLog, RunLog, require_trackers, truncate_metrics
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingInterrupted", "train", "load_splits"]
 
@@ -52,7 +54,7 @@ class TrainingInterrupted(Exception):
 def check_writable(output: Path) -> None:
     try:
         output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
+        probe = output / f".write-test-{os.getpid()}"  # one per process: ranks probe the same folder
         probe.write_text("")
         probe.unlink()
     except OSError as err:
@@ -125,11 +127,15 @@ def class_weights(train: list[Example], labels: tuple[str, ...]) -> torch.Tensor
 
 
 class Trainer:
-    """The loop over a resolved spec: `prompted` holds the model, `splits` the data (with `spec.task`)."""
+    """The loop over a resolved spec: `prompted` holds the model, `splits` the data (with `spec.task`). Started by a
+    launcher, each process is a rank (distributed.py): batches and evaluations are split, gradients summed, and
+    the main rank alone writes."""
 
     def __init__(self, spec: RunSpec, prompted: PromptedTask, splits: Splits,
                  log: Callable[[str], None] = print) -> None:
-        self.spec, self.prompted, self.splits, self.log = spec, prompted, splits, log
+        self.ranks = Ranks.from_env()
+        self.spec, self.prompted, self.splits = spec, prompted, splits
+        self.log = log if self.ranks.is_main else (lambda _: None)
         self.output = Path(spec.output)
         self.model, self.encoder = prompted.model, prompted.encoder
         task = splits.task
@@ -158,6 +164,8 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.model.trainable_parameters()):
             raise SoftpromptError("the prompt (or head) holds NaN or infinite values; not saved. Lower --lr, or "
                                   "pass --on-nan skip")
+        if not self.ranks.is_main:
+            return self.output / name
         state = None
         if name == LAST:
             state = TrainerState(dict(self.state), self.optimizer.state_dict(),
@@ -176,7 +184,8 @@ class Trainer:
         self.optimizer.load_state_dict(saved.optimizer)
         torch.set_rng_state(saved.rng)
         self.state.update(saved.counters)
-        truncate_metrics(self.output, self.state["step"])  # what a killed run logged after its last save
+        if self.ranks.is_main:
+            truncate_metrics(self.output, self.state["step"])  # what a killed run logged after its last save
         self.log(f"resumed from {last} at step {self.state['step']}")
 
     def _progress(self) -> float:
@@ -199,10 +208,18 @@ class Trainer:
         return self._progress() >= 1.0
 
     def evaluate(self, examples: list[Example]) -> dict[str, float]:
-        return self.prompted.evaluate(examples, self.spec.eval_batch_size)
+        return self.evaluate_with_predictions(examples)[0]
 
-    def _eval_and_keep_best(self, run_log: RunLog) -> dict[str, float]:
-        metrics, preds = self.prompted.evaluate_with_predictions(self.splits.dev, self.spec.eval_batch_size)
+    def evaluate_with_predictions(self, examples: list[Example]) -> tuple[dict[str, float], list]:
+        """The task's metrics; with several ranks each scores its shard of the rows and all gather the scores."""
+        if self.ranks.world == 1:
+            return self.prompted.evaluate_with_predictions(examples, self.spec.eval_batch_size)
+        part = self.prompted.scores(self.ranks.shard(examples), self.spec.eval_batch_size)
+        preds = predictions(self.ranks.gather_rows(part, len(examples)))
+        return compute_metrics(self.splits.task.metrics, preds, [e.label for e in examples]), preds
+
+    def _eval_and_keep_best(self, run_log: RunLog | NullLog) -> dict[str, float]:
+        metrics, preds = self.evaluate_with_predictions(self.splits.dev)
         self.state["last_eval_step"] = self.state["step"]
         key = self.splits.task.metrics[0]
         run_log.log({"step": self.state["step"], "elapsed": round(self.state["elapsed"], 2),
@@ -263,7 +280,7 @@ class Trainer:
             self.log(f"head started as a ridge readout of {len(sample)} training rows "
                      f"(held-out squared error {error:.4f})")
         self.model.train()
-        self.state["elapsed"] += time.perf_counter() - start
+        self.state["elapsed"] = self.ranks.agree_max(self.state["elapsed"] + time.perf_counter() - start)
 
     def loss(self, features: list[Feature]) -> torch.Tensor:
         """Cross-entropy over the label scores (rank loss; a head's log-softmax when classes are weighted),
@@ -295,14 +312,16 @@ class Trainer:
                  f"{self.model.num_trainable_parameters():,} trainable parameters")
         key = self.splits.task.metrics[0]
         last_metrics: dict[str, float] = {}
-        bar = tqdm(total=spec.max_steps, initial=self.state["step"], disable=not spec.progress, unit="step",
+        bar = tqdm(total=spec.max_steps, initial=self.state["step"], disable=not (spec.progress and self.ranks.is_main),
+                   unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         batches = self._micro_batches(features)
         if self.state["step"] == 0 and spec.head_init in ("cosine", "fit"):
             self._start_head(features)
         self.model.train()
         loss_ema, interrupted, saved_at = None, False, time.monotonic()
-        run_log = RunLog(self.output, list(spec.report_to), name=self.output.name, config=spec.to_dict())
+        run_log = (RunLog(self.output, list(spec.report_to), name=self.output.name, config=spec.to_dict())
+                   if self.ranks.is_main else NullLog())
         try:
             while not self._done():
                 start = time.perf_counter()
@@ -312,10 +331,13 @@ class Trainer:
                 total, tokens = 0.0, 0
                 for _ in range(spec.grad_accum):
                     batch = next(batches)
-                    tokens += sum(len(f) for f in batch)
-                    loss = self.loss(batch) / spec.grad_accum
-                    loss.backward()
-                    total += float(loss.detach())
+                    part = self.ranks.shard(batch)
+                    tokens += sum(len(f) for f in part)
+                    if part:
+                        loss = self.ranks.weighted(self.loss(part), len(part), len(batch)) / spec.grad_accum
+                        loss.backward()
+                        total += float(loss.detach())
+                total = self.ranks.sum_gradients(self.model.trainable_parameters(), total)
                 norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), spec.max_grad_norm)
                 if math.isfinite(total) and math.isfinite(float(norm)):
                     self.optimizer.step()
@@ -333,7 +355,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] += 1
                 seconds = time.perf_counter() - start
-                self.state["elapsed"] += seconds
+                self.state["elapsed"] = self.ranks.agree_max(self.state["elapsed"] + seconds)
                 loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
                 run_log.log({"step": self.state["step"], "loss": total, "lr": lr,
                                   "elapsed": round(self.state["elapsed"], 2), "steps_per_s": round(1 / seconds, 4),
@@ -371,19 +393,18 @@ class Trainer:
         """Score the best checkpoint on test; the run's summary goes to results.json (the checkpoint keeps
         what it was written with)."""
         best = self.output / BEST
+        self.ranks.barrier()  # the main rank has written best/
         trained = self.model.num_trainable_parameters()  # what the optimizer updated, a residual MLP included
         self.model.prompt.fold()  # training is over: the prompt as the model sees it, as checkpoints hold it
         meta = read_checkpoint(best)
         self.model.load_tensors(load_tensors(best, meta))
         dev = meta.metrics["dev"]  # scored when it became best; dev does not change
         test = self.evaluate(self.splits.test) if self.spec.eval_test and self.splits.labelled("test") else None
-        (self.output / RESULTS).write_text(json.dumps({"best_step": self.state["best_step"],
-                                                       "steps": self.state["step"],
-                                                       "train_seconds": round(self.state["elapsed"], 1),
-                                                       "trained_parameters": trained,
-                                                       "dev": dev, "test": test,
-                                                       "dev_confusion": meta.metrics.get("dev_confusion")},
-                                                      indent=2))
+        summary = {"best_step": self.state["best_step"], "steps": self.state["step"],
+                   "train_seconds": round(self.state["elapsed"], 1), "trained_parameters": trained, "dev": dev,
+                   "test": test, "dev_confusion": meta.metrics.get("dev_confusion")}
+        if self.ranks.is_main:
+            (self.output / RESULTS).write_text(json.dumps(summary, indent=2))
         return TrainResult(self.output, best, self.state["step"], self.state["elapsed"], dev, test, trained)
 
     @property
