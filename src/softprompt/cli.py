@@ -1,5 +1,5 @@
-"""`softprompt train | eval | predict | info | report | inspect | sweep | export | import | serve`: a thin layer over the
-Python API."""
+"""`softprompt train | eval | predict | info | report | inspect | sweep | export | import | push | serve`: a thin
+layer over the Python API."""
 
 from __future__ import annotations
 
@@ -309,6 +309,18 @@ def import_(
 
     _quiet_libraries()
     typer.echo(f"checkpoint: {import_peft(adapter, output, model)}")
+
+
+@app.command()
+def push(
+    checkpoint: str = typer.Argument(..., help="checkpoint folder (or an exported peft adapter folder)"),
+    repo_id: str = typer.Argument(..., help="hub model repo, user/name (created if need be)"),
+    private: bool = typer.Option(False, "--private", help="create the repo private"),
+) -> None:
+    """Upload a checkpoint to the Hugging Face hub; `from_pretrained("user/name")` and every command read it back."""
+    from .hub import push_folder
+
+    typer.echo(f"pushed: {push_folder(checkpoint, repo_id, private=private or None)}")
 
 
 def _values(text: Optional[str], kind) -> list:

@@ -14,6 +14,7 @@ from .config import TaskType
 from .data import Example, to_examples
 from .encoding import TaskEncoder, pad
 from .errors import SoftpromptError
+from .hub import local_folder, push_saved
 from .metrics import compute_metrics
 from .models import PromptModel, get_prompt_model
 from .scoring import predictions, score
@@ -78,6 +79,12 @@ class PromptedTask:
         """One checkpoint folder, written atomically: the prompt (and head), the run spec, metrics."""
         return save_checkpoint(directory, self.checkpoint(step, metrics), self.model.state_tensors(), trainer_state)
 
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "softprompt checkpoint") -> str:
+        """Upload this prompt as a checkpoint (what `save_pretrained` writes) to the hub repo `repo_id`, which
+        `from_pretrained(repo_id)` then reads; returns the commit's URL."""
+        return push_saved(self.save_pretrained, repo_id, private, token, commit_message)
+
     def _examples(self, inputs: list[str | dict[str, Any] | Example]) -> list[Example]:
         return [i if isinstance(i, Example) else to_examples([i], self.task.fields)[0] for i in inputs]
 
@@ -131,7 +138,7 @@ def decode_generated(tokenizer, ids: list[int]) -> str:
 def read_task_checkpoint(checkpoint: str | Path, trust_remote_code: bool = False) -> tuple[Path, Checkpoint]:
     """The folder of a checkpoint of a task (a folder, or a hub repo id fetched) and its metadata, refused before
     anything loads where it has no task or needs code from the base model's repository the caller did not allow."""
-    directory = _local_folder(checkpoint)
+    directory = local_folder(checkpoint)
     meta = read_checkpoint(directory)
     if meta.spec is None:
         raise SoftpromptError(f"{checkpoint} holds a bare prompt with no task; load it with "
@@ -140,21 +147,3 @@ def read_task_checkpoint(checkpoint: str | Path, trust_remote_code: bool = False
         raise SoftpromptError(f"{checkpoint} was trained on a model that runs code from its repository; pass "
                               "--trust-remote-code (trust_remote_code=True) if you trust it")
     return directory, meta
-
-
-def _local_folder(checkpoint: str | Path) -> Path:
-    """A checkpoint folder as given, or a hub repo id fetched into the local hub cache."""
-    path = Path(checkpoint).expanduser()
-    if path.exists() or str(checkpoint).count("/") != 1:
-        return path
-    from huggingface_hub import snapshot_download
-
-    from .assets import hub_unreachable
-
-    reason = hub_unreachable()
-    if reason is None:
-        try:
-            return Path(snapshot_download(str(checkpoint)))
-        except Exception as err:  # the hub client raises many types; all mean the same to the user
-            reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-    raise SoftpromptError(f"{checkpoint} is neither a checkpoint folder nor a hub repo reachable now ({reason})")

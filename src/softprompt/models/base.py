@@ -249,15 +249,25 @@ class PromptModel(nn.Module):
         meta = Checkpoint(self.config, self.family, name, fingerprint(self.base.config))
         return save_checkpoint(directory, meta, self.state_tensors())
 
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "softprompt checkpoint") -> str:
+        """Upload this prompt (and head) to the hub repo `repo_id`, as `save_pretrained` writes it; returns the
+        commit's URL."""
+        from ..hub import push_saved
+
+        return push_saved(self.save_pretrained, repo_id, private, token, commit_message)
+
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path, tokenizer=None) -> "PromptModel":
         """`base_model` (frozen from here on) with the prompt (and head) saved in `directory`, as peft's
         `PeftModel.from_pretrained(model, path)`; the checkpoint's fingerprint must match the base model.
-        `directory` may be a peft prompt-tuning adapter folder too."""
+        `directory` may be a peft prompt-tuning adapter folder too, or a hub repo id holding either."""
         from ..checkpoint import load_tensors, read_checkpoint
+        from ..hub import local_folder
         from ..peft_interop import is_peft_adapter, read_peft
         from .factory import get_prompt_model
 
+        directory = local_folder(directory)
         name = type(base_model).__name__
         if is_peft_adapter(directory):
             checkpoint, tensors = read_peft(directory, base_model.config, name)
