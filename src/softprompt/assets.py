@@ -183,6 +183,7 @@ def load_backbone(model: ModelInfo, task_type: TaskType, num_labels: int = 2, re
 
     config = copy.deepcopy(model.config)
     if task_type is TaskType.SEQ_CLS:
+        auto: type[AutoModelForSequenceClassification | AutoModelForCausalLM | AutoModelForSeq2SeqLM]
         auto = AutoModelForSequenceClassification
         config.num_labels = 1 if regression else num_labels
         config.problem_type = "regression" if regression else "single_label_classification"

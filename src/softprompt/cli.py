@@ -240,9 +240,9 @@ def info(checkpoint: Optional[str] = typer.Argument(None, help="checkpoint folde
     for name, text in BUILTIN_DATASETS.items():
         typer.echo(f"  {name:<16} {text}")
     typer.echo("tasks:")
-    for name, spec in TASKS.items():
-        kind = "regression" if spec.is_regression else "/".join(spec.labels)
-        typer.echo(f"  {name:<16} {', '.join(spec.fields):<28} {kind:<40} {', '.join(spec.metrics)}")
+    for name, task in TASKS.items():
+        kind = "regression" if task.is_regression else "/".join(task.labels)
+        typer.echo(f"  {name:<16} {', '.join(task.fields):<28} {kind:<40} {', '.join(task.metrics)}")
 
 
 @app.command()

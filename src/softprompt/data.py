@@ -74,7 +74,7 @@ def _label_index(raw: Any, task: TaskSpec, where: str) -> int | float | None:
 
 
 def _infer_task(train_rows: list[dict], other_rows: dict[str, list[dict]], fields: tuple[str, ...],
-                label: str) -> TaskSpec:
+                label: str | None) -> TaskSpec:
     """A classification task for user data: the label set is what train holds; dev and test may not add to it."""
     seen = sorted({str(r.get(label, "")).strip() for r in train_rows if str(r.get(label, "")).strip() != ""},
                   key=lambda s: (0, float(s)) if _is_number(s) else (1, s))
@@ -211,7 +211,8 @@ def rotten_tomatoes(seed: int = 0) -> Splits:
     frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
     task = get_task("rotten_tomatoes")
     rows = [Example({"text": t}, int(c == "fresh")) for t, c in zip(frame["text"], frame["category"])]
-    return Splits(task, *_seeded_split(rows, seed, RT_FRACTIONS), source="rotten_tomatoes")
+    train, dev, test = _seeded_split(rows, seed, RT_FRACTIONS)
+    return Splits(task, train, dev, test, source="rotten_tomatoes")
 
 
 def _probe(task: TaskSpec | None, text_columns) -> TaskSpec:
@@ -230,8 +231,8 @@ def from_file(path: Path, task: TaskSpec | None, seed: int, text_columns=None, l
                               "train and dev files)")
     train, dev, test = _seeded_split(rows, seed)
     task = task or _infer_task(train, {"dev": dev, "test": test}, probe.fields, label_col)
-    return Splits(task, *(_to_examples(r, task, cols, label_col, f"{path}") for r in (train, dev, test)),
-                  source=str(path))
+    train_x, dev_x, test_x = (_to_examples(r, task, cols, label_col, f"{path}") for r in (train, dev, test))
+    return Splits(task, train_x, dev_x, test_x, source=str(path))
 
 
 def _find_split_file(folder: Path, stem: str) -> Path | None:
@@ -257,14 +258,14 @@ def from_folder(folder: Path, task: TaskSpec | None, text_columns=None, label_co
     rows = [_read_rows(f, probe.positions, headers) if f else [] for f in files]
     cols, label_col = _columns_for(rows[0], probe, str(files[0]), text_columns, label_column)
     task = task or _infer_task(rows[0], {"dev": rows[1], "test": rows[2]}, probe.fields, label_col)
-    splits = []
+    splits: list[list[Example]] = []
     for name, f, r in zip(SPLIT_NAMES, files, rows):
         if not r:
             splits.append([])
             continue
         c, lc = _columns_for(r, task, str(f), text_columns, label_column, need_label=name != "test")
         splits.append(_to_examples(r, task, c, lc, str(f)))
-    return Splits(task, *splits, source=str(folder))
+    return Splits(task, splits[0], splits[1], splits[2], source=str(folder))
 
 
 def parse_hub_name(name: str) -> tuple[str, str | None]:
@@ -300,7 +301,7 @@ def from_hub(name: str, task: TaskSpec | None, text_columns=None, label_column=N
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SoftpromptError(f"cannot load dataset {name!r} from the hub ({first}); offline? "
                               "use a local file or GLUE folder instead") from None
-    splits = []
+    splits: list[list[Example]] = []
     for i, split in enumerate(task.hub_splits):
         if split not in loaded:
             splits.append([])
@@ -311,7 +312,7 @@ def from_hub(name: str, task: TaskSpec | None, text_columns=None, label_column=N
             continue
         cols, label_col = _columns_for(rows, task, f"{name}[{split}]", text_columns, label_column, need_label=i < 2)
         splits.append(_to_examples(rows, task, cols, label_col, f"{name}[{split}]"))
-    return Splits(task, *splits, source=name)
+    return Splits(task, splits[0], splits[1], splits[2], source=name)
 
 
 def to_examples(items: Iterable[str | dict[str, Any]], fields: tuple[str, ...]) -> list[Example]:
@@ -380,7 +381,7 @@ def _check_label_sets(splits: Splits) -> None:
     task, seen = splits.task, {e.label for e in splits.train}
     if len(seen) < 2:
         raise SoftpromptError(f"the training data of {splits.source} holds one label only "
-                              f"({', '.join(task.labels[i] for i in seen)}); a classifier needs at least 2")
+                              f"({', '.join(task.labels[int(i)] for i in seen if i is not None)}); a classifier needs at least 2")
     for name in ("dev", "test"):
         unseen = sorted({e.label for e in getattr(splits, name) if e.label is not None} - seen)
         if unseen:

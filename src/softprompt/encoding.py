@@ -77,7 +77,7 @@ class TaskEncoder:
         fields = self.task.input_fields(example.fields)
         if self.text_to_text:
             prefix = self._prefix_ids(fields)
-            target = self.label_ids[example.label] if example.label is not None else None
+            target = self.label_ids[int(example.label)] if example.label is not None else None
             return Feature(prefix, example.label, target=target)
         texts = [fields[f] for f in self.task.fields]
         pair = (texts[0], " ".join(texts[1:])) if len(texts) > 1 else (texts[0],)
@@ -113,19 +113,19 @@ def collate(features: list[Feature], encoder: TaskEncoder) -> dict[str, torch.Te
     """A training batch: dynamic padding to the longest row; labels where the loss is taken."""
     pad_id = encoder.tokenizer.pad_token_id
     if encoder.task_type is TaskType.CAUSAL_LM:
-        rows = [f.input_ids + f.target for f in features]
+        rows = [f.input_ids + (f.target or []) for f in features]
         ids, mask = pad(rows, pad_id)
-        labels, _ = pad([[-100] * len(f.input_ids) + f.target for f in features], -100)
+        labels, _ = pad([[-100] * len(f.input_ids) + (f.target or []) for f in features], -100)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
     ids, mask = pad([f.input_ids for f in features], pad_id)
     batch = {"input_ids": ids, "attention_mask": mask}
     if encoder.task_type is TaskType.SEQ_2_SEQ_LM:
-        batch["labels"], _ = pad([f.target for f in features], -100)
+        batch["labels"], _ = pad([f.target or [] for f in features], -100)
         return batch
     if features[0].token_type_ids is not None:
-        batch["token_type_ids"], _ = pad([f.token_type_ids for f in features], 0)
+        batch["token_type_ids"], _ = pad([f.token_type_ids or [] for f in features], 0)
     if features[0].pair_ids is not None:
-        batch["pair_ids"], batch["pair_mask"] = pad([f.pair_ids for f in features], pad_id)
+        batch["pair_ids"], batch["pair_mask"] = pad([f.pair_ids or [] for f in features], pad_id)
     dtype = torch.float if encoder.task.is_regression else torch.long
     batch["labels"] = torch.tensor([f.label for f in features], dtype=dtype)
     return batch

@@ -63,7 +63,7 @@ class PromptTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
             return
-        output = Path(output_dir or self.args.output_dir)
+        output = Path(output_dir or str(self.args.output_dir))
         if self.task is not None:
             self.task.save_pretrained(output, step=self.state.global_step)
         else:
@@ -74,7 +74,7 @@ class PromptTrainer(Trainer):
         self.prompt_model.load_tensors(load_tensors(directory, meta))
 
     def _load_best_model(self) -> None:
-        self._load_prompt(self.state.best_model_checkpoint)
+        self._load_prompt(str(self.state.best_model_checkpoint))  # set by Trainer before it calls this
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         self._load_prompt(resume_from_checkpoint)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -32,6 +32,6 @@ def compute_metrics(names: Sequence[str], predictions: Sequence, references: Seq
     return {name: float(METRICS[name](p, r)) for name in names}
 
 
-def confusion_matrix(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> list[list[int]]:
+def confusion_matrix(predictions: Sequence[Any], references: Sequence[Any], num_labels: int) -> list[list[int]]:
     """Counts by [true label][predicted label]."""
     return sklearn_confusion(references, predictions, labels=list(range(num_labels))).tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import torch
 
@@ -16,7 +16,7 @@ from .encoding import TaskEncoder, pad
 from .errors import SoftpromptError
 from .hub import local_folder, push_saved
 from .metrics import compute_metrics
-from .models import PromptModel, get_prompt_model
+from .models import DecoderPromptModel, PromptModel, get_prompt_model
 from .scoring import predictions, score
 from .spec import RunSpec
 from .tasks import TaskSpec
@@ -61,9 +61,10 @@ class PromptedTask:
         another copy of the same base. Code from the base model's repository runs only when the caller says
         so, whatever the checkpoint recorded."""
         directory, meta = read_task_checkpoint(checkpoint, trust_remote_code)
-        info = describe_model(model or meta.spec.model, trust_remote_code)
+        spec = cast(RunSpec, meta.spec)  # read_task_checkpoint refuses a checkpoint without one
+        info = describe_model(model or spec.model, trust_remote_code)
         meta.check_base(info.config, info.name)
-        prompted = cls.build(replace(meta.spec, trust_remote_code=trust_remote_code), info, initialise=False)
+        prompted = cls.build(replace(spec, trust_remote_code=trust_remote_code), info, initialise=False)
         prompted.model.load_tensors(load_tensors(directory, meta))
         prompted.model.eval()
         return prompted
@@ -107,11 +108,12 @@ class PromptedTask:
         """Free text after prompt + template (decoders trained with label words), greedy, cut at end-of-text."""
         if self.encoder.task_type is not TaskType.CAUSAL_LM:
             raise SoftpromptError("generation needs a decoder checkpoint trained with label words (CAUSAL_LM)")
-        features, tokenizer, texts = self.encoder.encode_all(self._examples(inputs)), self.encoder.tokenizer, []
+        features, tokenizer = self.encoder.encode_all(self._examples(inputs)), self.encoder.tokenizer
+        texts: list[str] = []
         for start in range(0, len(features), batch_size):
             ids, mask = pad([f.input_ids for f in features[start:start + batch_size]], tokenizer.pad_token_id)
             with torch.inference_mode():
-                new = self.model.generate(ids, mask, max_new_tokens=max_new_tokens)
+                new = cast(DecoderPromptModel, self.model).generate(ids, mask, max_new_tokens=max_new_tokens)
             texts.extend(decode_generated(tokenizer, row) for row in new.tolist())
         return texts
 

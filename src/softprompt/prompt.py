@@ -124,7 +124,7 @@ def initial_prompt(
     if config.init is PromptInit.RANDOM:
         return torch.rand(k, dim, generator=generator, dtype=torch.float32) - 0.5
     if config.init is PromptInit.FILE:
-        prompt = load_prompt_file(config.init_file)
+        prompt = load_prompt_file(str(config.init_file))  # set: PromptTuningConfig checks it
         if prompt.shape != (k, dim):
             raise SoftpromptError(
                 f"prompt in {config.init_file} has shape {tuple(prompt.shape)}, this model needs ({k}, {dim}): "

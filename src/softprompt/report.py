@@ -12,7 +12,7 @@ import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .checkpoint import BEST, RESULTS, Checkpoint, read_checkpoint
 from .errors import SoftpromptError
@@ -49,7 +49,7 @@ class Run:
                 f"init={spec.prompt.init.value} · lr={spec.lr}")
 
 
-def find_runs(paths: list[str | Path]) -> list[Path]:
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     """Run folders named directly, or every run folder one level inside a folder (a sweep)."""
     found: list[Path] = []
     for path in map(Path, paths):
@@ -180,7 +180,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}} th
 """
 
 
-def write_report(run_dirs: list[str | Path], output: str | Path, top: int = 5, title: str = "softprompt report",
+def write_report(run_dirs: Sequence[str | Path], output: str | Path, top: int = 5, title: str = "softprompt report",
                  model: str | None = None) -> Path:
     """Write the report for the given run folders (or folders of runs) to `output`; returns its path."""
     from plotly.offline import get_plotlyjs
@@ -216,7 +216,7 @@ def write_report(run_dirs: list[str | Path], output: str | Path, top: int = 5, t
             continue
         prompted = PromptedTask.from_pretrained(run.path / BEST, model)
         weight = prompted.model.prompt.weight
-        tables.append(_neighbour_table(run, nearest_tokens(weight, prompted.model.base.get_input_embeddings().weight,
+        tables.append(_neighbour_table(run, nearest_tokens(weight, prompted.model.embedding_matrix(),
                                                            prompted.encoder.tokenizer, top)))
         prompts.append(weight.detach().clone())
         with_prompts.append(run)

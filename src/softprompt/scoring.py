@@ -7,12 +7,13 @@ paper's way of reading a class off a generative model; multi-token label strings
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import cast
 
 import torch
 
 from .config import TaskType
 from .encoding import Feature, TaskEncoder, collate, pad
-from .models import PromptModel
+from .models import DecoderPromptModel, PromptModel
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ def continuation_scores(logits: list[torch.Tensor], label_ids: list[list[int]]) 
                        dim=1)
 
 
-def _decoder_label_scores(model: PromptModel, prefixes: list[list[int]], label_ids: list[list[int]],
+def _decoder_label_scores(model: DecoderPromptModel, prefixes: list[list[int]], label_ids: list[list[int]],
                           pad_id: int) -> torch.Tensor:
     """Rows are left-aligned inside the model, so each row ends with its label: only the tail needs logits."""
     if all(len(ids) == 1 for ids in label_ids):  # one forward: the next-token distribution after the prefix
@@ -68,7 +69,7 @@ def label_scores(model: PromptModel, encoder: TaskEncoder, features: list[Featur
     pad_id = encoder.tokenizer.pad_token_id
     prefixes = [f.input_ids for f in features]
     if encoder.task_type is TaskType.CAUSAL_LM:
-        return _decoder_label_scores(model, prefixes, encoder.label_ids, pad_id)
+        return _decoder_label_scores(cast(DecoderPromptModel, model), prefixes, encoder.label_ids, pad_id)
     if encoder.task_type is TaskType.SEQ_2_SEQ_LM:
         return _seq2seq_label_scores(model, prefixes, encoder.label_ids, pad_id)
     batch = collate([replace(f, label=0) for f in features], encoder)  # labels may be unknown here

@@ -22,9 +22,9 @@ class TaskSpec:
     template: str = ""  # text-to-text input with {field} slots; the label goes at {label}, or at the end
     verbalizer: tuple[str, ...] = ()  # the words each label is generated as
     hub: tuple[str, str | None] | None = None  # (dataset id, config) on the Hugging Face hub
-    hub_splits: tuple[str, str, str] = ("train", "validation", "test")
+    hub_splits: tuple[str, ...] = ("train", "validation", "test")
     glue_folder: str | None = None  # folder name in the original GLUE distribution
-    glue_files: tuple[str, str, str] = ("train.tsv", "dev.tsv", "test.tsv")
+    glue_files: tuple[str, ...] = ("train.tsv", "dev.tsv", "test.tsv")
     columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # field/"label" -> accepted column names
     positions: dict[str, int] = field(default_factory=dict)  # for header-less files (CoLA)
     instruction: str = ""  # text that starts the prompt under init='text' when no init text is given
@@ -33,7 +33,7 @@ class TaskSpec:
     def __post_init__(self) -> None:
         self.fields, self.labels, self.metrics = tuple(self.fields), tuple(self.labels), tuple(self.metrics)
         self.verbalizer = tuple(self.verbalizer)
-        self.hub = tuple(self.hub) if self.hub else None
+        self.hub = (self.hub[0], self.hub[1]) if self.hub else None
         self.hub_splits, self.glue_files = tuple(self.hub_splits), tuple(self.glue_files)
         self.columns = {k: tuple(v) for k, v in self.columns.items()}
         if not self.template:

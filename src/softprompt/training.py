@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +25,7 @@ from .distributed import Ranks
 from .encoding import Feature, collate
 from .errors import SoftpromptError
 from .metrics import compute_metrics, confusion_matrix
+from .models import EncoderPromptModel
 from .pipeline import PromptedTask
 from .scoring import label_scores, predictions
 from .spec import RunSpec, TrainConfig, resolve
@@ -263,7 +264,7 @@ class Trainer:
                 inputs = collate(sample[i:i + spec.eval_batch_size], self.encoder)
                 inputs.pop("labels")
                 if cosine:
-                    u, v = self.model.pair_embeddings(inputs["input_ids"], inputs["attention_mask"],
+                    u, v = cast(EncoderPromptModel, self.model).pair_embeddings(inputs["input_ids"], inputs["attention_mask"],
                                                       inputs["pair_ids"], inputs["pair_mask"])
                     seen.append((u * v).sum(-1))
                 else:
@@ -274,7 +275,7 @@ class Trainer:
         labels = torch.tensor([f.label for f in sample], dtype=torch.float if self.splits.task.is_regression
                               else torch.long)
         if cosine:
-            self.model.start_head_at_cosine(torch.cat(seen).float(), labels)
+            cast(EncoderPromptModel, self.model).start_head_at_cosine(torch.cat(seen).float(), labels)
         else:
             error = self.model.start_head_at_readout(torch.cat(seen).float(), labels)
             self.log(f"head started as a ridge readout of {len(sample)} training rows "

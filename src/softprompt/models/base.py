@@ -8,10 +8,11 @@ and a batch gives the same result whether the caller padded it left or right.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..config import PromptTuningConfig, TaskType
 from ..errors import SoftpromptError
@@ -59,15 +60,15 @@ class PromptModel(nn.Module):
     pad_side = "right"
     family = ""
 
-    def __init__(self, base: nn.Module, config: PromptTuningConfig, tokenizer=None) -> None:
+    def __init__(self, base: PreTrainedModel, config: PromptTuningConfig, tokenizer=None) -> None:
         super().__init__()
         self.base = base
         self.config = config
         self.tokenizer = tokenizer
         base.requires_grad_(False)
-        self.prompt = SoftPrompt(config.num_virtual_tokens, base.get_input_embeddings().embedding_dim)
+        self.prompt = SoftPrompt(config.num_virtual_tokens, self.embedding_matrix().shape[1])
         self.head_name = self._find_head() if config.task_type is TaskType.SEQ_CLS else None
-        if self.head_name:
+        if self.head is not None:
             self.head.requires_grad_(True)
 
     # -- construction ---------------------------------------------------------------------------------
@@ -83,9 +84,12 @@ class PromptModel(nn.Module):
     def head(self) -> nn.Module | None:
         return getattr(self.base, self.head_name) if self.head_name else None
 
+    def embedding_matrix(self) -> torch.Tensor:
+        """The frozen input-embedding matrix (vocab, dim): the space the prompt lives in."""
+        return cast(nn.Embedding, self.base.get_input_embeddings()).weight
+
     def init_prompt(self, corpus: Iterable[str] | None = None, generator: torch.Generator | None = None) -> None:
-        embeddings = self.base.get_input_embeddings().weight
-        value = initial_prompt(self.config, embeddings, self.tokenizer, corpus, generator)
+        value = initial_prompt(self.config, self.embedding_matrix(), self.tokenizer, corpus, generator)
         with torch.no_grad():
             self.prompt.weight.copy_(value.to(self.prompt.weight.dtype))
 
@@ -103,6 +107,7 @@ class PromptModel(nn.Module):
     @property
     def readout(self) -> nn.Linear:
         """The head's last linear layer: the head itself, or e.g. RoBERTa's out_proj after its dense + tanh."""
+        assert self.head is not None, "only a SEQ_CLS model has a head"
         return [m for m in self.head.modules() if isinstance(m, nn.Linear)][-1]
 
     @torch.no_grad()
@@ -130,7 +135,7 @@ class PromptModel(nn.Module):
         fit, held = torch.arange(cut), torch.arange(cut, len(z))
         errors = {strength: (z[held] @ ridge(fit, strength) - target[held]).pow(2).mean().item()
                   for strength in [len(z) * 10.0 ** e for e in range(-4, 3)]} if cut else {len(z): float("nan")}
-        weight = ridge(torch.arange(len(z)), min(errors, key=errors.get))
+        weight = ridge(torch.arange(len(z)), min(errors, key=lambda s: errors[s]))
         bias = offset - (shift / scale) @ weight
         weight = weight / scale[:, None]
         if classes > 1:  # one-hot fits are ~0/1: sharpen them to the temperature with the lowest cross-entropy
@@ -199,9 +204,10 @@ class PromptModel(nn.Module):
     def _postprocess(self, out, order: torch.Tensor, offsets: torch.Tensor):
         return out
 
-    def training_loss(self, **batch) -> torch.Tensor:
+    def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """The loss the trainer minimises; families may compute it more cheaply than `forward` does."""
-        return self(**batch).loss
+        return self(input_ids, attention_mask, labels=labels, **kwargs).loss
 
     # -- persistence ---------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -258,7 +264,7 @@ class PromptModel(nn.Module):
         return push_saved(self.save_pretrained, repo_id, private, token, commit_message)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | Path, tokenizer=None) -> "PromptModel":
+    def from_pretrained(cls, base_model: PreTrainedModel, directory: str | Path, tokenizer=None) -> "PromptModel":
         """`base_model` (frozen from here on) with the prompt (and head) saved in `directory`, as peft's
         `PeftModel.from_pretrained(model, path)`; the checkpoint's fingerprint must match the base model.
         `directory` may be a peft prompt-tuning adapter folder too, or a hub repo id holding either."""

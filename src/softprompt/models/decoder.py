@@ -13,7 +13,10 @@ the prompt, sampling), this adapter takes the concatenated sequence, `forward`'s
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
+from transformers import GenerationMixin
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from ..config import TaskType
@@ -64,7 +67,8 @@ class DecoderPromptModel(PromptModel):
     def _shares(self, length: int) -> bool:
         return self.config.task_type in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS) and self.engine.shares(length)
 
-    def _aligned(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    def _aligned(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The caller's batch left-aligned (what every shared-prefix path runs on), and the permutation used."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -138,5 +142,5 @@ class DecoderPromptModel(PromptModel):
         if kwargs.get("do_sample") or not self._shares(input_ids.shape[1] + max_new_tokens):
             inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
             inputs.pop("position_ids")
-            return self.base.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+            return cast(GenerationMixin, self.base).generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
         return self.engine.generate(*self._aligned(input_ids, attention_mask)[:2], max_new_tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ..config import PromptTuningConfig, TaskType
@@ -45,7 +45,7 @@ def check_task_type(family: str, task_type: TaskType, model_type: str) -> None:
 
 
 def get_prompt_model(
-    model: nn.Module,
+    model: PreTrainedModel,
     config: PromptTuningConfig,
     tokenizer=None,
     corpus: Iterable[str] | None = None,

@@ -5,7 +5,10 @@ Padding is moved to the right so that relative-position biases see the text righ
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
+from transformers import GenerationMixin
 
 from .base import PromptModel
 
@@ -26,4 +29,4 @@ class Seq2SeqPromptModel(PromptModel):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
-        return self.base.generate(**inputs, **kwargs)
+        return cast(GenerationMixin, self.base).generate(**inputs, **kwargs)
