@@ -1,5 +1,5 @@
 """One rank of the distributed tests (test_distributed.py starts it through `accelerate launch`): trains a tiny
-run and records the prompt this rank holds after every optimizer step."""
+run with softprompt's loop (`loop`) or transformers' Trainer (`hf`) and records the prompt this rank holds."""
 
 from __future__ import annotations
 
@@ -31,6 +31,29 @@ def run(model: str, data: str, output: str, record: str, **options) -> None:
     (folder / f"rank{rank}.json").write_text(json.dumps({"steps": result.step, "dev": result.dev}))
 
 
+def run_hf(model: str, data: str, output: str, record: str, max_steps: int) -> None:
+    """PromptTrainer under the launcher: Trainer wraps the model in DDP itself."""
+    from transformers import TrainingArguments
+
+    from softprompt.hf_trainer import PromptTrainer, TaskCollator
+    from softprompt.spec import TrainConfig
+    from softprompt.training import prepare
+
+    run = prepare(TrainConfig(model=model, data=data, output=output, prompt_length=3, max_length=24, progress=False),
+                  log=lambda _: None)
+    prompted = run.prompted
+    args = TrainingArguments(output_dir=output + "/hf", max_steps=max_steps, per_device_train_batch_size=4,
+                             learning_rate=0.1, save_steps=max_steps, save_only_model=True, report_to=[],
+                             use_cpu=True, ddp_backend="gloo", disable_tqdm=True, seed=0)
+    trainer = PromptTrainer(task=prompted, args=args, data_collator=TaskCollator(prompted.encoder),
+                            train_dataset=prompted.encoder.encode_all(run.splits.train))
+    trainer.train()
+    Path(record).mkdir(parents=True, exist_ok=True)
+    wrapper = type(trainer.model_wrapped).__name__
+    save_file({"prompt": prompted.model.prompt.weight.detach().clone()}, f"{record}/rank{args.process_index}-hf.st",
+              metadata={"wrapper": wrapper})
+
+
 if __name__ == "__main__":
-    model, data, output, record, options = sys.argv[1:6]
-    run(model, data, output, record, **json.loads(options))
+    mode, model, data, output, record, options = sys.argv[1:7]
+    (run if mode == "loop" else run_hf)(model, data, output, record, **json.loads(options))

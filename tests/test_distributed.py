@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.ddp_worker import run
@@ -36,7 +37,7 @@ def _launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_two_ranks_hold_one_prompt_and_equal_one_process(tiny_dirs, tiny_csv, tmp_path):
     options = {"max_steps": 4}
-    _launch([str(WORKER), tiny_dirs["llama"], tiny_csv, str(tmp_path / "ddp"), str(tmp_path / "rec2"),
+    _launch([str(WORKER), "loop", tiny_dirs["llama"], tiny_csv, str(tmp_path / "ddp"), str(tmp_path / "rec2"),
              json.dumps(options)])
     for step in range(1, 5):
         ranks = [load_file(str(tmp_path / "rec2" / f"rank{r}-step{step}.st"))["prompt"] for r in (0, 1)]
@@ -66,3 +67,14 @@ def test_cli_under_accelerate_and_max_time_agreed(tiny_dirs, tiny_csv, tmp_path)
     steps = [r["step"] for r in logged if "loss" in r]
     assert steps == list(range(1, results["steps"] + 1)) and results["steps"] >= 1
     assert (tmp_path / "cli" / "best" / "softprompt.json").is_file()
+
+
+def test_prompt_trainer_under_accelerate_launch_runs_ddp(tiny_dirs, tiny_csv, tmp_path):
+    _launch([str(WORKER), "hf", tiny_dirs["llama"], tiny_csv, str(tmp_path / "run"), str(tmp_path / "rec"),
+             json.dumps({"max_steps": 3})])
+    ranks = [safe_open(str(tmp_path / "rec" / f"rank{r}-hf.st"), "pt") for r in (0, 1)]
+    assert [f.metadata()["wrapper"] for f in ranks] == ["DistributedDataParallel"] * 2
+    prompts = [f.get_tensor("prompt") for f in ranks]
+    assert torch.equal(prompts[0], prompts[1])
+    saved = load_file(str(tmp_path / "run" / "hf" / "checkpoint-3" / "prompt.safetensors"))["prompt"]
+    assert torch.equal(saved, prompts[0])  # the main rank's softprompt checkpoint
