@@ -13,6 +13,8 @@ already compares pairs with, instead of asking it to read two texts in one seque
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -33,8 +35,13 @@ class EncoderPromptModel(PromptModel):
         super().__init__(base, config, tokenizer)
         if config.pooling == "siamese":  # a fresh linear head reads [u, v, |u - v|, u * v]
             old = next(self.head.parameters())
-            head = torch.nn.Linear(4 * self.base.config.hidden_size, self.base.config.num_labels)
-            setattr(self.base, self.head_name, head.to(old.device, old.dtype))
+            head = torch.nn.Linear(4 * int(self.base.config.hidden_size), self.readout.out_features)
+            setattr(self.base, str(self.head_name), head.to(old.device, old.dtype))
+
+    @property
+    def head(self) -> torch.nn.Module:
+        """An encoder always has one: SEQ_CLS is its only task type."""
+        return getattr(self.base, str(self.head_name))
 
     def _offsets(self, mask: torch.Tensor) -> torch.Tensor:
         return torch.ones(mask.shape[0], dtype=torch.long, device=mask.device)
@@ -74,7 +81,7 @@ class EncoderPromptModel(PromptModel):
         cosine; a random head over [u, v, |u - v|, u * v] must find it from a few thousand pairs, and on RTE did
         worse after 600 s than the fitted cosine alone (docs/recipe.md, "MiniLM-L6"). w_c sits in the u * v
         block, whose sum is cos."""
-        x, head = cosine.double(), self.head
+        x, head = cosine.double(), cast(torch.nn.Linear, self.head)  # the siamese head is one linear layer
         if head.out_features == 1:
             slope, intercept = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), labels.double()[:, None]
                                                   ).solution[:, 0]
