@@ -1,7 +1,9 @@
 """What a prompt is: its length, how it starts, and which kind of model output it trains against.
 
 Field names are ours, but peft's spellings are accepted too (`prompt_tuning_init`, `prompt_tuning_init_text`,
-`tokenizer_name_or_path`, ...), so a peft `adapter_config.json` for prompt tuning builds the same config.
+`tokenizer_name_or_path`, ...), so a peft `adapter_config.json` for prompt tuning builds the same config. The
+`method` picks prompt tuning's relatives (methods/): P-tuning's prompt encoder and prefix tuning's keys/values,
+set by the fields peft's PromptEncoderConfig and PrefixTuningConfig name the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class PromptInit(str, Enum):
     FILE = "file"  # an existing prompt (prompt transfer from another task)
 
 
+METHODS = ("prompt", "ptuning", "prefix")
+ENCODER_TYPES = ("MLP", "LSTM")
+
 PEFT_INITS = {"RANDOM": PromptInit.RANDOM, "TEXT": PromptInit.TEXT, "SAMPLE_VOCAB": PromptInit.VOCAB}
 # peft fields that say nothing a softprompt prompt needs: the model's shape is read off the model itself
 PEFT_IGNORED = ("peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "token_dim",
@@ -58,6 +63,14 @@ class PromptTuningConfig:
     pooling: str = "cls"
     tokenizer_name_or_path: str | None = None  # where `text`/`vocab` inits find a tokenizer when none is passed
     base_model_name_or_path: str | None = None
+    # prompt: input vectors; ptuning: input vectors produced by a prompt encoder while training; prefix: keys and
+    # values at every layer, optionally through an MLP while training. Both reparameterisations fold away at save
+    method: str = "prompt"
+    encoder_reparameterization_type: str = "MLP"  # ptuning: MLP | LSTM (peft's names from here on)
+    encoder_hidden_size: int | None = None  # ptuning, prefix with projection: default the model's width, as peft
+    encoder_num_layers: int = 2  # ptuning LSTM layers (peft's MLP always has 3 linear layers)
+    encoder_dropout: float = 0.0  # ptuning LSTM dropout between layers
+    prefix_projection: bool = False  # prefix: train through Embedding -> Linear-Tanh-Linear
     # peft's names for init and init_text: RANDOM, TEXT or SAMPLE_VOCAB, and the text
     prompt_tuning_init: InitVar[str | None] = None
     prompt_tuning_init_text: InitVar[str | None] = None
@@ -86,6 +99,17 @@ class PromptTuningConfig:
             raise SoftpromptError("init='file' needs init_file: a checkpoint folder or a .safetensors prompt file")
         if self.pooling not in POOLINGS:
             raise SoftpromptError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        if self.method not in METHODS:
+            raise SoftpromptError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        self.encoder_reparameterization_type = str(getattr(self.encoder_reparameterization_type, "value",
+                                                           self.encoder_reparameterization_type)).upper()
+        if self.encoder_reparameterization_type not in ENCODER_TYPES:
+            raise SoftpromptError(f"encoder_reparameterization_type must be MLP or LSTM, not "
+                                  f"{self.encoder_reparameterization_type!r}")
+        if (self.encoder_hidden_size is not None and self.encoder_hidden_size < 1) or self.encoder_num_layers < 1:
+            raise SoftpromptError("encoder_hidden_size and encoder_num_layers must be >= 1")
+        if not 0 <= self.encoder_dropout < 1:
+            raise SoftpromptError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
         if self.init is PromptInit.CLASS_LABELS and not self.label_words:
             raise SoftpromptError("init='class_labels' needs label_words (the verbalizer of the task)")
 

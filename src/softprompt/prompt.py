@@ -34,10 +34,13 @@ class ResidualReparam(nn.Module):
 
 
 class SoftPrompt(nn.Module):
+    """k vectors in the input-embedding space. While training they may come out of a reparameterisation over
+    the weight (a `ResidualReparam`, or P-tuning's `PromptEncoder`), folded into the weight at save."""
+
     def __init__(self, num_tokens: int, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_tokens, dim))
-        self.reparam: ResidualReparam | None = None
+        self.reparam: nn.Module | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -47,18 +50,32 @@ class SoftPrompt(nn.Module):
         """The (k, d) vectors the model sees: the weight, through the reparameterisation while training."""
         return self.weight if self.reparam is None else self.reparam(self.weight)
 
+    @torch.no_grad()
+    def served(self) -> torch.Tensor:
+        """`embeddings()` with dropout off (a P-tuning LSTM's): what `fold` bakes in and a checkpoint stores."""
+        training = self.training
+        self.eval()
+        try:
+            return self.embeddings()
+        finally:
+            self.train(training)
+
     def version(self) -> tuple:
         """Changes whenever `embeddings()` may: kept keys/values computed from the prompt are keyed on it."""
         return tuple((p.data_ptr(), p._version, str(p.device)) for p in self.parameters())
 
     def add_reparam(self, bottleneck: int) -> None:
-        self.reparam = ResidualReparam(self.weight.shape[1], bottleneck).to(self.weight.device)
+        self.set_reparam(ResidualReparam(self.weight.shape[1], bottleneck))
+
+    def set_reparam(self, module: nn.Module) -> None:
+        """Train the prompt as `module(weight)` until `fold`."""
+        self.reparam = module.to(self.weight.device)
 
     @torch.no_grad()
     def fold(self) -> None:
         """Bake the reparameterisation into a plain prompt (what a checkpoint stores) and drop it."""
         if self.reparam is not None:
-            self.weight.copy_(self.embeddings())
+            self.weight.copy_(self.served())
             self.reparam = None
 
     def forward(self, batch_size: int) -> torch.Tensor:

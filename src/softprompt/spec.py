@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 from .assets import ModelInfo
-from .config import POOLINGS, PromptInit, PromptTuningConfig, TaskType
+from .config import ENCODER_TYPES, METHODS, POOLINGS, PromptInit, PromptTuningConfig, TaskType
 from .errors import SoftpromptError
 from .tasks import TaskSpec
 from .tracking import parse_report_to
@@ -50,6 +50,15 @@ class TrainConfig:
                                       "(default: the task's; the label follows the template)")
     verbalizer: list[str] | None = _opt(None, "label word per label, in label order (repeat)")
     prompt_length: int = _opt(8, "number of virtual tokens k")
+    method: str | None = _opt(None, "prompt (input vectors) | ptuning (input vectors from a prompt encoder while "
+                                    "training) | prefix (keys and values at every layer; decoders); default prompt")
+    encoder_reparameterization_type: str = _opt("MLP", "ptuning's prompt encoder: MLP | LSTM")
+    encoder_hidden_size: int | None = _opt(None, "ptuning's encoder / the prefix projection's hidden width "
+                                                 "(default: the model's width)")
+    encoder_num_layers: int = _opt(2, "ptuning LSTM layers")
+    encoder_dropout: float = _opt(0.0, "ptuning LSTM dropout")
+    prefix_projection: bool = _opt(False, "prefix: train through an Embedding -> Linear-Tanh-Linear MLP, folded "
+                                          "into plain keys/values at save", flag="--prefix-projection/--no-prefix-projection")
     residual_reparam: int | None = _opt(None, "train the prompt through a residual MLP with this bottleneck width, "
                                               "folded into a plain prompt at save (0: off; default 64 with a "
                                               "head, off for label words)")
@@ -109,6 +118,9 @@ class TrainConfig:
             (self.prompt_length > 0, f"prompt length must be > 0, got {self.prompt_length}"),
             (self.residual_reparam is None or self.residual_reparam >= 0,
              "--residual-reparam is a bottleneck width >= 0 (0: off)"),
+            (self.method in (None, *METHODS), f"--method must be one of {', '.join(METHODS)}, not {self.method!r}"),
+            (self.encoder_reparameterization_type.upper() in ENCODER_TYPES,
+             f"--encoder-reparameterization-type must be MLP or LSTM, not {self.encoder_reparameterization_type!r}"),
             (self.loss in LOSSES, f"loss must be lm or rank, not {self.loss!r}"),
             (self.pooling in (None, *POOLINGS), f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}"),
             (self.head_init in (None, *HEAD_INITS), f"--head-init must be cosine, fit or random, not {self.head_init!r}"),
@@ -183,6 +195,11 @@ class RunSpec:
     @property
     def task_type(self) -> TaskType:
         return self.prompt.task_type
+
+    @property
+    def method(self) -> str:
+        """prompt | ptuning | prefix, as the prompt config records it (a checkpoint without one: prompt)."""
+        return self.prompt.method
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -284,19 +301,33 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     else:
         init = decide("init", PromptInit.VOCAB if head else PromptInit.CLASS_LABELS,
                       "heads start from sampled vocabulary; label words without an instruction from their labels")
+    method = cfg.method or decide("method", "prompt", "prompt tuning, the measured default; ptuning and prefix are "
+                                  "opt-in until their GLUE rows are in")
+    if method == "prefix" and model.family != "decoder":
+        raise SoftpromptError(f"prefix tuning is implemented for decoders so far; {model.name} is a {model.family} "
+                              "model (use --method prompt or ptuning)")
     prompt = PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
                                 init_text=cfg.init_text or default_text, init_file=cfg.init_file, pooling=pooling,
-                                label_words=[w.strip() for w in task.verbalizer] or list(task.labels))
+                                label_words=[w.strip() for w in task.verbalizer] or list(task.labels), method=method,
+                                encoder_reparameterization_type=cfg.encoder_reparameterization_type,
+                                encoder_hidden_size=cfg.encoder_hidden_size, encoder_num_layers=cfg.encoder_num_layers,
+                                encoder_dropout=cfg.encoder_dropout, prefix_projection=cfg.prefix_projection)
 
     max_length = cfg.max_length
+    if model.max_positions and cfg.prompt_length >= model.max_positions:
+        raise SoftpromptError(f"a prompt of {cfg.prompt_length} virtual tokens leaves no room for input in "
+                              f"{model.name}'s {model.max_positions} positions; use a shorter --prompt-length")
     if model.max_positions and max_length + cfg.prompt_length > model.max_positions:
         max_length = decide("max_length", model.max_positions - cfg.prompt_length,
                             "input and prompt must fit the model's positions")
 
     reparam = cfg.residual_reparam
+    if reparam and method != "prompt":
+        raise SoftpromptError(f"--residual-reparam reparameterises a plain prompt; --method {method} trains through "
+                              "its own encoder")
     if reparam is None:
-        reparam = decide("residual_reparam", 64 if head else 0,
-                         "a residual MLP helped heads and cost label words accuracy")
+        reparam = decide("residual_reparam", 64 if head and method == "prompt" else 0,
+                         "a residual MLP helped heads and cost label words accuracy; other methods have their own")
 
     if cfg.head_init is not None and not head:
         raise SoftpromptError("--head-init starts a classification or regression head; this run trains "

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from ..config import PromptTuningConfig, TaskType
 from ..errors import SoftpromptError
+from ..methods import PREFIX_KEY
 from ..prompt import PROMPT_KEY, SoftPrompt, initial_prompt
 
 HEAD_NAMES = ("classifier", "score", "classification_head")
@@ -59,6 +60,7 @@ class PromptModel(nn.Module):
 
     pad_side = "right"
     family = ""
+    prompt_key = PROMPT_KEY  # the prompt's name in a checkpoint's tensors
 
     def __init__(self, base: PreTrainedModel, config: PromptTuningConfig, tokenizer=None) -> None:
         super().__init__()
@@ -66,7 +68,7 @@ class PromptModel(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         base.requires_grad_(False)
-        self.prompt = SoftPrompt(config.num_virtual_tokens, self.embedding_matrix().shape[1])
+        self.prompt = self.new_prompt()
         self.head_name = self._find_head() if config.task_type is TaskType.SEQ_CLS else None
         if self.head is not None:
             self.head.requires_grad_(True)
@@ -79,6 +81,10 @@ class PromptModel(nn.Module):
         raise SoftpromptError(
             f"{type(self.base).__name__} has no classification head; load it with AutoModelForSequenceClassification"
         )
+
+    def new_prompt(self) -> SoftPrompt:
+        """The trainable prompt module: k input vectors (prefix tuning's model gives keys/values instead)."""
+        return SoftPrompt(self.config.num_virtual_tokens, self.embedding_matrix().shape[1])
 
     @property
     def head(self) -> nn.Module | None:
@@ -212,7 +218,7 @@ class PromptModel(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores: the prompt as the model sees it and, for SEQ_CLS, the head."""
-        state = {PROMPT_KEY: self.prompt.embeddings().detach().float().contiguous().cpu()}
+        state = {self.prompt_key: self.prompt.served().float().contiguous().cpu()}
         if self.head is not None:
             for name, value in self.head.state_dict().items():
                 state[f"{HEAD_PREFIX}{name}"] = value.detach().contiguous().cpu()
@@ -221,17 +227,23 @@ class PromptModel(nn.Module):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the prompt (and head) from `state_tensors()` output; nothing else of the model changes."""
         tensors = dict(tensors)
-        prompt = tensors.pop(PROMPT_KEY, None)
+        prompt = tensors.pop(self.prompt_key, None)
+        if prompt is None and {PROMPT_KEY, PREFIX_KEY} & set(tensors):
+            held = "keys/values at every layer (method prefix)" if PREFIX_KEY in tensors else \
+                "input vectors (method prompt or ptuning)"
+            raise SoftpromptError(f"the checkpoint holds {held}, which a {self.config.method} model cannot take; "
+                                  "load it with the method it was trained with")
         if prompt is None:
-            raise SoftpromptError(f"no '{PROMPT_KEY}' tensor: not a softprompt checkpoint")
+            raise SoftpromptError(f"no '{self.prompt_key}' tensor: not a softprompt checkpoint")
         if prompt.shape != self.prompt.weight.shape:
             raise SoftpromptError(
                 f"checkpoint prompt has shape {tuple(prompt.shape)} but this model expects "
                 f"{tuple(self.prompt.weight.shape)}: the base model's hidden size or the prompt length differs"
             )
         if self.prompt.reparam is not None:
-            raise SoftpromptError("a checkpoint holds the prompt as the model sees it; load it into a model "
-                                  "without a residual reparameterisation (or fold that one first)")
+            raise SoftpromptError("a checkpoint holds the prompt as the model sees it; load it into a model without "
+                                  "a residual reparameterisation, prompt encoder or prefix projection (or fold that "
+                                  "one first)")
         self.load_head(tensors)
         with torch.no_grad():
             self.prompt.weight.copy_(prompt)

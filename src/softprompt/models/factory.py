@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, cast
 
 import torch
 from transformers import PreTrainedModel
@@ -10,9 +10,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from ..config import PromptTuningConfig, TaskType
 from ..errors import SoftpromptError
+from ..methods import prompt_encoder
 from .base import PromptModel
 from .decoder import DecoderPromptModel
 from .encoder import EncoderPromptModel
+from .prefix import PrefixDecoderModel
 from .seq2seq import Seq2SeqPromptModel
 
 FAMILIES: dict[str, type[PromptModel]] = {
@@ -44,6 +46,18 @@ def check_task_type(family: str, task_type: TaskType, model_type: str) -> None:
         raise SoftpromptError(f"a {family} model ({model_type}) supports task type {names}, not {task_type.value}")
 
 
+def check_method(family: str, config: PromptTuningConfig, model_config) -> None:
+    """Refuse a method the family cannot take, and a prompt with no positions left for the input."""
+    if config.method == "prefix" and family != "decoder":
+        raise SoftpromptError(f"prefix tuning is implemented for decoders so far, not {family} models "
+                              f"({model_config.model_type}); use --method prompt or ptuning")
+    text = model_config.get_text_config()
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if positions and config.num_virtual_tokens >= positions:
+        raise SoftpromptError(f"{config.num_virtual_tokens} virtual tokens leave no room for input in "
+                              f"{model_config.model_type}'s {positions} positions; use a shorter prompt")
+
+
 def get_prompt_model(
     model: PreTrainedModel,
     config: PromptTuningConfig,
@@ -60,13 +74,20 @@ def get_prompt_model(
     """
     family = family_of(model.config)
     check_task_type(family, config.task_type, model.config.model_type)
+    check_method(family, config, model.config)
     if family == "decoder" and config.task_type is TaskType.SEQ_CLS and model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0  # pooling needs one defined
     if tokenizer is None and config.tokenizer_name_or_path and initialise:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
-    wrapped = FAMILIES[family](model, config, tokenizer)
+    kind = PrefixDecoderModel if config.method == "prefix" else FAMILIES[family]
+    wrapped = kind(model, config, tokenizer)
     if config.num_virtual_tokens and initialise:
         wrapped.init_prompt(corpus, generator)
+    if initialise:  # a method trains through its reparameterisation; a checkpoint loads the folded prompt
+        if config.method == "ptuning":
+            wrapped.prompt.set_reparam(prompt_encoder(config, wrapped.embedding_matrix().shape[1]))
+        elif config.method == "prefix" and config.prefix_projection:
+            cast(PrefixDecoderModel, wrapped).prompt.add_projection(config.encoder_hidden_size)
     return wrapped

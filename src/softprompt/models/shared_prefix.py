@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Hashable
-from typing import NamedTuple, Protocol, Union, runtime_checkable
+from typing import NamedTuple, Protocol, Union, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -237,12 +237,7 @@ class SharedPrefix:
         k, rows = self.source.num_tokens, ids.shape[0]
         model = self.base if self.reads_logits else self.base.base_model
         if self.kind == "key_values":
-            cache, dtype = DynamicCache(config=self.base.config), self.base.get_input_embeddings().weight.dtype
-            for i, (keys, values) in enumerate(self.source.key_values()):
-                cache.update(keys.expand(rows, -1, -1, -1).to(dtype), values.expand(rows, -1, -1, -1).to(dtype), i)
-            full_mask = torch.cat([mask.new_ones(rows, k), mask], 1)
-            out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions_from_mask(full_mask)[:, k:],
-                        **{self._cache_kwarg(): cache})
+            out = self.cache_forward(ids, mask, model)
         else:
             embeds = self.base.get_input_embeddings()(ids)
             index = insertion_index(mask.shape[1] - mask.long().sum(1), ids.shape[1], k)
@@ -251,6 +246,19 @@ class SharedPrefix:
             out = model(inputs_embeds=splice(embeds, prompt, index), attention_mask=full_mask,
                         position_ids=positions_from_mask(full_mask))
         return out.logits if self.reads_logits else out.last_hidden_state
+
+    def cache_forward(self, ids: torch.Tensor, mask: torch.Tensor, model: nn.Module | None = None, **kwargs):
+        """`model` (default: the base)'s own forward over left-aligned rows with the key/value source as its
+        cache, one copy per row (how peft runs prefix tuning): the probe's reference, and the path of a call the
+        engine cannot share."""
+        k, rows = self.source.num_tokens, ids.shape[0]
+        cache, dtype = DynamicCache(config=self.base.config), self.base.get_input_embeddings().weight.dtype
+        for i, (keys, values) in enumerate(cast(KeyValues, self.source).key_values()):
+            cache.update(keys.expand(rows, -1, -1, -1).to(dtype), values.expand(rows, -1, -1, -1).to(dtype), i)
+        full_mask = torch.cat([mask.new_ones(rows, k), mask], 1)
+        return (model or self.base)(input_ids=ids, attention_mask=full_mask,
+                                    position_ids=positions_from_mask(full_mask)[:, k:],
+                                    **{self._cache_kwarg(): cache}, **kwargs)
 
     # -- running rows after the prefix ----------------------------------------------------------------------
     def _cache_kwarg(self) -> str | None:

@@ -1,0 +1,259 @@
+"""Prompt tuning's relatives: P-tuning's prompt encoder and prefix tuning's keys/values, each held to peft's own
+implementation for the same parameters and to a hand-built reference (the plain model given the prefix as its
+cache), through padding, grouped-query attention (tiny llama: 2 key/value heads for 4 heads), save/load and the
+CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, get_peft_model
+from transformers import DynamicCache
+
+from softprompt import PromptModel, PromptTuningConfig, SoftpromptError, TrainConfig, get_prompt_model
+from softprompt.cli import main
+from softprompt.methods import PREFIX_KEY, kv_layout
+from softprompt.models.prefix import PrefixDecoderModel
+from softprompt.spec import resolve
+from softprompt.assets import describe_model
+from softprompt.tasks import get_task
+
+ROWS = [[101, 2023, 3185, 2001, 2204], [101, 2023, 3185], [101, 2919, 2143, 2001]]
+
+
+def _batch(side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROWS padded on `side` with pad id 0."""
+    width = max(map(len, ROWS))
+    ids, mask = torch.zeros(len(ROWS), width, dtype=torch.long), torch.zeros(len(ROWS), width, dtype=torch.long)
+    for i, row in enumerate(ROWS):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols], mask[i, cols] = torch.tensor(row), 1
+    return ids, mask
+
+
+def _real(values: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's values at its real tokens."""
+    return [row[m.bool()] for row, m in zip(values, mask)]
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    """Trained-looking parameters, so that a test does not pass on a zero or init prefix."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+
+
+def _prefix_model(base, tokenizer, k=3, task_type="CAUSAL_LM", **options) -> PrefixDecoderModel:
+    config = PromptTuningConfig(num_virtual_tokens=k, task_type=task_type, method="prefix", init="vocab", **options)
+    model = get_prompt_model(base, config, tokenizer, generator=torch.Generator().manual_seed(0))
+    _randomise(model.prompt)
+    return model.eval()
+
+
+def _by_hand(base, model: PrefixDecoderModel, row: list[int]):
+    """The plain model over one unpadded row, with the prefix's keys/values as its cache."""
+    cache = DynamicCache(config=base.config)
+    for i, (keys, values) in enumerate(model.prompt.key_values()):
+        cache.update(keys.detach().clone(), values.detach().clone(), i)
+    k = model.prompt.num_tokens
+    return base(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, k + len(row), dtype=torch.long),
+                **{model.engine._cache_kwarg(): cache})
+
+
+# -- P-tuning ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["MLP", "LSTM"])
+def test_ptuning_vectors_equal_peft_prompt_encoder(tiny_llama, tokenizer, kind):
+    config = PromptTuningConfig(num_virtual_tokens=5, method="ptuning", init="vocab", encoder_hidden_size=24,
+                                encoder_reparameterization_type=kind, encoder_num_layers=2)
+    model = get_prompt_model(tiny_llama, config, tokenizer)
+    _randomise(model.prompt)
+    peft = PromptEncoder(PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, token_dim=32,
+                                             encoder_hidden_size=24, encoder_reparameterization_type=kind,
+                                             encoder_num_layers=2, num_transformer_submodules=1,
+                                             num_attention_heads=4, num_layers=2))
+    peft.embedding.weight.data.copy_(model.prompt.weight)
+    missing = peft.load_state_dict(model.prompt.reparam.state_dict(), strict=False)
+    assert missing.missing_keys == ["embedding.weight"] and not missing.unexpected_keys
+    torch.testing.assert_close(model.prompt.embeddings(), peft(torch.arange(5)[None])[0], rtol=0, atol=1e-6)
+
+
+def test_ptuning_saves_the_vectors_it_produces_and_loads_as_a_prompt(tiny_llama, tokenizer, tmp_path):
+    config = PromptTuningConfig(num_virtual_tokens=4, method="ptuning", init="vocab",
+                                encoder_reparameterization_type="LSTM", encoder_dropout=0.3)
+    model = get_prompt_model(tiny_llama, config, tokenizer)
+    model.train()  # dropout on: a save still stores the vectors without it
+    model.save_pretrained(tmp_path)
+    model.eval()
+    ids, mask = _batch("left")
+    loaded = PromptModel.from_pretrained(tiny_llama, tmp_path)
+    assert loaded.prompt.reparam is None and loaded.config.method == "ptuning"
+    assert torch.equal(loaded.prompt.weight, model.prompt.served())
+    with torch.no_grad():
+        assert torch.equal(loaded.tail_logits(ids, mask, 2), model.tail_logits(ids, mask, 2))
+
+
+# -- prefix tuning: against the plain model given the same cache ------------------------------------------------
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_prefix_logits_and_loss_equal_the_model_given_the_prefix_as_cache(tiny_llama, tokenizer, side):
+    assert tiny_llama.config.num_key_value_heads < tiny_llama.config.num_attention_heads  # grouped-query attention
+    model = _prefix_model(tiny_llama, tokenizer)
+    ids, mask = _batch(side)
+    with torch.no_grad():
+        want = [_by_hand(tiny_llama, model, row).logits[0] for row in ROWS]
+        forward = _real(model(ids, mask).logits, mask)  # the model's own forward with the cache, per row
+        width = ids.shape[1]
+        shared = model.tail_logits(ids, mask, width)  # the engine, left-aligned: each row's real tokens at the end
+    for i, row in enumerate(ROWS):
+        torch.testing.assert_close(forward[i], want[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shared[i, width - len(row):], want[i], rtol=1e-5, atol=1e-5)
+
+    labels = ids.masked_fill(mask == 0, -100)
+    labels = torch.where(mask.cumsum(1) <= 1, -100, labels)  # never a row's first token: nothing predicts it
+    picked = [(want[i][:-1], lab[m.bool()][1:]) for i, (lab, m) in enumerate(zip(labels, mask))]
+    by_hand = torch.nn.functional.cross_entropy(torch.cat([p[0] for p in picked]), torch.cat([p[1] for p in picked]),
+                                                ignore_index=-100)
+    torch.testing.assert_close(model.training_loss(ids, mask, labels), by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(ids, mask, labels=labels).loss, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_head_equals_the_model_given_the_prefix_as_cache(tiny_llama_cls, tokenizer):
+    model = _prefix_model(tiny_llama_cls, tokenizer, task_type="SEQ_CLS")
+    for side in ("left", "right"):
+        ids, mask = _batch(side)
+        with torch.no_grad():
+            got = model(ids, mask).logits
+            want = torch.cat([_by_hand(tiny_llama_cls, model, row).logits for row in ROWS])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_rank_classification_and_generation_follow_the_cache(tiny_llama, tokenizer):
+    model = _prefix_model(tiny_llama, tokenizer)
+    ids, mask = _batch("right")
+    labels = [[2204], [2919, 2143]]
+    with torch.no_grad():
+        got = model.continuation_logits(ids, mask, labels)
+        for i, row in enumerate(ROWS):
+            for label, logits in zip(labels, got):
+                want = _by_hand(tiny_llama, model, row + label).logits[0, len(row) - 1:len(row) - 1 + len(label)]
+                torch.testing.assert_close(logits[i], want, rtol=1e-5, atol=1e-5)
+        new = model.generate(ids, mask, max_new_tokens=3)
+        for i, row in enumerate(ROWS):
+            tokens = list(row)
+            for _ in range(3):
+                tokens.append(int(_by_hand(tiny_llama, model, tokens).logits[0, -1].argmax()))
+            assert new[i].tolist() == tokens[len(row):]
+    with pytest.raises(SoftpromptError, match="greedily"):
+        model.generate(ids, mask, max_new_tokens=2, do_sample=True)
+
+
+# -- prefix tuning: against peft ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_logits_equal_peft_prefix_tuning(tiny_llama, tokenizer, projection):
+    model = _prefix_model(tiny_llama, tokenizer, k=4, prefix_projection=projection, encoder_hidden_size=16)
+    peft = get_peft_model(tiny_llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                         prefix_projection=projection, encoder_hidden_size=16))
+    encoder = peft.prompt_encoder["default"]
+    encoder.load_state_dict(model.prompt.reparam.state_dict() if projection else {"embedding.weight": model.prompt.weight})
+    ids = torch.tensor([ROWS[0], ROWS[0][::-1]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = peft(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(model(ids, mask).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.tail_logits(ids, mask, ids.shape[1]), want, rtol=1e-5, atol=1e-5)
+
+
+# -- save, load, train -------------------------------------------------------------------------------------------
+def test_prefix_save_load_is_bit_identical_and_folds_the_projection(tiny_llama, tokenizer, tmp_path):
+    model = _prefix_model(tiny_llama, tokenizer, prefix_projection=True)
+    ids, mask = _batch("left")
+    with torch.no_grad():
+        want = model.tail_logits(ids, mask, 2)
+    model.save_pretrained(tmp_path)
+    layout = kv_layout(tiny_llama.config)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "prompt.safetensors"))
+    assert set(stored) == {PREFIX_KEY} and stored[PREFIX_KEY].shape == (3, layout.width)
+    loaded = PromptModel.from_pretrained(tiny_llama, tmp_path)
+    assert isinstance(loaded, PrefixDecoderModel) and loaded.prompt.reparam is None
+    with torch.no_grad():
+        assert torch.equal(loaded.tail_logits(ids, mask, 2), want)
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)
+    assert torch.equal(load_file(str(again / "prompt.safetensors"))[PREFIX_KEY], stored[PREFIX_KEY])
+
+
+def test_a_checkpoint_of_one_method_is_refused_by_another(tiny_llama, tokenizer, tmp_path):
+    prefix = _prefix_model(tiny_llama, tokenizer)
+    prompt = get_prompt_model(tiny_llama, PromptTuningConfig(num_virtual_tokens=3, init="vocab"), tokenizer)
+    with pytest.raises(SoftpromptError, match="keys/values at every layer .method prefix."):
+        prompt.load_tensors(prefix.state_tensors())
+    with pytest.raises(SoftpromptError, match="input vectors .method prompt or ptuning."):
+        prefix.load_tensors(prompt.state_tensors())
+
+
+@pytest.mark.parametrize("options", [{"method": "prefix"}, {"method": "prefix", "prefix_projection": True},
+                                     {"method": "ptuning"}, {"method": "ptuning",
+                                                             "encoder_reparameterization_type": "LSTM"}])
+def test_training_moves_only_the_methods_parameters(tiny_llama, tokenizer, options):
+    model = get_prompt_model(tiny_llama, PromptTuningConfig(num_virtual_tokens=3, init="vocab", **options), tokenizer)
+    frozen = {name: p.detach().clone() for name, p in tiny_llama.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.prompt.named_parameters()}
+    trained = model.trainable_parameters()
+    assert {id(p) for p in trained} == {id(p) for p in model.prompt.parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trained, lr=1e-2)
+    ids, mask = _batch("right")
+    labels = torch.where((mask.cumsum(1) > 1) & (mask == 1), ids, -100)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.training_loss(ids, mask, labels).backward()
+        optimizer.step()
+    assert all(torch.equal(p, frozen[name]) for name, p in tiny_llama.named_parameters())
+    moved = {name for name, p in model.prompt.named_parameters() if not torch.equal(p, before[name])}
+    reparameterised = model.prompt.reparam is not None
+    assert moved and ("weight" in moved) != (reparameterised and options["method"] == "prefix")
+
+
+# -- config, CLI and refusals ------------------------------------------------------------------------------------
+def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, tiny_bert, tokenizer):
+    llama, bert = describe_model(tiny_dirs["llama"]), describe_model(tiny_dirs["bert"])
+    spec = resolve(TrainConfig(model=tiny_dirs["llama"]), llama, get_task("sst2"))
+    assert spec.method == "prompt" and "docs/recipe.md#defaults" in spec.decided["method"]
+    spec = resolve(TrainConfig(model=tiny_dirs["llama"], method="prefix", prefix_projection=True), llama,
+                   get_task("sst2"))
+    assert spec.method == "prefix" and spec.prompt.prefix_projection and spec.residual_reparam == 0
+    assert PromptTuningConfig.from_dict(spec.prompt.to_dict()) == spec.prompt
+    old = {k: v for k, v in spec.prompt.to_dict().items() if k not in ("method", "prefix_projection")}
+    assert PromptTuningConfig.from_dict(old).method == "prompt"  # a checkpoint from before methods
+    with pytest.raises(SoftpromptError, match="prefix tuning is implemented for decoders so far"):
+        resolve(TrainConfig(model=tiny_dirs["bert"], method="prefix"), bert, get_task("sst2"))
+    with pytest.raises(SoftpromptError, match="prefix tuning is implemented for decoders so far"):
+        get_prompt_model(tiny_bert, PromptTuningConfig(task_type="SEQ_CLS", method="prefix"), tokenizer)
+    with pytest.raises(SoftpromptError, match="leaves no room for input"):
+        resolve(TrainConfig(model=tiny_dirs["llama"], method="prefix", prompt_length=256), llama, get_task("sst2"))
+    with pytest.raises(SoftpromptError, match="leave no room for input"):
+        get_prompt_model(tiny_bert, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=128), tokenizer)
+    with pytest.raises(SoftpromptError, match="--residual-reparam"):
+        resolve(TrainConfig(model=tiny_dirs["llama"], method="ptuning", residual_reparam=8), llama, get_task("sst2"))
+    with pytest.raises(SoftpromptError, match="--method must be one of"):
+        TrainConfig(method="lora")
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning"])
+def test_cli_trains_evaluates_and_predicts_with_a_method(method, tiny_dirs, tiny_csv, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code = main(["train", "--method", method, "--max-steps", "2", "--eval-every", "2", "--batch-size", "8",
+                 "--prompt-length", "3", "--no-progress", "--max-length", "24", "--model", tiny_dirs["llama"],
+                 "--data", tiny_csv, "--output", str(out_dir), "--prefix-projection"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    meta = json.loads((out_dir / "best" / "softprompt.json").read_text())
+    assert meta["prompt"]["method"] == method
+    assert main(["eval", str(out_dir / "best"), "--split", "dev"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
+    assert main(["predict", str(out_dir / "best"), "the film was good"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["label"] in ("negative", "positive")
+    assert main(["train", "--resume", str(out_dir), "--max-steps", "3", "--no-progress"]) == 0, capsys.readouterr().err
