@@ -61,7 +61,7 @@ def test_cli_under_accelerate_and_max_time_agreed(tiny_dirs, tiny_csv, tmp_path)
     done = _launch(["-m", "softprompt", "train", "--model", tiny_dirs["llama"], "--data", tiny_csv, "--output",
                     str(tmp_path / "cli"), "--max-time", "3", "--batch-size", "8", "--prompt-length", "3",
                     "--max-length", "24", "--eval-every", "1000", "--no-progress"])
-    assert done.stdout.count("checkpoint: ") == 1  # the main rank reports
+    assert done.stdout.count("checkpoint: ") == 1 and done.stdout.count(" train / ") == 1  # the main rank reports
     results = json.loads((tmp_path / "cli" / "results.json").read_text())
     logged = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in logged if "loss" in r]

@@ -180,3 +180,13 @@ def _no_base(tmp_path):
 
     save_file({"prompt_embeddings": torch.zeros(K, 32)}, str(folder / "adapter_model.safetensors"))
     return folder
+
+
+def test_an_export_trained_further_in_peft_loads_its_new_prompt(tiny_dirs, tokenizer, tmp_path):
+    """peft rewrites the adapter files, not softprompt.json: the stale record is set aside, the new prompt loads."""
+    ours, theirs, _ = _exported(tiny_dirs["llama"], AutoModelForCausalLM, "CAUSAL_LM", tmp_path, tokenizer)
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.add_(1.0)
+    theirs.save_pretrained(tmp_path / "peft")
+    back = PromptModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), tmp_path / "peft")
+    assert torch.equal(back.prompt.weight, ours.prompt.weight + 1.0)

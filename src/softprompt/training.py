@@ -48,6 +48,10 @@ class TrainResult:
     baseline_split: str = "test"
 
 
+def _silent(message: str) -> None:
+    """Where ranks other than the main one log."""
+
+
 class TrainingInterrupted(Exception):
     """Ctrl-C: the state was saved; the message says how to resume."""
 
@@ -136,7 +140,7 @@ class Trainer:
                  log: Callable[[str], None] = print) -> None:
         self.ranks = Ranks.from_env()
         self.spec, self.prompted, self.splits = spec, prompted, splits
-        self.log = log if self.ranks.is_main else (lambda _: None)
+        self.log = log if self.ranks.is_main else _silent
         self.output = Path(spec.output)
         self.model, self.encoder = prompted.model, prompted.encoder
         task = splits.task
@@ -427,6 +431,8 @@ class Trainer:
 
 def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Trainer:
     """A fresh run: the base model's config read once, the data loaded, every default resolved, the model built."""
+    if not Ranks.from_env().is_main:
+        log = _silent  # under a launcher the main rank logs
     check_writable(Path(cfg.output))
     require_trackers(cfg.report_to)
     model = describe_model(cfg.model, cfg.trust_remote_code)
