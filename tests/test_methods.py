@@ -9,15 +9,18 @@ import json
 
 import pytest
 import torch
-from peft import PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, get_peft_model
-from transformers import DynamicCache
+from peft import PeftModel, PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from softprompt import PromptModel, PromptTuningConfig, SoftpromptError, TrainConfig, get_prompt_model
+from softprompt import MultiTaskModel, PromptedTask, PromptModel, PromptTuningConfig, SoftpromptError, TrainConfig, \
+    get_prompt_model
+from softprompt.assets import describe_model
 from softprompt.cli import main
 from softprompt.methods import PREFIX_KEY, kv_layout
 from softprompt.models.prefix import PrefixDecoderModel
+from softprompt.peft_interop import export_peft
 from softprompt.spec import resolve
-from softprompt.assets import describe_model
 from softprompt.tasks import get_task
 
 ROWS = [[101, 2023, 3185, 2001, 2204], [101, 2023, 3185], [101, 2919, 2143, 2001]]
@@ -172,8 +175,6 @@ def test_prefix_save_load_is_bit_identical_and_folds_the_projection(tiny_llama, 
         want = model.tail_logits(ids, mask, 2)
     model.save_pretrained(tmp_path)
     layout = kv_layout(tiny_llama.config)
-    from safetensors.torch import load_file
-
     stored = load_file(str(tmp_path / "prompt.safetensors"))
     assert set(stored) == {PREFIX_KEY} and stored[PREFIX_KEY].shape == (3, layout.width)
     loaded = PromptModel.from_pretrained(tiny_llama, tmp_path)
@@ -257,3 +258,38 @@ def test_cli_trains_evaluates_and_predicts_with_a_method(method, tiny_dirs, tiny
     assert main(["predict", str(out_dir / "best"), "the film was good"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["label"] in ("negative", "positive")
     assert main(["train", "--resume", str(out_dir), "--max-steps", "3", "--no-progress"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["inspect", str(out_dir / "best")]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert ("keys" in shown[1]) == (method == "prefix") and len(shown) == (3 if method == "prefix" else 4)
+
+    texts = ["the film was good", "the film was bad number 3"]
+    alone = PromptedTask.from_pretrained(out_dir / "best").predict(texts)
+    served = MultiTaskModel.from_pretrained({"films": str(out_dir / "best")}).predict([("films", t) for t in texts])
+    for one, many in zip(alone, served):
+        assert one["label"] == many["label"]
+        assert one["scores"] == pytest.approx(many["scores"], abs=1e-5)
+
+
+def test_prefix_exports_as_a_peft_adapter_with_peft_logits(tiny_dirs, tokenizer, tmp_path):
+    ours = _prefix_model(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval(), tokenizer)
+    ours.save_pretrained(tmp_path / "ours")
+    out, note = export_peft(tmp_path / "ours", tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval(), out).eval()
+    ids = torch.tensor([ROWS[0], ROWS[0][::-1]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, torch.ones_like(ids)).logits, theirs(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    back = PromptModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), out)
+    assert torch.equal(back.prompt.weight, ours.prompt.weight)
+
+
+def test_prefix_on_bf16_frozen_weights_stays_near_fp32(tiny_llama, tokenizer):
+    model = _prefix_model(tiny_llama, tokenizer)
+    ids, mask = _batch("left")
+    with torch.no_grad():
+        want = model.tail_logits(ids, mask, 2)
+        model.freeze_in(torch.bfloat16)
+        got = model.tail_logits(ids, mask, 2)
+    assert model.prompt.weight.dtype == torch.float32 and got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()

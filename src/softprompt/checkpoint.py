@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from .assets import ModelInfo
 from .config import PEFT_CONFIG_FILE, PromptTuningConfig
 from .errors import SoftpromptError
+from .methods import PREFIX_KEY
+from .prompt import PROMPT_KEY
 from .spec import RunSpec, TrainConfig, resolve
 from .tasks import TaskSpec
 
@@ -242,7 +244,8 @@ def load_tensors(directory: str | Path, checkpoint: Checkpoint | None = None) ->
     tensor_file = PEFT_TENSOR_FILE if peft else TENSOR_FILE
     try:
         tensors = load_file(str(_verified(directory, tensor_file, checkpoint)))
-        return from_peft_tensors(tensors) if peft else tensors
+        return from_peft_tensors(tensors, PREFIX_KEY if checkpoint.prompt.method == "prefix" else PROMPT_KEY) \
+            if peft else tensors
     except Exception as err:  # safetensors raises its own error types for damaged headers
         if isinstance(err, SoftpromptError):
             raise

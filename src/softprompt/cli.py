@@ -267,12 +267,21 @@ def inspect(
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
     trust_remote_code: bool = TRUST,
 ) -> None:
-    """The nearest vocabulary tokens (cosine) of each virtual token of a trained prompt."""
-    from .interpret import nearest_tokens
+    """The nearest vocabulary tokens (cosine) of each virtual token of a trained prompt; per-layer norms of a
+    prefix."""
+    from .interpret import layer_norms, nearest_tokens
+    from .models.prefix import PrefixDecoderModel
 
     if top < 1:
         raise SoftpromptError("--top must be at least 1")
     prompted = _load(checkpoint, model, trust_remote_code)
+    if isinstance(prompted.model, PrefixDecoderModel):
+        prefix = prompted.model.prompt
+        typer.echo(f"{checkpoint}: a prefix of {prefix.num_tokens} virtual tokens of {prompted.base_name}; mean norm "
+                   "of a virtual token's keys and values per layer")
+        for i, (keys, values) in enumerate(layer_norms(prefix.key_values())):
+            typer.echo(f"{i:>4}  keys {keys:.3f}  values {values:.3f}")
+        return
     weight = prompted.model.prompt.weight
     rows = nearest_tokens(weight, prompted.model.base.get_input_embeddings().weight, prompted.encoder.tokenizer, top)
     typer.echo(f"{checkpoint}: {weight.shape[0]} virtual tokens of {prompted.base_name}, nearest tokens by cosine")

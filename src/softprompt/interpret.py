@@ -2,7 +2,8 @@
 
 Each virtual token is compared by cosine similarity with every row of the frozen input-embedding
 matrix; its nearest real tokens often name the task or its labels. Prompts of different runs on the
-same base model are compared with each other the same way.
+same base model are compared with each other the same way. A prefix (keys/values at every layer) has no
+input vectors to compare; its per-layer norms show where it grew.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, to
     values, ids = (prompt @ vocab.T).topk(min(top, vocab.shape[0]), dim=-1)
     return [[Neighbour(tokenizer.decode([int(i)]), int(i), round(float(v), 4)) for v, i in zip(row_v, row_i)]
             for row_v, row_i in zip(values, ids)]
+
+
+def layer_norms(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[float, float]]:
+    """For each layer's (keys, values), each (1, kv_heads, k, head_dim): the mean L2 norm of one virtual token's
+    keys and of its values (over its heads)."""
+    def norm(part: torch.Tensor) -> float:
+        return round(float(part.detach().float().norm(dim=-1).mean()), 4)
+
+    return [(norm(keys), norm(values)) for keys, values in layers]
 
 
 def prompt_similarity(prompts: list[torch.Tensor]) -> list[list[float | None]]:

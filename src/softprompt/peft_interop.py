@@ -28,6 +28,7 @@ from torch import nn
 from .checkpoint import META_FILE, Checkpoint, file_sha256, fingerprint, load_tensors, read_checkpoint, save_checkpoint
 from .config import PEFT_CONFIG_FILE, PromptTuningConfig, TaskType
 from .errors import SoftpromptError
+from .methods import PREFIX_KEY, kv_layout
 from .models.base import HEAD_NAMES, HEAD_PREFIX
 from .prompt import PROMPT_KEY
 
@@ -41,19 +42,21 @@ def is_peft_adapter(path: str | Path) -> bool:
 
 
 def to_peft_tensors(tensors: dict[str, torch.Tensor], head_name: str | None) -> dict[str, torch.Tensor]:
-    """softprompt's tensor names -> peft's (`prompt` -> `prompt_embeddings`, `head.x` -> `base_model.<head>.x`)."""
-    out = {PEFT_PROMPT_KEY: tensors[PROMPT_KEY]}
+    """softprompt's tensor names -> peft's (`prompt` or a prefix's `prefix` -> `prompt_embeddings`, `head.x` ->
+    `base_model.<head>.x`)."""
+    out = {PEFT_PROMPT_KEY: tensors[PREFIX_KEY if PREFIX_KEY in tensors else PROMPT_KEY]}
     for name, value in tensors.items():
         if name.startswith(HEAD_PREFIX):
             out[f"{PEFT_HEAD_PREFIX}{head_name}.{name[len(HEAD_PREFIX):]}"] = value
     return out
 
 
-def from_peft_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft's tensor names -> softprompt's; anything else (another method's weights) is refused."""
+def from_peft_tensors(tensors: dict[str, torch.Tensor], prompt_key: str = PROMPT_KEY) -> dict[str, torch.Tensor]:
+    """peft's tensor names -> softprompt's (`prompt_embeddings` -> `prompt_key`: a prefix's for one exported from
+    prefix tuning); anything else (another method's weights) is refused."""
     if PEFT_PROMPT_KEY not in tensors:
         raise SoftpromptError(f"the peft adapter holds no '{PEFT_PROMPT_KEY}': not a prompt-tuning adapter")
-    out = {PROMPT_KEY: tensors[PEFT_PROMPT_KEY]}
+    out = {prompt_key: tensors[PEFT_PROMPT_KEY]}
     for name, value in tensors.items():
         module, _, param = name[len(PEFT_HEAD_PREFIX):].partition(".")
         if name.startswith(PEFT_HEAD_PREFIX) and module in HEAD_NAMES:
@@ -78,6 +81,15 @@ def peft_config(prompt: PromptTuningConfig, model_config, base_path: str | None,
     """adapter_config.json. The init is written as RANDOM: the trained prompt replaces it on load, and a TEXT init
     would make peft load a tokenizer for nothing."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if prompt.method == "prefix":  # the folded prefix is peft's without projection, in its flat layout
+        layout = kv_layout(model_config)
+        width = layout.kv_heads * layout.head_dim
+        return {"peft_type": "PREFIX_TUNING", "task_type": prompt.task_type.value,
+                "num_virtual_tokens": prompt.num_virtual_tokens, "token_dim": width,
+                "num_transformer_submodules": 1, "num_attention_heads": layout.kv_heads,
+                "num_layers": layout.layers, "encoder_hidden_size": width, "prefix_projection": False,
+                "base_model_name_or_path": base_path, "revision": None, "inference_mode": True,
+                "modules_to_save": [head] if head else None}
     return {"peft_type": "PROMPT_TUNING", "task_type": prompt.task_type.value,
             "num_virtual_tokens": prompt.num_virtual_tokens,
             "token_dim": getattr(text, "hidden_size", None) or getattr(text, "d_model", None),

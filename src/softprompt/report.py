@@ -212,7 +212,7 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path, top: int = 
             figures.append(("confusion", confusion))
     tables, prompts, with_prompts = [], [], []
     for run in runs:
-        if run.checkpoint is None:
+        if run.checkpoint is None or run.checkpoint.prompt.method == "prefix":  # keys/values: no tokens near them
             continue
         prompted = PromptedTask.from_pretrained(run.path / BEST, model)
         weight = prompted.model.prompt.weight
