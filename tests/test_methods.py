@@ -241,6 +241,24 @@ def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, t
         resolve(TrainConfig(model=tiny_dirs["llama"], method="ptuning", residual_reparam=8), llama, get_task("sst2"))
     with pytest.raises(SoftpromptError, match="--method must be one of"):
         TrainConfig(method="lora")
+    with pytest.raises(SoftpromptError, match="add --method prefix"):
+        resolve(TrainConfig(model=tiny_dirs["llama"], prefix_projection=True), llama, get_task("sst2"))
+    with pytest.raises(SoftpromptError, match="add --method ptuning"):
+        resolve(TrainConfig(model=tiny_dirs["llama"], encoder_reparameterization_type="LSTM"), llama,
+                get_task("sst2"))
+
+
+def test_a_prefix_starts_from_another_prefix_and_a_prompt_run_refuses_one(tiny_llama, tokenizer, tmp_path):
+    source = _prefix_model(tiny_llama, tokenizer)
+    source.save_pretrained(tmp_path / "prefix")
+    config = PromptTuningConfig(num_virtual_tokens=3, method="prefix", init="file", init_file=str(tmp_path / "prefix"))
+    assert torch.equal(get_prompt_model(tiny_llama, config, tokenizer).prompt.weight, source.prompt.weight)
+    with pytest.raises(SoftpromptError, match="holds a prefix .method prefix.; start a run of the same method"):
+        get_prompt_model(tiny_llama, PromptTuningConfig(num_virtual_tokens=3, init="file",
+                                                        init_file=str(tmp_path / "prefix")), tokenizer)
+    longer = PromptTuningConfig(num_virtual_tokens=5, method="prefix", init="file", init_file=str(tmp_path / "prefix"))
+    with pytest.raises(SoftpromptError, match="the same prefix length"):
+        get_prompt_model(tiny_llama, longer, tokenizer)
 
 
 @pytest.mark.parametrize("method", ["prefix", "ptuning"])
@@ -248,7 +266,8 @@ def test_cli_trains_evaluates_and_predicts_with_a_method(method, tiny_dirs, tiny
     out_dir = tmp_path / "run"
     code = main(["train", "--method", method, "--max-steps", "2", "--eval-every", "2", "--batch-size", "8",
                  "--prompt-length", "3", "--no-progress", "--max-length", "24", "--model", tiny_dirs["llama"],
-                 "--data", tiny_csv, "--output", str(out_dir), "--prefix-projection"])
+                 "--data", tiny_csv, "--output", str(out_dir),
+                 *(["--prefix-projection"] if method == "prefix" else ["--encoder-reparameterization-type", "LSTM"])])
     out, err = capsys.readouterr()
     assert code == 0, err
     meta = json.loads((out_dir / "best" / "softprompt.json").read_text())

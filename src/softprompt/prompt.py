@@ -108,10 +108,11 @@ def _token_embedding_mean(tokenizer, embeddings: torch.Tensor, text: str) -> tor
     return embeddings[ids].mean(0)
 
 
-def load_prompt_file(path: str | Path) -> torch.Tensor:
-    """The prompt of a checkpoint folder (checked against its checksum), of a peft adapter folder, or of a bare
-    .safetensors file."""
+def load_prompt_file(path: str | Path, key: str = PROMPT_KEY) -> torch.Tensor:
+    """The prompt (`key`: a prefix's for prefix tuning) of a checkpoint folder (checked against its checksum), of a
+    peft adapter folder, or of a bare .safetensors file."""
     from .checkpoint import META_FILE, load_tensors
+    from .methods import PREFIX_KEY
     from .peft_interop import is_peft_adapter, peft_prompt
 
     path = Path(path)
@@ -123,9 +124,12 @@ def load_prompt_file(path: str | Path) -> torch.Tensor:
         tensors = load_file(str(path))
     else:
         raise SoftpromptError(f"no prompt at {path}: give a checkpoint folder or a .safetensors prompt file")
-    if PROMPT_KEY not in tensors:
-        raise SoftpromptError(f"{path} holds no '{PROMPT_KEY}' tensor; is it a softprompt checkpoint?")
-    return tensors[PROMPT_KEY]
+    if key not in tensors and {PROMPT_KEY, PREFIX_KEY} & set(tensors):
+        held = "a prefix (method prefix)" if PREFIX_KEY in tensors else "input vectors (method prompt or ptuning)"
+        raise SoftpromptError(f"{path} holds {held}; start a run of the same method from it")
+    if key not in tensors:
+        raise SoftpromptError(f"{path} holds no '{key}' tensor; is it a softprompt checkpoint?")
+    return tensors[key]
 
 
 @torch.no_grad()

@@ -303,6 +303,10 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
                       "heads start from sampled vocabulary; label words without an instruction from their labels")
     method = cfg.method or decide("method", "prompt", "prompt tuning, the measured default; ptuning and prefix are "
                                   "opt-in until their GLUE rows are in")
+    if cfg.prefix_projection and method != "prefix":
+        raise SoftpromptError("--prefix-projection reparameterises a prefix; add --method prefix")
+    if cfg.encoder_reparameterization_type.upper() != "MLP" and method != "ptuning":
+        raise SoftpromptError("--encoder-reparameterization-type sets P-tuning's prompt encoder; add --method ptuning")
     if method == "prefix" and model.family != "decoder":
         raise SoftpromptError(f"prefix tuning is implemented for decoders so far; {model.name} is a {model.family} "
                               "model (use --method prompt or ptuning)")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import TaskType
+from ..config import PromptInit, TaskType
 from ..errors import SoftpromptError
 from ..methods import PREFIX_KEY, PrefixKeyValues, kv_layout
-from ..prompt import SoftPrompt, initial_prompt
+from ..prompt import SoftPrompt, initial_prompt, load_prompt_file
 from .decoder import DecoderPromptModel
 from .shared_prefix import SharedPrefix
 
@@ -34,7 +34,17 @@ class PrefixDecoderModel(DecoderPromptModel):
 
     def init_prompt(self, corpus=None, generator=None) -> None:
         """The keys/values the frozen model computes for the vectors prompt tuning would start from (Li & Liang
-        start a prefix from real words' activations): rows first see the same context as under that prompt."""
+        start a prefix from real words' activations): rows first see the same context as under that prompt. With
+        `init="file"`, another prefix of the same shape (prefix transfer)."""
+        if self.config.init is PromptInit.FILE:
+            prefix = load_prompt_file(str(self.config.init_file), PREFIX_KEY)
+            if prefix.shape != self.prompt.weight.shape:
+                raise SoftpromptError(f"the prefix in {self.config.init_file} has shape {tuple(prefix.shape)}, this "
+                                      f"model needs {tuple(self.prompt.weight.shape)}: the same prefix length and "
+                                      "base model")
+            with torch.no_grad():
+                self.prompt.weight.copy_(prefix)
+            return
         vectors = initial_prompt(self.config, self.embedding_matrix(), self.tokenizer, corpus, generator)
         start = SoftPrompt(*vectors.shape).to(vectors.device)
         with torch.no_grad():
