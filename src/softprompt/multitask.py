@@ -17,7 +17,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -30,7 +30,8 @@ from .encoding import Feature, pad
 from .errors import SoftpromptError
 from .metrics import compute_metrics
 from .models.base import insertion_index, splice
-from .models.encoder import masked_mean
+from .models.decoder import DecoderPromptModel
+from .models.encoder import EncoderPromptModel, masked_mean
 from .models.shared_prefix import positions_from_mask, stack_prefixes
 from .pipeline import PromptedTask, decode_generated, read_task_checkpoint
 from .scoring import continuation_scores, first_token_scores, head_scores, label_scores
@@ -88,7 +89,7 @@ class _Replay(nn.Module):
 
 @contextmanager
 def _backbone_output(wrapper: nn.Module, output: Any) -> Iterator[None]:
-    prefix = wrapper.base_model_prefix
+    prefix = cast(str, wrapper.base_model_prefix)
     backbone = getattr(wrapper, prefix)
     setattr(wrapper, prefix, _Replay(output))
     try:
@@ -140,6 +141,7 @@ class MultiTaskModel:
         """Checkpoints of one base model: a list (each named by its task; several of one task make an ensemble)
         or {task: checkpoint or [checkpoints]}. The base model (unless `base_model` points at another copy of it)
         and the precision (unless given) come from the first checkpoint."""
+        entries: list[tuple[str | Path, str | None]]
         if isinstance(checkpoints, Mapping):
             entries = [(path, task) for task, paths in checkpoints.items()
                        for path in ([paths] if isinstance(paths, (str, Path)) else paths)]
@@ -147,8 +149,8 @@ class MultiTaskModel:
             entries = [(path, None) for path in checkpoints]
         if not entries:
             raise SoftpromptError("no checkpoints given")
-        _, first = read_task_checkpoint(_ensure_run_folder(Path(entries[0][0])), trust_remote_code)
-        model = cls(base_model or first.spec.model, trust_remote_code, first.spec.bf16 if bf16 is None else bf16)
+        _, _, first = read_task_checkpoint(_ensure_run_folder(Path(entries[0][0])), trust_remote_code)
+        model = cls(base_model or first.model, trust_remote_code, first.bf16 if bf16 is None else bf16)
         for path, task in entries:
             model.add(model.load(path, task))
         return model
@@ -158,13 +160,13 @@ class MultiTaskModel:
         """Read a checkpoint (a folder, a run folder, or a hub repo id) and build it around the shared backbone;
         nothing is served until `add`. Refuses a prompt trained on another base model (BaseMismatch)."""
         path = Path(checkpoint).expanduser()
-        directory, meta = read_task_checkpoint(_ensure_run_folder(path) if path.exists() else checkpoint,
+        directory, meta, spec = read_task_checkpoint(_ensure_run_folder(path) if path.exists() else checkpoint,
                                                self.trust_remote_code)
         try:
             meta.check_base(self.info.config, self.base_name)
         except SoftpromptError as err:
             raise BaseMismatch(str(err)) from None
-        spec = replace(meta.spec, trust_remote_code=self.trust_remote_code, bf16=self.bf16)
+        spec = replace(spec, trust_remote_code=self.trust_remote_code, bf16=self.bf16)
         tensors = load_tensors(directory, meta)
         with self._build_lock:
             prompted = PromptedTask.build(spec, self.info, initialise=False, backbone=self._backbone_for(spec))
@@ -306,7 +308,7 @@ class MultiTaskModel:
     def _shares(row: _Row) -> bool:
         prompted = row.prompt.prompted
         longest_label = max(map(len, prompted.encoder.label_ids), default=0)
-        return prompted.model._shares(len(row.feature.input_ids) + longest_label)
+        return _decoder(row.prompt)._shares(len(row.feature.input_ids) + longest_label)
 
     def _decoder_run(self, rows: list[_Row]):
         """Run the rows (all of prompts that share) after their prompts in one forward: their final states and
@@ -316,12 +318,12 @@ class MultiTaskModel:
         prefixes = []
         for g, index in enumerate(groups.values()):
             owner[index] = g
-            prefixes.append(rows[index[0]].prompt.prompted.model.engine.prefix_states()[0])
+            prefixes.append(_decoder(rows[index[0]].prompt).engine.prefix_states()[0])
         layers, prefix_mask = stack_prefixes(prefixes, owner)
         ids, mask = pad([r.feature.input_ids for r in rows], self.tokenizer.pad_token_id, side="left")
         full_mask = torch.cat([prefix_mask, mask], dim=1)
         positions = positions_from_mask(full_mask)[:, prefix_mask.shape[1]:]
-        hidden, layers = rows[0].prompt.prompted.model.engine.run_cached(layers, ids, full_mask, positions)
+        hidden, layers = _decoder(rows[0].prompt).engine.run_cached(layers, ids, full_mask, positions)
         return hidden, (layers, full_mask, positions[:, -1:]), groups
 
     def _decoder_scores(self, rows: list[_Row]) -> list[torch.Tensor]:
@@ -334,16 +336,16 @@ class MultiTaskModel:
             return out
         hidden, (layers, mask, last_position), groups = self._decoder_run([rows[i] for i in shared])
         for index in groups.values():
-            prompted = rows[shared[index[0]]].prompt.prompted
+            prompted, model = rows[shared[index[0]]].prompt.prompted, _decoder(rows[shared[index[0]]].prompt)
             at = torch.tensor(index)
             last = hidden[at, -1]
-            if prompted.spec.task_type is TaskType.SEQ_CLS:
-                scores = head_scores(prompted.model.head(last), prompted.task.is_regression)
+            if model.head is not None:
+                scores = head_scores(model.head(last), prompted.task.is_regression)
             elif all(len(ids) == 1 for ids in prompted.encoder.label_ids):
-                scores = first_token_scores(prompted.model.engine.lm_logits(last), prompted.encoder.label_ids)
+                scores = first_token_scores(model.engine.lm_logits(last), prompted.encoder.label_ids)
             else:
                 cache = ([(keys[at], values[at]) for keys, values in layers], mask[at], last_position[at])
-                logits = prompted.model.engine.continuations_after(last[:, None], cache, prompted.encoder.label_ids)
+                logits = model.engine.continuations_after(last[:, None], cache, prompted.encoder.label_ids)
                 scores = continuation_scores(logits, prompted.encoder.label_ids)
             for j, s in zip(index, scores):
                 out[shared[j]] = s
@@ -358,9 +360,9 @@ class MultiTaskModel:
                 raise SoftpromptError(f"task {row.prompt.task!r} cannot generate: it needs a decoder prompt trained "
                                       "with label words (CAUSAL_LM)")
         with torch.inference_mode():
-            if all(r.prompt.prompted.model._shares(len(r.feature.input_ids) + max_new_tokens) for r in rows):
+            if all(_decoder(r.prompt)._shares(len(r.feature.input_ids) + max_new_tokens) for r in rows):
                 hidden, cache, _ = self._decoder_run(rows)
-                new = rows[0].prompt.prompted.model.engine.greedy_after(hidden[:, -1], cache, max_new_tokens)
+                new = _decoder(rows[0].prompt).engine.greedy_after(hidden[:, -1], cache, max_new_tokens)
                 return [decode_generated(self.tokenizer, row) for row in new.tolist()]
             return [row.prompt.prompted.generate([row.example], max_new_tokens)[0] for row in rows]
 
@@ -378,7 +380,7 @@ class MultiTaskModel:
         types = None
         if any(s[2] is not None for s in sequences):
             types, _ = pad([s[2] or [0] * len(s[1]) for s in sequences], 0)
-        models = [rows[i].prompt.prompted.model for i in owner.tolist()]
+        models = [_encoder(rows[i].prompt) for i in owner.tolist()]
         lengths = torch.tensor([m.prompt.num_tokens for m in models])
         index = insertion_index(torch.ones(len(sequences), dtype=torch.long), ids.shape[1], lengths)
         prompts = nn.utils.rnn.pad_sequence([m.prompt.embeddings() for m in models], batch_first=True)
@@ -392,7 +394,7 @@ class MultiTaskModel:
         text = full_mask * ((columns < 1) | (columns >= 1 + lengths.unsqueeze(1)))  # the prompt follows [CLS]
         out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
         for index_rows in _by_prompt(rows).values():
-            model = rows[index_rows[0]].prompt.prompted.model
+            model = _encoder(rows[index_rows[0]].prompt)
             first = torch.tensor(index_rows)  # a row's first sequence sits at its own index
             if model.config.pooling == "cls":  # the model's own pooling and head, over the rows' outputs
                 with _backbone_output(model.base, _rows_of(output, first)):
@@ -408,6 +410,16 @@ class MultiTaskModel:
             for i, s in zip(index_rows, head_scores(logits, rows[index_rows[0]].prompt.prompted.task.is_regression)):
                 out[i] = s
         return out
+
+
+def _decoder(prompt: LoadedPrompt) -> DecoderPromptModel:
+    """A prompt's model on a decoder base (the decoder paths see no other)."""
+    return cast(DecoderPromptModel, prompt.prompted.model)
+
+
+def _encoder(prompt: LoadedPrompt) -> EncoderPromptModel:
+    """A prompt's model on an encoder base (the encoder path sees no other)."""
+    return cast(EncoderPromptModel, prompt.prompted.model)
 
 
 def _by_prompt(rows: list[_Row]) -> dict[int, list[int]]:

@@ -60,8 +60,7 @@ class PromptedTask:
         """Everything comes from the checkpoint folder (or a hub repo holding one); `model` only points at
         another copy of the same base. Code from the base model's repository runs only when the caller says
         so, whatever the checkpoint recorded."""
-        directory, meta = read_task_checkpoint(checkpoint, trust_remote_code)
-        spec = cast(RunSpec, meta.spec)  # read_task_checkpoint refuses a checkpoint without one
+        directory, meta, spec = read_task_checkpoint(checkpoint, trust_remote_code)
         info = describe_model(model or spec.model, trust_remote_code)
         meta.check_base(info.config, info.name)
         prompted = cls.build(replace(spec, trust_remote_code=trust_remote_code), info, initialise=False)
@@ -137,7 +136,7 @@ def decode_generated(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def read_task_checkpoint(checkpoint: str | Path, trust_remote_code: bool = False) -> tuple[Path, Checkpoint]:
+def read_task_checkpoint(checkpoint: str | Path, trust_remote_code: bool = False) -> tuple[Path, Checkpoint, RunSpec]:
     """The folder of a checkpoint of a task (a folder, or a hub repo id fetched) and its metadata, refused before
     anything loads where it has no task or needs code from the base model's repository the caller did not allow."""
     directory = local_folder(checkpoint)
@@ -148,4 +147,4 @@ def read_task_checkpoint(checkpoint: str | Path, trust_remote_code: bool = False
     if meta.spec.trust_remote_code and not trust_remote_code:
         raise SoftpromptError(f"{checkpoint} was trained on a model that runs code from its repository; pass "
                               "--trust-remote-code (trust_remote_code=True) if you trust it")
-    return directory, meta
+    return directory, meta, meta.spec

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
-from typing import Any, Awaitable, Sequence, Union
+from typing import Any, Awaitable, Hashable, Sequence, Union, cast
 from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
@@ -66,7 +66,7 @@ class PredictBody(BaseModel):
     def pairs(self) -> list[tuple[str, Input]]:
         if self.items is not None:
             return [(item.task, item.input) for item in self.items]
-        return [(self.task, i) for i in self.inputs]  # type: ignore[misc]
+        return [(cast(str, self.task), i) for i in self.inputs or []]
 
 
 class GenerateBody(PredictBody):
@@ -183,8 +183,8 @@ def create_app(model: MultiTaskModel, *, api_key: str | None = None, read_only: 
     watcher = PromptWatcher(model, watch) if watch else None
     state: dict[str, Any] = {}
 
-    def run(key: tuple[str, int], rows: list[tuple[str, Input]]) -> list[Any]:
-        kind, max_new_tokens = key
+    def run(key: Hashable, rows: list[tuple[str, Input]]) -> list[Any]:
+        kind, max_new_tokens = cast(tuple[str, int], key)  # the keys `batched` submits
         if kind == "generate":
             return model.generate(rows, max_new_tokens)
         return model.predict(rows)
@@ -357,8 +357,8 @@ def load_model(sources: Sequence[str], watch: str | None = None, trust_remote_co
     first = entries[0][0] if entries else next(iter(scan(watch).values()), None) if watch else None
     if first is None:
         raise SoftpromptError("nothing to serve: give a checkpoint, or a --watch folder that holds one")
-    _, meta = read_task_checkpoint(first, trust_remote_code)
-    model = MultiTaskModel(meta.spec.model, trust_remote_code, meta.spec.bf16)
+    _, _, spec = read_task_checkpoint(first, trust_remote_code)
+    model = MultiTaskModel(spec.model, trust_remote_code, spec.bf16)
     for path, task, member in entries:
         model.add(model.load(path, task, member))
     return model
