@@ -151,6 +151,48 @@ def test_prefix_rank_classification_and_generation_follow_the_cache(tiny_llama, 
         model.generate(ids, mask, max_new_tokens=2, do_sample=True)
 
 
+def _bert_by_hand(bert, prefix: list[tuple[torch.Tensor, torch.Tensor]], ids, mask, pooling: str) -> torch.Tensor:
+    """BERT written out layer by layer, each layer's keys/values preceded by the prefix's and the text's positions
+    counted from k (peft's layout), then pooled: [CLS] through the pooler, or the mean of the text's states."""
+    k, (rows, n) = prefix[0][0].shape[2], ids.shape
+    h = bert.embeddings(input_ids=ids, position_ids=torch.arange(k, k + n)[None].expand(rows, -1))
+    keep = torch.cat([torch.ones(rows, k), mask.float()], 1)[:, None, None, :]
+    for layer, (keys, values) in zip(bert.encoder.layer, prefix):
+        attention = layer.attention.self
+        heads = lambda x: x.view(rows, n, -1, attention.attention_head_size).transpose(1, 2)  # noqa: E731
+        q = heads(attention.query(h))
+        kk = torch.cat([keys.expand(rows, -1, -1, -1), heads(attention.key(h))], 2)
+        vv = torch.cat([values.expand(rows, -1, -1, -1), heads(attention.value(h))], 2)
+        scores = q @ kk.transpose(-1, -2) / attention.attention_head_size ** 0.5 + (1 - keep) * -1e9
+        context = (scores.softmax(-1) @ vv).transpose(1, 2).reshape(rows, n, -1)
+        a = layer.attention.output(context, h)
+        h = layer.output(layer.intermediate(a), a)
+    if pooling == "cls":
+        return bert.pooler(h)
+    return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_encoder_prefix_equals_bert_written_out_with_the_prefix(tiny_bert, tokenizer, pooling):
+    model = _prefix_model(tiny_bert, tokenizer, task_type="SEQ_CLS", pooling=pooling)
+    for side in ("left", "right"):
+        ids, mask = _batch(side)
+        with torch.no_grad():
+            got = model(ids, mask).logits
+            aligned = [torch.tensor([row + [0] * (ids.shape[1] - len(row))]) for row in ROWS]
+            want = torch.cat([model.head_logits(_bert_by_hand(tiny_bert.bert, model.prompt.key_values(), row,
+                                                              (row != 0).long(), pooling))
+                              if pooling == "mean" else
+                              tiny_bert.classifier(_bert_by_hand(tiny_bert.bert, model.prompt.key_values(), row,
+                                                                 (row != 0).long(), pooling))
+                              for row in aligned])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        before = model(ids, mask).logits
+        model.prompt.weight.mul_(2)
+        assert not torch.allclose(model(ids, mask).logits, before)  # the prefix is read
+
+
 # -- prefix tuning: against peft ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("projection", [False, True])
 def test_prefix_logits_equal_peft_prefix_tuning(tiny_llama, tokenizer, projection):
@@ -219,8 +261,8 @@ def test_training_moves_only_the_methods_parameters(tiny_llama, tokenizer, optio
 
 
 # -- config, CLI and refusals ------------------------------------------------------------------------------------
-def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, tiny_bert, tokenizer):
-    llama, bert = describe_model(tiny_dirs["llama"]), describe_model(tiny_dirs["bert"])
+def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, tiny_bert, tiny_t5, tokenizer):
+    llama = describe_model(tiny_dirs["llama"])
     spec = resolve(TrainConfig(model=tiny_dirs["llama"]), llama, get_task("sst2"))
     assert spec.method == "prompt" and "docs/recipe.md#defaults" in spec.decided["method"]
     spec = resolve(TrainConfig(model=tiny_dirs["llama"], method="prefix", prefix_projection=True), llama,
@@ -229,10 +271,10 @@ def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, t
     assert PromptTuningConfig.from_dict(spec.prompt.to_dict()) == spec.prompt
     old = {k: v for k, v in spec.prompt.to_dict().items() if k not in ("method", "prefix_projection")}
     assert PromptTuningConfig.from_dict(old).method == "prompt"  # a checkpoint from before methods
-    with pytest.raises(SoftpromptError, match="prefix tuning is implemented for decoders so far"):
-        resolve(TrainConfig(model=tiny_dirs["bert"], method="prefix"), bert, get_task("sst2"))
-    with pytest.raises(SoftpromptError, match="prefix tuning is implemented for decoders so far"):
-        get_prompt_model(tiny_bert, PromptTuningConfig(task_type="SEQ_CLS", method="prefix"), tokenizer)
+    with pytest.raises(SoftpromptError, match="prefix tuning is implemented for decoders and encoders so far"):
+        resolve(TrainConfig(model=tiny_dirs["t5"], method="prefix"), describe_model(tiny_dirs["t5"]), get_task("sst2"))
+    with pytest.raises(SoftpromptError, match="prefix tuning is implemented for decoders and encoders so far"):
+        get_prompt_model(tiny_t5, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", method="prefix"), tokenizer)
     with pytest.raises(SoftpromptError, match="leaves no room for input"):
         resolve(TrainConfig(model=tiny_dirs["llama"], method="prefix", prompt_length=256), llama, get_task("sst2"))
     with pytest.raises(SoftpromptError, match="leave no room for input"):
@@ -261,11 +303,11 @@ def test_a_prefix_starts_from_another_prefix_and_a_prompt_run_refuses_one(tiny_l
         get_prompt_model(tiny_llama, longer, tokenizer)
 
 
-@pytest.mark.parametrize("method", ["prefix", "ptuning"])
-def test_cli_trains_evaluates_and_predicts_with_a_method(method, tiny_dirs, tiny_csv, tmp_path, capsys):
+@pytest.mark.parametrize("method,family", [("prefix", "llama"), ("ptuning", "llama"), ("prefix", "bert")])
+def test_cli_trains_evaluates_and_predicts_with_a_method(method, family, tiny_dirs, tiny_csv, tmp_path, capsys):
     out_dir = tmp_path / "run"
     code = main(["train", "--method", method, "--max-steps", "2", "--eval-every", "2", "--batch-size", "8",
-                 "--prompt-length", "3", "--no-progress", "--max-length", "24", "--model", tiny_dirs["llama"],
+                 "--prompt-length", "3", "--no-progress", "--max-length", "24", "--model", tiny_dirs[family],
                  "--data", tiny_csv, "--output", str(out_dir),
                  *(["--prefix-projection"] if method == "prefix" else ["--encoder-reparameterization-type", "LSTM"])])
     out, err = capsys.readouterr()
@@ -281,6 +323,10 @@ def test_cli_trains_evaluates_and_predicts_with_a_method(method, tiny_dirs, tiny
     assert main(["inspect", str(out_dir / "best")]) == 0
     shown = capsys.readouterr().out.splitlines()
     assert ("keys" in shown[1]) == (method == "prefix") and len(shown) == (3 if method == "prefix" else 4)
+
+    if family == "bert":  # peft runs a prefix through past_key_values, which encoders do not take
+        assert main(["export", str(out_dir / "best"), str(tmp_path / "peft")]) == 2
+        assert "encoders do not take" in capsys.readouterr().err
 
     texts = ["the film was good", "the film was bad number 3"]
     alone = PromptedTask.from_pretrained(out_dir / "best").predict(texts)

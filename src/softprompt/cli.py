@@ -270,13 +270,13 @@ def inspect(
     """The nearest vocabulary tokens (cosine) of each virtual token of a trained prompt; per-layer norms of a
     prefix."""
     from .interpret import layer_norms, nearest_tokens
-    from .models.prefix import PrefixDecoderModel
+    from .methods import PrefixKeyValues
 
     if top < 1:
         raise SoftpromptError("--top must be at least 1")
     prompted = _load(checkpoint, model, trust_remote_code)
-    if isinstance(prompted.model, PrefixDecoderModel):
-        prefix = prompted.model.prompt
+    prefix = prompted.model.prompt
+    if isinstance(prefix, PrefixKeyValues):
         typer.echo(f"{checkpoint}: a prefix of {prefix.num_tokens} virtual tokens of {prompted.base_name}; mean norm "
                    "of a virtual token's keys and values per layer")
         for i, (keys, values) in enumerate(layer_norms(prefix.key_values())):

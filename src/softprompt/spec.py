@@ -307,9 +307,9 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
         raise SoftpromptError("--prefix-projection reparameterises a prefix; add --method prefix")
     if cfg.encoder_reparameterization_type.upper() != "MLP" and method != "ptuning":
         raise SoftpromptError("--encoder-reparameterization-type sets P-tuning's prompt encoder; add --method ptuning")
-    if method == "prefix" and model.family != "decoder":
-        raise SoftpromptError(f"prefix tuning is implemented for decoders so far; {model.name} is a {model.family} "
-                              "model (use --method prompt or ptuning)")
+    if method == "prefix" and model.family == "seq2seq":
+        raise SoftpromptError(f"prefix tuning is implemented for decoders and encoders so far; {model.name} is a "
+                              "seq2seq model (use --method prompt or ptuning)")
     prompt = PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
                                 init_text=cfg.init_text or default_text, init_file=cfg.init_file, pooling=pooling,
                                 label_words=[w.strip() for w in task.verbalizer] or list(task.labels), method=method,

@@ -54,9 +54,14 @@ class EncoderPromptModel(PromptModel):
     def _mean_states(self, input_ids, attention_mask, token_type_ids=None, **kwargs) -> torch.Tensor:
         """(B, h): the mean of each row's final text states, virtual tokens and pads left out."""
         inputs, _, _ = self.prompted_inputs(input_ids, attention_mask, token_type_ids)
-        text = inputs["attention_mask"].clone()
-        text[:, 1:1 + self.prompt.num_tokens] = 0  # the prompt sits right after [CLS]
-        return masked_mean(self.base.base_model(**inputs, **kwargs).last_hidden_state, text)
+        return masked_mean(self.base.base_model(**inputs, **kwargs).last_hidden_state,
+                           self._text_columns(inputs["attention_mask"]))
+
+    def _text_columns(self, mask: torch.Tensor) -> torch.Tensor:
+        """Which columns of the prompted mask are the text's: the prompt sits right after [CLS]."""
+        text = mask.clone()
+        text[:, 1:1 + self.prompt.num_tokens] = 0
+        return text
 
     def pair_embeddings(self, input_ids, attention_mask=None, pair_ids=None, pair_mask=None, **kwargs):
         """(u, v): each text of a pair run alone with the prompt, mean-pooled, at unit length (as the model

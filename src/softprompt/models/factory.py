@@ -10,13 +10,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from ..config import PromptTuningConfig, TaskType
 from ..errors import SoftpromptError
-from ..methods import prompt_encoder
+from ..methods import PrefixKeyValues, prompt_encoder
 from .base import PromptModel
 from .decoder import DecoderPromptModel
 from .encoder import EncoderPromptModel
-from .prefix import PrefixDecoderModel
+from .prefix import PrefixDecoderModel, PrefixEncoderModel
 from .seq2seq import Seq2SeqPromptModel
 
+PREFIX_FAMILIES: dict[str, type[PromptModel]] = {"decoder": PrefixDecoderModel, "encoder": PrefixEncoderModel}
 FAMILIES: dict[str, type[PromptModel]] = {
     "encoder": EncoderPromptModel,
     "decoder": DecoderPromptModel,
@@ -48,8 +49,8 @@ def check_task_type(family: str, task_type: TaskType, model_type: str) -> None:
 
 def check_method(family: str, config: PromptTuningConfig, model_config) -> None:
     """Refuse a method the family cannot take, and a prompt with no positions left for the input."""
-    if config.method == "prefix" and family != "decoder":
-        raise SoftpromptError(f"prefix tuning is implemented for decoders so far, not {family} models "
+    if config.method == "prefix" and family not in PREFIX_FAMILIES:
+        raise SoftpromptError(f"prefix tuning is implemented for decoders and encoders so far, not {family} models "
                               f"({model_config.model_type}); use --method prompt or ptuning")
     text = model_config.get_text_config()
     positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
@@ -81,7 +82,7 @@ def get_prompt_model(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
-    kind = PrefixDecoderModel if config.method == "prefix" else FAMILIES[family]
+    kind = PREFIX_FAMILIES[family] if config.method == "prefix" else FAMILIES[family]
     wrapped = kind(model, config, tokenizer)
     if config.num_virtual_tokens and initialise:
         wrapped.init_prompt(corpus, generator)
@@ -89,5 +90,5 @@ def get_prompt_model(
         if config.method == "ptuning":
             wrapped.prompt.set_reparam(prompt_encoder(config, wrapped.embedding_matrix().shape[1]))
         elif config.method == "prefix" and config.prefix_projection:
-            cast(PrefixDecoderModel, wrapped).prompt.add_projection(config.encoder_hidden_size)
+            cast(PrefixKeyValues, wrapped.prompt).add_projection(config.encoder_hidden_size)
     return wrapped

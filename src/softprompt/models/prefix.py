@@ -1,10 +1,13 @@
-"""Prefix tuning on decoders: trainable keys and values at every layer, through the shared-prefix engine.
+"""Prefix tuning: trainable keys and values at every layer (`PrefixKeyValues`, methods/prefix.py).
 
-The prefix is a `KeyValues` source (methods/prefix.py): label words, the LM and rank losses, rank
-classification, a head over the last token and greedy generation run the rows once after one copy of it per
-batch. A call the engine cannot share (a model whose cache or head it does not model, a batch past a sliding
-window) runs the model's own forward with the prefix as its cache instead, as peft does; sampling is refused.
-There is no concatenated sequence: keys/values are not tokens.
+Decoders run it through the shared-prefix engine as a `KeyValues` source: label words, the LM and rank losses,
+rank classification, a head over the last token and greedy generation run the rows once after one copy of it
+per batch. A call the engine cannot share (a model whose cache or head it does not model, a batch past a
+sliding window) runs the model's own forward with the prefix as its cache instead; sampling is refused.
+Encoders (BERT, RoBERTa, MiniLM) take it as every layer's cache, as peft does: each row attends to the prefix
+and to its own tokens, whose positions count from k. There is no concatenated sequence: keys/values are not
+tokens. Both start from the keys/values the frozen model computes for the prompt init's vectors (Li & Liang
+start a prefix from real words' activations), or from another prefix (`init="file"`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,40 @@ from ..config import PromptInit, TaskType
 from ..errors import SoftpromptError
 from ..methods import PREFIX_KEY, PrefixKeyValues, kv_layout
 from ..prompt import SoftPrompt, initial_prompt, load_prompt_file
+from .base import PromptModel, align_order
 from .decoder import DecoderPromptModel
-from .shared_prefix import SharedPrefix
+from .encoder import EncoderPromptModel
+from .shared_prefix import SharedPrefix, as_cache, cache_kwarg
+
+
+def _new_prefix(model: PromptModel) -> PrefixKeyValues:
+    return PrefixKeyValues(model.config.num_virtual_tokens, kv_layout(model.base.config))
+
+
+def _start_prefix(model: PromptModel, prefix: PrefixKeyValues, corpus, generator) -> None:
+    config = model.config
+    if config.init is PromptInit.FILE:
+        start = load_prompt_file(str(config.init_file), PREFIX_KEY)
+        if start.shape != prefix.weight.shape:
+            raise SoftpromptError(f"the prefix in {config.init_file} has shape {tuple(start.shape)}, this model "
+                                  f"needs {tuple(prefix.weight.shape)}: the same prefix length and base model")
+        with torch.no_grad():
+            prefix.weight.copy_(start)
+        return
+    vectors = initial_prompt(config, model.embedding_matrix(), model.tokenizer, corpus, generator)
+    source = SoftPrompt(*vectors.shape).to(vectors.device)
+    with torch.no_grad():
+        source.weight.copy_(vectors)
+        layers, _ = SharedPrefix(model.base, source).prefix_states()
+    prefix.set_key_values(layers)
+
+
+def _cache_name(base) -> str:
+    name = cache_kwarg(base.base_model)
+    if name is None:
+        raise SoftpromptError(f"prefix tuning needs a model that takes a key/value cache; "
+                              f"{type(base.base_model).__name__} takes none")
+    return name
 
 
 class PrefixDecoderModel(DecoderPromptModel):
@@ -25,32 +60,13 @@ class PrefixDecoderModel(DecoderPromptModel):
 
     def __init__(self, base, config, tokenizer=None) -> None:
         super().__init__(base, config, tokenizer)
-        if self.engine._cache_kwarg() is None:
-            raise SoftpromptError(f"prefix tuning needs a model that takes a key/value cache; "
-                                  f"{type(base.base_model).__name__} takes none")
+        _cache_name(base)
 
     def new_prompt(self) -> PrefixKeyValues:  # type: ignore[override]
-        return PrefixKeyValues(self.config.num_virtual_tokens, kv_layout(self.base.config))
+        return _new_prefix(self)
 
     def init_prompt(self, corpus=None, generator=None) -> None:
-        """The keys/values the frozen model computes for the vectors prompt tuning would start from (Li & Liang
-        start a prefix from real words' activations): rows first see the same context as under that prompt. With
-        `init="file"`, another prefix of the same shape (prefix transfer)."""
-        if self.config.init is PromptInit.FILE:
-            prefix = load_prompt_file(str(self.config.init_file), PREFIX_KEY)
-            if prefix.shape != self.prompt.weight.shape:
-                raise SoftpromptError(f"the prefix in {self.config.init_file} has shape {tuple(prefix.shape)}, this "
-                                      f"model needs {tuple(self.prompt.weight.shape)}: the same prefix length and "
-                                      "base model")
-            with torch.no_grad():
-                self.prompt.weight.copy_(prefix)
-            return
-        vectors = initial_prompt(self.config, self.embedding_matrix(), self.tokenizer, corpus, generator)
-        start = SoftPrompt(*vectors.shape).to(vectors.device)
-        with torch.no_grad():
-            start.weight.copy_(vectors)
-            layers, _ = SharedPrefix(self.base, start).prefix_states()
-        self.prompt.set_key_values(layers)
+        _start_prefix(self, self.prompt, corpus, generator)
 
     def _cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels=None, **kwargs):
         """The model's own forward with the prefix as its cache, outputs in the caller's layout."""
@@ -82,3 +98,37 @@ class PrefixDecoderModel(DecoderPromptModel):
             raise SoftpromptError("a prefix generates greedily through the shared prefix; sampling, or a model or "
                                   "length the shared prefix cannot take, is not supported yet")
         return super().generate(input_ids, attention_mask, max_new_tokens)
+
+
+class PrefixEncoderModel(EncoderPromptModel):
+    prompt_key = PREFIX_KEY
+    prompt: PrefixKeyValues  # type: ignore[assignment]
+
+    def __init__(self, base, config, tokenizer=None) -> None:
+        super().__init__(base, config, tokenizer)
+        self.cache_name = _cache_name(base)
+
+    def new_prompt(self) -> PrefixKeyValues:  # type: ignore[override]
+        return _new_prefix(self)
+
+    def init_prompt(self, corpus=None, generator=None) -> None:
+        _start_prefix(self, self.prompt, corpus, generator)
+
+    def prompted_inputs(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        """The rows with pads moved right, the mask over prefix + row, and the prefix as every layer's cache (one
+        copy per row, as peft)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = align_order(attention_mask, self.pad_side)
+        ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        rows = ids.shape[0]
+        kwargs = {"input_ids": ids, "attention_mask": torch.cat([mask.new_ones(rows, self.prompt.num_tokens), mask], 1),
+                  self.cache_name: as_cache(self.base, self.prompt.key_values(), rows)}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids.gather(1, order)
+        if labels is not None:
+            kwargs["labels"] = labels
+        return kwargs, order, mask.new_zeros(rows)
+
+    def _text_columns(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask[:, self.prompt.num_tokens:]

@@ -93,6 +93,20 @@ def stack_prefixes(prefixes: list[LayerKV], owner: torch.Tensor) -> tuple[LayerK
     return stacked, (slots >= (longest - lengths[owner]).unsqueeze(1)).long()
 
 
+def as_cache(base: nn.Module, layers: LayerKV, rows: int) -> DynamicCache:
+    """A transformers cache holding `layers` (each batch 1) for `rows` rows, in the frozen weights' dtype."""
+    cache, dtype = DynamicCache(config=base.config), base.get_input_embeddings().weight.dtype
+    for i, (keys, values) in enumerate(layers):
+        cache.update(keys.expand(rows, -1, -1, -1).to(dtype), values.expand(rows, -1, -1, -1).to(dtype), i)
+    return cache
+
+
+def cache_kwarg(model: nn.Module) -> str | None:
+    """The model's name for the cache argument (transformers renamed past_key_values to cache)."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids counting real tokens only (pads before the first real token get 0)."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -252,9 +266,7 @@ class SharedPrefix:
         cache, one copy per row (how peft runs prefix tuning): the probe's reference, and the path of a call the
         engine cannot share."""
         k, rows = self.source.num_tokens, ids.shape[0]
-        cache, dtype = DynamicCache(config=self.base.config), self.base.get_input_embeddings().weight.dtype
-        for i, (keys, values) in enumerate(cast(KeyValues, self.source).key_values()):
-            cache.update(keys.expand(rows, -1, -1, -1).to(dtype), values.expand(rows, -1, -1, -1).to(dtype), i)
+        cache = as_cache(self.base, cast(KeyValues, self.source).key_values(), rows)
         full_mask = torch.cat([mask.new_ones(rows, k), mask], 1)
         return (model or self.base)(input_ids=ids, attention_mask=full_mask,
                                     position_ids=positions_from_mask(full_mask)[:, k:],
@@ -262,9 +274,8 @@ class SharedPrefix:
 
     # -- running rows after the prefix ----------------------------------------------------------------------
     def _cache_kwarg(self) -> str | None:
-        """The backbone's name for the cache argument (transformers renamed past_key_values to cache)."""
-        params = inspect.signature(self.base.base_model.forward).parameters
-        return next((name for name in ("cache", "past_key_values") if name in params), None)
+        """The backbone's name for the cache argument."""
+        return cache_kwarg(self.base.base_model)
 
     def logit_scale(self) -> float:
         """What the model's own forward multiplies the LM head's output by: Cohere multiplies by
