@@ -290,12 +290,13 @@ class MultiTaskModel:
     def _forward(self, rows: list[_Row]) -> list[torch.Tensor]:
         if self.info.family == "decoder":
             return self._decoder_scores(rows)
-        if self.info.family == "encoder":
-            return self._encoder_scores(rows)
+        if self.info.family == "encoder" and not any(r.prompt.prompted.spec.method == "prefix" for r in rows):
+            return self._encoder_scores(rows)  # input vectors spliced per row; a prefix runs as each layer's cache
         return self._each_prompt_alone(rows)
 
     def _each_prompt_alone(self, rows: list[_Row]) -> list[torch.Tensor]:
-        """The single-task path, one sub-batch per prompt (encoder-decoders; decoders that cannot share)."""
+        """The single-task path, one sub-batch per prompt (encoder-decoders; decoders that cannot share; encoder
+        batches with a prefix)."""
         out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
         for index in _by_prompt(rows).values():
             prompted = rows[index[0]].prompt.prompted
