@@ -349,6 +349,26 @@ def test_prefix_exports_as_a_peft_adapter_with_peft_logits(tiny_dirs, tokenizer,
     assert torch.equal(back.prompt.weight, ours.prompt.weight)
 
 
+@pytest.mark.parametrize("config", [
+    PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+    PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_reparameterization_type="LSTM"),
+    PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16),
+], ids=["ptuning-mlp", "ptuning-lstm", "prefix-projection"])
+def test_adapters_trained_in_peft_load_with_peft_logits(config, tiny_dirs, tmp_path):
+    """peft saves what its prompt encoder produces: the plain vectors or keys/values of our checkpoints."""
+    torch.manual_seed(3)
+    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), config)
+    _randomise(theirs.prompt_encoder)
+    theirs.save_pretrained(tmp_path)
+    theirs.eval()
+    ours = PromptModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), tmp_path).eval()
+    assert ours.config.method == ("prefix" if isinstance(config, PrefixTuningConfig) else "ptuning")
+    ids = torch.tensor([ROWS[0], ROWS[0][::-1]])
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits[:, -ids.shape[1]:]  # P-tuning's also cover the virtual tokens
+        torch.testing.assert_close(ours(ids, torch.ones_like(ids)).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_prefix_on_bf16_frozen_weights_stays_near_fp32(tiny_llama, tokenizer):
     model = _prefix_model(tiny_llama, tokenizer)
     ids, mask = _batch("left")

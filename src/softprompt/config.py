@@ -41,7 +41,10 @@ ENCODER_TYPES = ("MLP", "LSTM")
 
 PEFT_INITS = {"RANDOM": PromptInit.RANDOM, "TEXT": PromptInit.TEXT, "SAMPLE_VOCAB": PromptInit.VOCAB}
 # peft fields that say nothing a softprompt prompt needs: the model's shape is read off the model itself
-PEFT_IGNORED = ("peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "token_dim",
+# peft's prompt-learning types and the method each is here: P-tuning and prefix adapters store what their encoder
+# produced, the plain vectors or keys/values a softprompt checkpoint of that method holds
+PEFT_METHODS = {"PROMPT_TUNING": "prompt", "P_TUNING": "ptuning", "PREFIX_TUNING": "prefix"}
+PEFT_IGNORED = ("peft_type", "init_weights", "auto_mapping", "peft_version", "revision", "inference_mode", "token_dim",
                 "num_transformer_submodules", "num_attention_heads", "num_layers", "modules_to_save",
                 "tokenizer_kwargs")
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -121,11 +124,15 @@ class PromptTuningConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PromptTuningConfig":
-        """Our own `to_dict`, or a peft prompt-tuning config (its `adapter_config.json`)."""
+        """Our own `to_dict`, or a peft prompt-tuning, P-tuning or prefix-tuning config (its `adapter_config.json`)."""
         d = dict(d)
-        peft_type = str(d.get("peft_type") or "PROMPT_TUNING").split(".")[-1].upper()
-        if peft_type != "PROMPT_TUNING":
-            raise SoftpromptError(f"this is a peft {peft_type} config; PromptTuningConfig reads PROMPT_TUNING ones")
+        if d.get("peft_type") is not None:
+            peft_type = str(d["peft_type"]).split(".")[-1].upper()
+            if peft_type not in PEFT_METHODS:
+                raise SoftpromptError(f"this is a peft {peft_type} config; PromptTuningConfig reads "
+                                      f"{', '.join(PEFT_METHODS)} ones")
+            if d.setdefault("method", PEFT_METHODS[peft_type]) != PEFT_METHODS[peft_type]:
+                raise SoftpromptError(f"method {d['method']!r} and peft_type {peft_type} disagree; give one of them")
         for name in PEFT_IGNORED:
             d.pop(name, None)
         known = set(cls.__dataclass_fields__) | {"prompt_tuning_init", "prompt_tuning_init_text"}

@@ -157,7 +157,7 @@ def read_peft(directory: str | Path, model_config=None, model_name: str | None =
         model_config = describe_model(name).config
     from .models import family_of
 
-    tensors = from_peft_tensors(_load_peft_file(directory))
+    tensors = from_peft_tensors(_load_peft_file(directory), PREFIX_KEY if prompt.method == "prefix" else PROMPT_KEY)
     return Checkpoint(prompt, family_of(model_config), name, fingerprint(model_config)), tensors
 
 
