@@ -121,6 +121,20 @@ def test_prefix_logits_and_loss_equal_the_model_given_the_prefix_as_cache(tiny_l
     torch.testing.assert_close(model(ids, mask, labels=labels).loss, by_hand, rtol=1e-5, atol=1e-6)
 
 
+def test_prefix_without_the_engine_takes_the_models_own_forward_with_the_cache(tiny_llama, tokenizer):
+    model = _prefix_model(tiny_llama, tokenizer)
+    ids, mask = _batch("left")
+    labels = torch.where(mask.cumsum(1) > 1, ids, -100)
+    with torch.no_grad():
+        want = model.tail_logits(ids, mask, 3), model.training_loss(ids, mask, labels)
+        model.engine.force_off("test")
+        assert model.continuation_logits(ids, mask, [[2204, 2919]]) is None  # scoring then runs each label's tail
+        torch.testing.assert_close(model.tail_logits(ids, mask, 3), want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.training_loss(ids, mask, labels), want[1], rtol=1e-5, atol=1e-6)
+        with pytest.raises(SoftpromptError, match="greedily"):
+            model.generate(ids, mask, max_new_tokens=2)
+
+
 def test_prefix_head_equals_the_model_given_the_prefix_as_cache(tiny_llama_cls, tokenizer):
     model = _prefix_model(tiny_llama_cls, tokenizer, task_type="SEQ_CLS")
     for side in ("left", "right"):
@@ -303,10 +317,13 @@ def test_a_prefix_starts_from_another_prefix_and_a_prompt_run_refuses_one(tiny_l
         get_prompt_model(tiny_llama, longer, tokenizer)
 
 
-@pytest.mark.parametrize("method,family", [("prefix", "llama"), ("ptuning", "llama"), ("prefix", "bert")])
-def test_cli_trains_evaluates_and_predicts_with_a_method(method, family, tiny_dirs, tiny_csv, tmp_path, capsys):
+@pytest.mark.parametrize("method,family,extra", [("prefix", "llama", []), ("ptuning", "llama", []),
+                                                 ("prefix", "llama", ["--task-type", "SEQ_CLS"]),
+                                                 ("prefix", "bert", [])])
+def test_cli_trains_evaluates_and_predicts_with_a_method(method, family, extra, tiny_dirs, tiny_csv, tmp_path,
+                                                         capsys):
     out_dir = tmp_path / "run"
-    code = main(["train", "--method", method, "--max-steps", "2", "--eval-every", "2", "--batch-size", "8",
+    code = main(["train", *extra, "--method", method, "--max-steps", "2", "--eval-every", "2", "--batch-size", "8",
                  "--prompt-length", "3", "--no-progress", "--max-length", "24", "--model", tiny_dirs[family],
                  "--data", tiny_csv, "--output", str(out_dir),
                  *(["--prefix-projection"] if method == "prefix" else ["--encoder-reparameterization-type", "LSTM"])])
@@ -323,6 +340,10 @@ def test_cli_trains_evaluates_and_predicts_with_a_method(method, family, tiny_di
     assert main(["inspect", str(out_dir / "best")]) == 0
     shown = capsys.readouterr().out.splitlines()
     assert ("keys" in shown[1]) == (method == "prefix") and len(shown) == (3 if method == "prefix" else 4)
+
+    assert main(["report", str(out_dir), "--output", str(tmp_path / "report.html")]) == 0
+    assert ("a prefix</h3>" in (tmp_path / "report.html").read_text()) == (method == "prefix")
+    capsys.readouterr()
 
     if family == "bert":  # peft runs a prefix through past_key_values, which encoders do not take
         assert main(["export", str(out_dir / "best"), str(tmp_path / "peft")]) == 2

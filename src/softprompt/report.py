@@ -170,6 +170,13 @@ def _neighbour_table(run: Run, neighbours) -> str:
            f"{rows}</table>"
 
 
+def _norm_table(run: Run, norms: list[tuple[float, float]]) -> str:
+    rows = "".join(f"<tr><td>{i}</td><td>{keys:.3f}</td><td>{values:.3f}</td></tr>" for i, (keys, values) in
+                   enumerate(norms))
+    return f"<h3>{html.escape(run.name)}: a prefix</h3><table class='tokens'><tr><th>layer</th>" \
+           f"<th>mean norm of a virtual token's keys</th><th>and values</th></tr>{rows}</table>"
+
+
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:8px 0 20px}}
@@ -185,7 +192,8 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path, top: int = 
     """Write the report for the given run folders (or folders of runs) to `output`; returns its path."""
     from plotly.offline import get_plotlyjs
 
-    from .interpret import nearest_tokens
+    from .interpret import layer_norms, nearest_tokens
+    from .methods import PrefixKeyValues
     from .pipeline import PromptedTask
 
     runs = [load_run(p) for p in find_runs(run_dirs)]
@@ -212,9 +220,13 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path, top: int = 
             figures.append(("confusion", confusion))
     tables, prompts, with_prompts = [], [], []
     for run in runs:
-        if run.checkpoint is None or run.checkpoint.prompt.method == "prefix":  # keys/values: no tokens near them
+        if run.checkpoint is None:
             continue
         prompted = PromptedTask.from_pretrained(run.path / BEST, model)
+        prefix = prompted.model.prompt
+        if isinstance(prefix, PrefixKeyValues):  # keys/values: no tokens near them, their size per layer instead
+            tables.append(_norm_table(run, layer_norms(prefix.key_values())))
+            continue
         weight = prompted.model.prompt.weight
         tables.append(_neighbour_table(run, nearest_tokens(weight, prompted.model.embedding_matrix(),
                                                            prompted.encoder.tokenizer, top)))
@@ -232,7 +244,7 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path, top: int = 
             f"<h2>Training curves</h2>{section('curves')}"
             f"<h2>Per run</h2>{section('runs')}"
             f"<h2>Dev confusion matrices</h2>{section('confusion')}"
-            f"<h2>Nearest vocabulary tokens of each virtual token</h2>{''.join(tables)}"
+            f"<h2>Nearest vocabulary tokens of each virtual token (a prefix: its norms per layer)</h2>{''.join(tables)}"
             f"<h2>Prompt similarity between runs</h2>{section('similarity') if len(with_prompts) > 1 else '<p>one run: nothing to compare</p>'}")
     subtitle = html.escape(", ".join(str(r.path) for r in runs))
     output = Path(output)
