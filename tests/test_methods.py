@@ -11,12 +11,14 @@ import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, TrainingArguments
 
 from softprompt import MultiTaskModel, PromptedTask, PromptModel, PromptTuningConfig, SoftpromptError, TrainConfig, \
     get_prompt_model
 from softprompt.assets import describe_model
+from softprompt.checkpoint import load_tensors
 from softprompt.cli import main
+from softprompt.hf_trainer import PromptTrainer
 from softprompt.methods import PREFIX_KEY, kv_layout
 from softprompt.models.prefix import PrefixDecoderModel
 from softprompt.peft_interop import export_peft
@@ -399,3 +401,26 @@ def test_prefix_on_bf16_frozen_weights_stays_near_fp32(tiny_llama, tokenizer):
         got = model.tail_logits(ids, mask, 2)
     assert model.prompt.weight.dtype == torch.float32 and got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("options", [{"method": "ptuning"}, {"method": "prefix", "prefix_projection": True}])
+def test_transformers_trainer_folds_the_method_for_the_best_checkpoint(tiny_llama, tokenizer, tmp_path, options):
+    model = get_prompt_model(tiny_llama, PromptTuningConfig(num_virtual_tokens=3, init="vocab", **options), tokenizer)
+    rows = [tokenizer("the film was good positive")["input_ids"]] * 8
+    data = [{"input_ids": r, "labels": [-100] + r[1:]} for r in rows]
+
+    def collate(batch):
+        return {key: torch.tensor([b[key] for b in batch]) for key in ("input_ids", "labels")}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=0.1,
+                             eval_strategy="steps", eval_steps=1, save_steps=1, load_best_model_at_end=True,
+                             save_only_model=True, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = PromptTrainer(model=model, args=args, data_collator=collate, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    assert model.prompt.reparam is None
+    best = load_tensors(trainer.state.best_model_checkpoint)
+    assert all(torch.equal(value, model.state_tensors()[name]) for name, value in best.items())
+    again = get_prompt_model(tiny_llama, PromptTuningConfig(num_virtual_tokens=3, init="vocab", **options), tokenizer)
+    with pytest.raises(SoftpromptError, match="softprompt train --resume"):
+        PromptTrainer(model=again, args=args, data_collator=collate, train_dataset=data, eval_dataset=data).train(
+            resume_from_checkpoint=trainer.state.best_model_checkpoint)

@@ -74,7 +74,12 @@ class PromptTrainer(Trainer):
         self.prompt_model.load_tensors(load_tensors(directory, meta))
 
     def _load_best_model(self) -> None:
+        self.prompt_model.prompt.fold()  # training is over: the prompt as checkpoints hold it (P-tuning, a projection)
         self._load_prompt(str(self.state.best_model_checkpoint))  # set by Trainer before it calls this
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if self.prompt_model.prompt.reparam is not None:
+            raise SoftpromptError("a checkpoint holds the folded prompt, not the encoder or projection this run trains "
+                                  "through; resume such a run with softprompt's own trainer (softprompt train "
+                                  "--resume), whose last/ keeps it")
         self._load_prompt(resume_from_checkpoint)
