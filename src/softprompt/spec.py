@@ -51,7 +51,8 @@ class TrainConfig:
     verbalizer: list[str] | None = _opt(None, "label word per label, in label order (repeat)")
     prompt_length: int = _opt(8, "number of virtual tokens k")
     method: str | None = _opt(None, "prompt (input vectors) | ptuning (input vectors from a prompt encoder while "
-                                    "training) | prefix (keys and values at every layer; decoders); default prompt")
+                                    "training) | prefix (keys and values at every layer; decoders and encoders); "
+                                    "default prompt")
     encoder_reparameterization_type: str = _opt("MLP", "ptuning's prompt encoder: MLP | LSTM")
     encoder_hidden_size: int | None = _opt(None, "ptuning's encoder / the prefix projection's hidden width "
                                                  "(default: the model's width)")

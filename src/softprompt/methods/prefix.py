@@ -1,7 +1,7 @@
 """Prefix tuning (Li & Liang 2021; P-tuning v2, Liu et al. 2022): trainable keys and values at every layer.
 
-`PrefixKeyValues` is a `KeyValues` source for the shared-prefix engine, which runs the rows after it once per
-batch (peft copies the prefix once per row). Its `weight` is peft's flat layout, (k, layers * 2 * kv_heads *
+`PrefixKeyValues` is a `KeyValues` source for the shared-prefix engine, which runs a decoder's rows after it once
+per batch (peft copies the prefix once per row); an encoder takes it as every layer's cache (models/prefix.py). Its `weight` is peft's flat layout, (k, layers * 2 * kv_heads *
 head_dim): per virtual token, layer 0's keys, layer 0's values, layer 1's keys, ..., each kv_heads x head_dim.
 That is what a checkpoint stores under `prefix`, so it maps onto peft's `prompt_embeddings` as it is. While
 training it may come from a `PrefixProjection` instead, folded into `weight` at save."""
@@ -53,7 +53,7 @@ class PrefixProjection(nn.Module):
 
 
 class PrefixKeyValues(nn.Module):
-    """k virtual tokens' keys and values at every layer of a decoder."""
+    """k virtual tokens' keys and values at every attention layer of a decoder or an encoder."""
 
     def __init__(self, num_tokens: int, layout: KVLayout) -> None:
         super().__init__()
