@@ -39,7 +39,7 @@ def _start_prefix(model: PromptModel, prefix: PrefixKeyValues, corpus, generator
             prefix.weight.copy_(start)
         return
     vectors = initial_prompt(config, model.embedding_matrix(), model.tokenizer, corpus, generator)
-    source = SoftPrompt(*vectors.shape).to(vectors.device)
+    source = SoftPrompt(*vectors.shape).to(model.embedding_matrix().device)  # where the frozen model runs
     with torch.no_grad():
         source.weight.copy_(vectors)
         layers, _ = SharedPrefix(model.base, source).prefix_states()
