@@ -209,6 +209,45 @@ def test_encoder_prefix_equals_bert_written_out_with_the_prefix(tiny_bert, token
         assert not torch.allclose(model(ids, mask).logits, before)  # the prefix is read
 
 
+def _t5_encoder_by_hand(encoder, prefix: list[tuple[torch.Tensor, torch.Tensor]], ids, mask) -> torch.Tensor:
+    """T5's encoder written out block by block, each self-attention's keys/values preceded by the prefix's and its
+    relative position bias counting the text's tokens from k."""
+    k, (rows, n) = prefix[0][0].shape[2], ids.shape
+    h = encoder.embed_tokens(ids)
+    keep = torch.cat([torch.ones(rows, k), mask.float()], 1)[:, None, None, :]
+    bias = encoder.block[0].layer[0].SelfAttention.compute_bias(n, k + n, past_seen_tokens=k) + (1 - keep) * -1e9
+    for block, (keys, values) in zip(encoder.block, prefix):
+        attention = block.layer[0].SelfAttention
+        heads = lambda x: x.view(rows, n, -1, attention.key_value_proj_dim).transpose(1, 2)  # noqa: E731
+        x = block.layer[0].layer_norm(h)
+        kk = torch.cat([keys.expand(rows, -1, -1, -1), heads(attention.k(x))], 2)
+        vv = torch.cat([values.expand(rows, -1, -1, -1), heads(attention.v(x))], 2)
+        scores = heads(attention.q(x)) @ kk.transpose(-1, -2) + bias  # T5 does not scale its scores
+        h = h + attention.o((scores.softmax(-1) @ vv).transpose(1, 2).reshape(rows, n, -1))
+        h = h + block.layer[1].DenseReluDense(block.layer[1].layer_norm(h))
+    return encoder.final_layer_norm(h)
+
+
+def test_t5_prefix_equals_its_encoder_written_out_with_the_prefix(tiny_t5, tokenizer):
+    model = _prefix_model(tiny_t5, tokenizer, task_type="SEQ_2_SEQ_LM")
+    labels = torch.tensor([[2204, 102]] * len(ROWS))
+    for side in ("left", "right"):
+        ids, mask = _batch(side)
+        with torch.no_grad():
+            got = model.encode(ids, mask)[0].last_hidden_state
+            loss = model(ids, mask, labels=labels).loss
+            states, want_loss = [], []
+            for i, row in enumerate(ROWS):
+                alone = _t5_encoder_by_hand(tiny_t5.get_encoder(), model.prompt.key_values(), torch.tensor([row]),
+                                            torch.ones(1, len(row)))
+                torch.testing.assert_close(got[i, :len(row)], alone[0], rtol=1e-5, atol=1e-5)  # pads moved right
+                states.append(alone)
+            padded = torch.cat([torch.nn.functional.pad(s, (0, 0, 0, ids.shape[1] - s.shape[1])) for s in states])
+            aligned_mask = torch.tensor([[1] * len(r) + [0] * (ids.shape[1] - len(r)) for r in ROWS])
+            want = tiny_t5(encoder_outputs=(padded,), attention_mask=aligned_mask, labels=labels).loss
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
 # -- prefix tuning: against peft ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("projection", [False, True])
 def test_prefix_logits_equal_peft_prefix_tuning(tiny_llama, tokenizer, projection):
@@ -277,7 +316,7 @@ def test_training_moves_only_the_methods_parameters(tiny_llama, tokenizer, optio
 
 
 # -- config, CLI and refusals ------------------------------------------------------------------------------------
-def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, tiny_bert, tiny_t5, tokenizer):
+def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, tiny_bert, tokenizer):
     llama = describe_model(tiny_dirs["llama"])
     spec = resolve(TrainConfig(model=tiny_dirs["llama"]), llama, get_task("sst2"))
     assert spec.method == "prompt" and "docs/recipe.md#defaults" in spec.decided["method"]
@@ -287,10 +326,6 @@ def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, t
     assert PromptTuningConfig.from_dict(spec.prompt.to_dict()) == spec.prompt
     old = {k: v for k, v in spec.prompt.to_dict().items() if k not in ("method", "prefix_projection")}
     assert PromptTuningConfig.from_dict(old).method == "prompt"  # a checkpoint from before methods
-    with pytest.raises(SoftpromptError, match="prefix tuning is implemented for decoders and encoders so far"):
-        resolve(TrainConfig(model=tiny_dirs["t5"], method="prefix"), describe_model(tiny_dirs["t5"]), get_task("sst2"))
-    with pytest.raises(SoftpromptError, match="prefix tuning is implemented for decoders and encoders so far"):
-        get_prompt_model(tiny_t5, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", method="prefix"), tokenizer)
     with pytest.raises(SoftpromptError, match="leaves no room for input"):
         resolve(TrainConfig(model=tiny_dirs["llama"], method="prefix", prompt_length=256), llama, get_task("sst2"))
     with pytest.raises(SoftpromptError, match="leave no room for input"):
@@ -321,7 +356,7 @@ def test_a_prefix_starts_from_another_prefix_and_a_prompt_run_refuses_one(tiny_l
 
 @pytest.mark.parametrize("method,family,extra", [("prefix", "llama", []), ("ptuning", "llama", []),
                                                  ("prefix", "llama", ["--task-type", "SEQ_CLS"]),
-                                                 ("prefix", "bert", [])])
+                                                 ("prefix", "bert", []), ("prefix", "t5", [])])
 def test_cli_trains_evaluates_and_predicts_with_a_method(method, family, extra, tiny_dirs, tiny_csv, tmp_path,
                                                          capsys):
     out_dir = tmp_path / "run"
@@ -347,9 +382,9 @@ def test_cli_trains_evaluates_and_predicts_with_a_method(method, family, extra, 
     assert ("a prefix</h3>" in (tmp_path / "report.html").read_text()) == (method == "prefix")
     capsys.readouterr()
 
-    if family == "bert":  # peft runs a prefix through past_key_values, which encoders do not take
+    if method == "prefix" and family != "llama":  # peft's prefix tuning differs there, or does not run
         assert main(["export", str(out_dir / "best"), str(tmp_path / "peft")]) == 2
-        assert "encoders do not take" in capsys.readouterr().err
+        assert "only decoder prefixes export" in capsys.readouterr().err
 
     texts = ["the film was good", "the film was bad number 3"]
     alone = PromptedTask.from_pretrained(out_dir / "best").predict(texts)

@@ -123,8 +123,9 @@ def export_peft(checkpoint_dir: str | Path, output: str | Path) -> tuple[Path, s
     if meta.base_model is None:
         raise SoftpromptError(f"{checkpoint_dir} does not record its base model; peft needs one")
     if meta.prompt.method == "prefix" and meta.family != "decoder":
-        raise SoftpromptError(f"{checkpoint_dir} is a prefix for a {meta.family} model; peft runs prefix tuning "
-                              "through the model's past_key_values argument, which encoders do not take")
+        raise SoftpromptError(f"{checkpoint_dir} is a prefix for a {meta.family} model; only decoder prefixes export "
+                              "(peft passes a prefix as past_key_values, which BERT-style encoders do not take and "
+                              "which in T5 would prefix the decoder too)")
     model = describe_model(meta.base_model)
     head = head_name(model.config) if meta.prompt.task_type is TaskType.SEQ_CLS else None
     tensors = to_peft_tensors(load_tensors(checkpoint_dir, meta), head)

@@ -51,8 +51,8 @@ class TrainConfig:
     verbalizer: list[str] | None = _opt(None, "label word per label, in label order (repeat)")
     prompt_length: int = _opt(8, "number of virtual tokens k")
     method: str | None = _opt(None, "prompt (input vectors) | ptuning (input vectors from a prompt encoder while "
-                                    "training) | prefix (keys and values at every layer; decoders and encoders); "
-                                    "default prompt")
+                                    "training) | prefix (keys and values at every layer; T5: its encoder's); default "
+                                    "prompt")
     encoder_reparameterization_type: str = _opt("MLP", "ptuning's prompt encoder: MLP | LSTM")
     encoder_hidden_size: int | None = _opt(None, "ptuning's encoder / the prefix projection's hidden width "
                                                  "(default: the model's width)")
@@ -308,9 +308,6 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
         raise SoftpromptError("--prefix-projection reparameterises a prefix; add --method prefix")
     if cfg.encoder_reparameterization_type.upper() != "MLP" and method != "ptuning":
         raise SoftpromptError("--encoder-reparameterization-type sets P-tuning's prompt encoder; add --method ptuning")
-    if method == "prefix" and model.family == "seq2seq":
-        raise SoftpromptError(f"prefix tuning is implemented for decoders and encoders so far; {model.name} is a "
-                              "seq2seq model (use --method prompt or ptuning)")
     prompt = PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
                                 init_text=cfg.init_text or default_text, init_file=cfg.init_file, pooling=pooling,
                                 label_words=[w.strip() for w in task.verbalizer] or list(task.labels), method=method,

@@ -1,7 +1,8 @@
 """Prefix tuning (Li & Liang 2021; P-tuning v2, Liu et al. 2022): trainable keys and values at every layer.
 
 `PrefixKeyValues` is a `KeyValues` source for the shared-prefix engine, which runs a decoder's rows after it once
-per batch (peft copies the prefix once per row); an encoder takes it as every layer's cache (models/prefix.py). Its `weight` is peft's flat layout, (k, layers * 2 * kv_heads *
+per batch (peft copies the prefix once per row); encoders and T5's encoder take it as every layer's cache
+(models/prefix.py). Its `weight` is peft's flat layout, (k, layers * 2 * kv_heads *
 head_dim): per virtual token, layer 0's keys, layer 0's values, layer 1's keys, ..., each kv_heads x head_dim.
 That is what a checkpoint stores under `prefix`, so it maps onto peft's `prompt_embeddings` as it is. While
 training it may come from a `PrefixProjection` instead, folded into `weight` at save."""
@@ -32,7 +33,7 @@ def kv_layout(model_config) -> KVLayout:
     """The shape of a decoder's cache, from its config (grouped-query attention: its key/value heads)."""
     text = model_config.get_text_config()
     heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "d_kv", None) or text.hidden_size // heads
     return KVLayout(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim)
 
 
@@ -53,7 +54,7 @@ class PrefixProjection(nn.Module):
 
 
 class PrefixKeyValues(nn.Module):
-    """k virtual tokens' keys and values at every attention layer of a decoder or an encoder."""
+    """k virtual tokens' keys and values at every self-attention layer (a T5's: its encoder's)."""
 
     def __init__(self, num_tokens: int, layout: KVLayout) -> None:
         super().__init__()

@@ -14,10 +14,11 @@ from ..methods import PrefixKeyValues, prompt_encoder
 from .base import PromptModel
 from .decoder import DecoderPromptModel
 from .encoder import EncoderPromptModel
-from .prefix import PrefixDecoderModel, PrefixEncoderModel
+from .prefix import PrefixDecoderModel, PrefixEncoderModel, PrefixSeq2SeqModel
 from .seq2seq import Seq2SeqPromptModel
 
-PREFIX_FAMILIES: dict[str, type[PromptModel]] = {"decoder": PrefixDecoderModel, "encoder": PrefixEncoderModel}
+PREFIX_FAMILIES: dict[str, type[PromptModel]] = {"decoder": PrefixDecoderModel, "encoder": PrefixEncoderModel,
+                                                  "seq2seq": PrefixSeq2SeqModel}
 FAMILIES: dict[str, type[PromptModel]] = {
     "encoder": EncoderPromptModel,
     "decoder": DecoderPromptModel,
@@ -48,10 +49,7 @@ def check_task_type(family: str, task_type: TaskType, model_type: str) -> None:
 
 
 def check_method(family: str, config: PromptTuningConfig, model_config) -> None:
-    """Refuse a method the family cannot take, and a prompt with no positions left for the input."""
-    if config.method == "prefix" and family not in PREFIX_FAMILIES:
-        raise SoftpromptError(f"prefix tuning is implemented for decoders and encoders so far, not {family} models "
-                              f"({model_config.model_type}); use --method prompt or ptuning")
+    """Refuse a prompt that leaves the input no positions (prefix tuning's rows count theirs from k too)."""
     text = model_config.get_text_config()
     positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     if positions and config.num_virtual_tokens >= positions:

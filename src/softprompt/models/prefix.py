@@ -5,14 +5,19 @@ rank classification, a head over the last token and greedy generation run the ro
 per batch. A call the engine cannot share (a model whose cache or head it does not model, a batch past a
 sliding window) runs the model's own forward with the prefix as its cache instead; sampling is refused.
 Encoders (BERT, RoBERTa, MiniLM) take it as every layer's cache, as peft does: each row attends to the prefix
-and to its own tokens, whose positions count from k. There is no concatenated sequence: keys/values are not
+and to its own tokens, whose positions count from k. T5 takes it in its encoder's self-attention layers (their
+relative position bias then counts the rows' tokens from k); the decoder is untouched, as with a prompt. There is no concatenated sequence: keys/values are not
 tokens. Both start from the keys/values the frozen model computes for the prompt init's vectors (Li & Liang
 start a prefix from real words' activations), or from another prefix (`init="file"`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Callable, Iterator, cast
+
 import torch
+from transformers import DynamicCache, GenerationMixin
 
 from ..config import PromptInit, TaskType
 from ..errors import SoftpromptError
@@ -21,14 +26,18 @@ from ..prompt import SoftPrompt, initial_prompt, load_prompt_file
 from .base import PromptModel, align_order
 from .decoder import DecoderPromptModel
 from .encoder import EncoderPromptModel
-from .shared_prefix import SharedPrefix, as_cache, cache_kwarg
+from .seq2seq import Seq2SeqPromptModel
+from .shared_prefix import LayerKV, SharedPrefix, as_cache, cache_kwarg
 
 
 def _new_prefix(model: PromptModel) -> PrefixKeyValues:
     return PrefixKeyValues(model.config.num_virtual_tokens, kv_layout(model.base.config))
 
 
-def _start_prefix(model: PromptModel, prefix: PrefixKeyValues, corpus, generator) -> None:
+def _start_prefix(model: PromptModel, prefix: PrefixKeyValues, corpus, generator,
+                  run: Callable[[SoftPrompt], LayerKV] | None = None) -> None:
+    """Set `prefix` from the keys/values the frozen model computes for the init's vectors (`run`: how this family
+    gets them; default the backbone run over them with a cache), or from a prefix file."""
     config = model.config
     if config.init is PromptInit.FILE:
         start = load_prompt_file(str(config.init_file), PREFIX_KEY)
@@ -42,7 +51,7 @@ def _start_prefix(model: PromptModel, prefix: PrefixKeyValues, corpus, generator
     source = SoftPrompt(*vectors.shape).to(model.embedding_matrix().device)  # where the frozen model runs
     with torch.no_grad():
         source.weight.copy_(vectors)
-        layers, _ = SharedPrefix(model.base, source).prefix_states()
+        layers = run(source) if run else SharedPrefix(model.base, source).prefix_states()[0]
     prefix.set_key_values(layers)
 
 
@@ -132,3 +141,60 @@ class PrefixEncoderModel(EncoderPromptModel):
 
     def _text_columns(self, mask: torch.Tensor) -> torch.Tensor:
         return mask[:, self.prompt.num_tokens:]
+
+
+class PrefixSeq2SeqModel(Seq2SeqPromptModel):
+    """T5-style encoder-decoders: the encoder runs the rows after the prefix; the decoder reads the rows' states."""
+
+    prompt_key = PREFIX_KEY
+    prompt: PrefixKeyValues  # type: ignore[assignment]
+
+    def __init__(self, base, config, tokenizer=None) -> None:
+        super().__init__(base, config, tokenizer)
+        if not all(hasattr(getattr(block, "layer", [None])[0], "SelfAttention")
+                   for block in getattr(base.get_encoder(), "block", [None])):
+            raise SoftpromptError(f"prefix tuning on seq2seq models is implemented for T5-style encoders so far, "
+                                  f"not {type(base).__name__}")
+
+    def new_prompt(self) -> PrefixKeyValues:  # type: ignore[override]
+        return _new_prefix(self)
+
+    def init_prompt(self, corpus=None, generator=None) -> None:
+        def run(source: SoftPrompt) -> LayerKV:
+            cache = DynamicCache(config=self.base.config)
+            with self._encoder_cache(cache):
+                self.base.get_encoder()(inputs_embeds=source.embeddings()[None].to(self.embedding_matrix().dtype))
+            return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
+
+        _start_prefix(self, self.prompt, corpus, generator, run)
+
+    @contextmanager
+    def _encoder_cache(self, cache: DynamicCache) -> Iterator[None]:
+        """Give each encoder self-attention layer `cache`: it attends to what the cache holds and appends its own
+        keys/values (T5's encoder stack passes its layers no cache)."""
+        hooks = [block.layer[0].SelfAttention.register_forward_pre_hook(
+            lambda module, args, kwargs: (args, {**kwargs, "cache": cache}), with_kwargs=True)
+            for block in self.base.get_encoder().block]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The rows (pads moved right) through the encoder after the prefix; their states and mask."""
+        order = align_order(attention_mask, self.pad_side)
+        ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        with self._encoder_cache(as_cache(self.base, self.prompt.key_values(), ids.shape[0])):
+            encoded = self.base.get_encoder()(input_ids=ids, attention_mask=torch.cat(
+                [mask.new_ones(ids.shape[0], self.prompt.num_tokens), mask], 1))
+        return encoded, mask
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        encoded, mask = self.encode(input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask)
+        return self.base(encoder_outputs=encoded, attention_mask=mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        encoded, mask = self.encode(input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask)
+        return cast(GenerationMixin, self.base).generate(encoder_outputs=encoded, attention_mask=mask, **kwargs)
