@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DynamicCache, TrainingArguments
+from transformers import AutoModelForCausalLM, BartConfig, BartForConditionalGeneration, DynamicCache, TrainingArguments
 
 from softprompt import MultiTaskModel, PromptedTask, PromptModel, PromptTuningConfig, SoftpromptError, TrainConfig, \
     get_prompt_model
@@ -326,6 +326,11 @@ def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, t
     assert PromptTuningConfig.from_dict(spec.prompt.to_dict()) == spec.prompt
     old = {k: v for k, v in spec.prompt.to_dict().items() if k not in ("method", "prefix_projection")}
     assert PromptTuningConfig.from_dict(old).method == "prompt"  # a checkpoint from before methods
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1,
+                                                   decoder_layers=1, encoder_attention_heads=2,
+                                                   decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16))
+    with pytest.raises(SoftpromptError, match="implemented for T5-style encoders so far, not BartFor"):
+        get_prompt_model(bart, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", method="prefix"), tokenizer)
     with pytest.raises(SoftpromptError, match="leaves no room for input"):
         resolve(TrainConfig(model=tiny_dirs["llama"], method="prefix", prompt_length=256), llama, get_task("sst2"))
     with pytest.raises(SoftpromptError, match="leave no room for input"):
