@@ -255,7 +255,8 @@ def test_prefix_logits_equal_peft_prefix_tuning(tiny_llama, tokenizer, projectio
     peft = get_peft_model(tiny_llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
                                                          prefix_projection=projection, encoder_hidden_size=16))
     encoder = peft.prompt_encoder["default"]
-    encoder.load_state_dict(model.prompt.reparam.state_dict() if projection else {"embedding.weight": model.prompt.weight})
+    weights = model.prompt.reparam.state_dict() if projection else {"embedding.weight": model.prompt.weight}
+    encoder.load_state_dict(weights)
     ids = torch.tensor([ROWS[0], ROWS[0][::-1]])
     mask = torch.ones_like(ids)
     with torch.no_grad():

@@ -59,7 +59,8 @@ class TrainConfig:
     encoder_num_layers: int = _opt(2, "ptuning LSTM layers")
     encoder_dropout: float = _opt(0.0, "ptuning LSTM dropout")
     prefix_projection: bool = _opt(False, "prefix: train through an Embedding -> Linear-Tanh-Linear MLP, folded "
-                                          "into plain keys/values at save", flag="--prefix-projection/--no-prefix-projection")
+                                          "into plain keys/values at save",
+                                   flag="--prefix-projection/--no-prefix-projection")
     residual_reparam: int | None = _opt(None, "train the prompt through a residual MLP with this bottleneck width, "
                                               "folded into a plain prompt at save (0: off; default 64 with a "
                                               "head, off for label words)")

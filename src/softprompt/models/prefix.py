@@ -6,9 +6,10 @@ per batch. A call the engine cannot share (a model whose cache or head it does n
 sliding window) runs the model's own forward with the prefix as its cache instead; sampling is refused.
 Encoders (BERT, RoBERTa, MiniLM) take it as every layer's cache, as peft does: each row attends to the prefix
 and to its own tokens, whose positions count from k. T5 takes it in its encoder's self-attention layers (their
-relative position bias then counts the rows' tokens from k); the decoder is untouched, as with a prompt. There is no concatenated sequence: keys/values are not
-tokens. Both start from the keys/values the frozen model computes for the prompt init's vectors (Li & Liang
-start a prefix from real words' activations), or from another prefix (`init="file"`).
+relative position bias then counts the rows' tokens from k); the decoder is untouched, as with a prompt. There
+is no concatenated sequence: keys/values are not tokens. All start from the keys/values the frozen model
+computes for the prompt init's vectors (Li & Liang start a prefix from real words' activations), or from
+another prefix (`init="file"`).
 """
 
 from __future__ import annotations
