@@ -1,7 +1,7 @@
 """The multi-task server under load: softprompt's mixed batches against peft doing the same model work behind
 the same HTTP layer and batcher, with 4 and with 64 tasks, then a load run with malformed requests mixed in.
 
-    python benchmarks/serve.py            # SmolLM2-135M, 16 clients, 3 rounds
+    python benchmarks/serve.py            # SmolLM2-135M, 16 clients, 5 rounds
     python benchmarks/serve.py --quick    # 1 round, fewer requests: a smoke check
 
 Prompts: 4 trained briefly on Rotten Tomatoes (lengths 8/12/16/20, different seeds), and for the 64-task runs
@@ -231,7 +231,7 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rounds, per_client = (1, 6) if args.quick else (3, 8)
+    rounds, per_client = (1, 6) if args.quick else (5, 6)
     prompts64 = make_prompts(workdir / "prompts", 64)
     prompts4 = {t: prompts64[t] for t in list(prompts64)[:4]}
     texts = [e.fields["text"] for e in load_data("rotten_tomatoes", seed=0).test[:200]]
