@@ -288,15 +288,24 @@ class MultiTaskModel:
         return out
 
     def _forward(self, rows: list[_Row]) -> list[torch.Tensor]:
+        """Rows that can go together in one mixed forward, and the rest one sub-batch per prompt: on decoders the
+        rows of prompts the engine shares; on encoders the rows of input-vector prompts (a prefix is each layer's
+        cache, not spliced vectors); on encoder-decoders none."""
         if self.info.family == "decoder":
-            return self._decoder_scores(rows)
-        if self.info.family == "encoder" and not any(r.prompt.prompted.spec.method == "prefix" for r in rows):
-            return self._encoder_scores(rows)  # input vectors spliced per row; a prefix runs as each layer's cache
-        return self._each_prompt_alone(rows)
+            together, mixed = [self._shares(r) for r in rows], self._decoder_scores
+        elif self.info.family == "encoder":
+            together, mixed = [r.prompt.prompted.spec.method != "prefix" for r in rows], self._encoder_scores
+        else:
+            return self._each_prompt_alone(rows)
+        out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
+        for run, wanted in ((mixed, True), (self._each_prompt_alone, False)):
+            index = [i for i, t in enumerate(together) if t is wanted]
+            for i, s in zip(index, run([rows[i] for i in index]) if index else []):
+                out[i] = s
+        return out
 
     def _each_prompt_alone(self, rows: list[_Row]) -> list[torch.Tensor]:
-        """The single-task path, one sub-batch per prompt (encoder-decoders; decoders that cannot share; encoder
-        batches with a prefix)."""
+        """The single-task path, one sub-batch per prompt."""
         out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
         for index in _by_prompt(rows).values():
             prompted = rows[index[0]].prompt.prompted
@@ -328,16 +337,11 @@ class MultiTaskModel:
         return hidden, (layers, full_mask, positions[:, -1:]), groups
 
     def _decoder_scores(self, rows: list[_Row]) -> list[torch.Tensor]:
-        shared = [i for i, r in enumerate(rows) if self._shares(r)]
-        alone = [i for i in range(len(rows)) if i not in set(shared)]
+        """Rows of prompts the engine shares, in one forward; then each task reads its rows."""
         out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
-        for i, s in zip(alone, self._each_prompt_alone([rows[i] for i in alone]) if alone else []):
-            out[i] = s
-        if not shared:
-            return out
-        hidden, (layers, mask, last_position), groups = self._decoder_run([rows[i] for i in shared])
+        hidden, (layers, mask, last_position), groups = self._decoder_run(rows)
         for index in groups.values():
-            prompted, model = rows[shared[index[0]]].prompt.prompted, _decoder(rows[shared[index[0]]].prompt)
+            prompted, model = rows[index[0]].prompt.prompted, _decoder(rows[index[0]].prompt)
             at = torch.tensor(index)
             last = hidden[at, -1]
             if model.head is not None:
@@ -349,7 +353,7 @@ class MultiTaskModel:
                 logits = model.engine.continuations_after(last[:, None], cache, prompted.encoder.label_ids)
                 scores = continuation_scores(logits, prompted.encoder.label_ids)
             for j, s in zip(index, scores):
-                out[shared[j]] = s
+                out[j] = s
         return out
 
     def generate(self, items: Sequence[tuple[str, Input]], max_new_tokens: int = 20) -> list[str]:
