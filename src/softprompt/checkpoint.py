@@ -198,6 +198,14 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, tensors: dict
     return Path(directory)
 
 
+def checkpoint_folder(path: Path) -> Path | None:
+    """The checkpoint a folder stands for: itself, or a run folder's best/; None if neither."""
+    for candidate in (path, path / BEST):
+        if (candidate / META_FILE).is_file():
+            return candidate
+    return None
+
+
 def read_checkpoint(directory: str | Path) -> Checkpoint:
     """The checkpoint in `directory`, checked: the one reader every consumer uses."""
     path = Path(directory) / META_FILE

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .assets import Backbone, describe_model, load_backbone
-from .checkpoint import BEST, META_FILE, load_tensors
+from .checkpoint import checkpoint_folder, load_tensors
 from .config import TaskType
 from .data import Example, to_examples
 from .encoding import Feature, pad
@@ -103,11 +103,6 @@ def _rows_of(output: Any, index: torch.Tensor) -> Any:
     return type(output)(**{k: v[index] for k, v in output.items() if torch.is_tensor(v)})
 
 
-def _ensure_run_folder(path: Path) -> Path:
-    """A run folder stands for its best checkpoint."""
-    return path / BEST if not (path / META_FILE).is_file() and (path / BEST / META_FILE).is_file() else path
-
-
 class MultiTaskModel:
     """Many prompted tasks over one frozen base model, predicted together in mixed batches.
 
@@ -149,7 +144,7 @@ class MultiTaskModel:
             entries = [(path, None) for path in checkpoints]
         if not entries:
             raise SoftpromptError("no checkpoints given")
-        _, _, first = read_task_checkpoint(_ensure_run_folder(Path(entries[0][0])), trust_remote_code)
+        _, _, first = read_task_checkpoint(_checkpoint_or_run(Path(entries[0][0])), trust_remote_code)
         model = cls(base_model or first.model, trust_remote_code, first.bf16 if bf16 is None else bf16)
         for path, task in entries:
             model.add(model.load(path, task))
@@ -160,7 +155,7 @@ class MultiTaskModel:
         """Read a checkpoint (a folder, a run folder, or a hub repo id) and build it around the shared backbone;
         nothing is served until `add`. Refuses a prompt trained on another base model (BaseMismatch)."""
         path = Path(checkpoint).expanduser()
-        directory, meta, spec = read_task_checkpoint(_ensure_run_folder(path) if path.exists() else checkpoint,
+        directory, meta, spec = read_task_checkpoint(_checkpoint_or_run(path) if path.exists() else checkpoint,
                                                self.trust_remote_code)
         try:
             meta.check_base(self.info.config, self.base_name)
@@ -425,6 +420,11 @@ def _decoder(prompt: LoadedPrompt) -> DecoderPromptModel:
 def _encoder(prompt: LoadedPrompt) -> EncoderPromptModel:
     """A prompt's model on an encoder base (the encoder path sees no other)."""
     return cast(EncoderPromptModel, prompt.prompted.model)
+
+
+def _checkpoint_or_run(path: Path) -> Path:
+    """A run folder stands for its best checkpoint; any other folder for itself (its reader says what is wrong)."""
+    return checkpoint_folder(path) or path
 
 
 def _by_prompt(rows: list[_Row]) -> dict[int, list[int]]:

@@ -29,10 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .batcher import Batcher
+from .checkpoint import checkpoint_folder
 from .errors import SoftpromptError
 from .multitask import BaseMismatch, MultiTaskModel, TaskInfo, UnknownTask
 from .pipeline import read_task_checkpoint
-from .watch import PromptWatcher, checkpoint_dir, log, scan
+from .watch import PromptWatcher, log, scan
 
 SETTINGS_ENV = "SOFTPROMPT_SERVE"  # how `serve` hands its settings to uvicorn's worker processes
 KEY_COOKIE = "softprompt_key"  # set by the login page; accepted on GET only, so it cannot carry a forged POST
@@ -337,7 +338,7 @@ def resolve_sources(sources: Sequence[str]) -> list[Entry]:
         if "=" in source and not Path(source).expanduser().exists():
             name, path = source.split("=", 1)
         local = Path(path).expanduser()
-        checkpoint = checkpoint_dir(local)
+        checkpoint = checkpoint_folder(local)
         if checkpoint:
             entries.append((_local(str(checkpoint)), name or None, None))
         elif local.is_dir() and not name and (found := scan(local)):

@@ -11,20 +11,13 @@ import logging
 import threading
 from pathlib import Path
 
+from .checkpoint import META_FILE, checkpoint_folder
 from .errors import SoftpromptError
 from .multitask import MultiTaskModel, UnknownTask
 
 log = logging.getLogger("softprompt.serve")
 
 Key = tuple[str, "str | None"]  # (task, member); member None: the task is one checkpoint
-
-
-def checkpoint_dir(path: Path) -> Path | None:
-    """The checkpoint a folder stands for: itself, or a run folder's best/; None if neither."""
-    for candidate in (path, path / "best"):
-        if (candidate / "softprompt.json").is_file():
-            return candidate
-    return None
 
 
 def prompt_folder(directory: str | Path) -> Path:
@@ -39,19 +32,19 @@ def scan(directory: str | Path) -> dict[Key, Path]:
     for sub in sorted(prompt_folder(directory).iterdir()):
         if not sub.is_dir() or sub.name.startswith("."):
             continue
-        single = checkpoint_dir(sub)
+        single = checkpoint_folder(sub)
         if single:
             found[(sub.name, None)] = single
             continue
         for member in sorted(sub.iterdir()):
-            checkpoint = checkpoint_dir(member) if member.is_dir() and not member.name.startswith(".") else None
+            checkpoint = checkpoint_folder(member) if member.is_dir() and not member.name.startswith(".") else None
             if checkpoint:
                 found[(sub.name, member.name)] = checkpoint
     return found
 
 
 def _signature(checkpoint: Path) -> tuple[int, int, int]:
-    stat = (checkpoint / "softprompt.json").stat()
+    stat = (checkpoint / META_FILE).stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
