@@ -114,6 +114,8 @@ class TrainConfig:
     progress: bool = _opt(True, "progress bar")
     report_to: list[str] = _opt(list, "trackers besides metrics.jsonl, comma-separated: "
                                       "wandb,tensorboard,trackio,mlflow", cli_type=str)
+    fsdp: bool = _opt(False, "under a launcher, shard the frozen model's layers across the processes (FSDP2; also on "
+                             "when accelerate launch runs an FSDP config); docs/distributed.md", flag="--fsdp")
 
     def __post_init__(self) -> None:
         checks = [
@@ -192,6 +194,7 @@ class RunSpec:
     baselines: bool
     progress: bool
     report_to: tuple[str, ...]
+    fsdp: bool = False  # a default only for specs written before the field existed
     decided: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -235,10 +238,11 @@ def asdict_plain(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def fast_bf16() -> bool:
-    """Whether bf16 matrix products are fast here: CPUs with AMX tiles (docs/recipe.md, Precision)."""
-    import torch
+    """Whether bf16 matrix products are fast here: a timed probe, once per machine (precision.py; docs/recipe.md,
+    Precision)."""
+    from .precision import bf16_pays
 
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return bf16_pays()
 
 
 def default_task_type(family: str, task: TaskSpec) -> TaskType:
