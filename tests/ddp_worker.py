@@ -1,5 +1,6 @@
 """One rank of the distributed tests (test_distributed.py starts it through `accelerate launch`): trains a tiny
-run with softprompt's loop (`loop`) or transformers' Trainer (`hf`) and records the prompt this rank holds."""
+run with softprompt's loop (`loop`; `fsdp` in its options shards the backbone) or transformers' Trainer (`hf`)
+and records the prompt this rank holds after each step, its results, and how much of the backbone it holds."""
 
 from __future__ import annotations
 
@@ -27,8 +28,24 @@ def run(model: str, data: str, output: str, record: str, **options) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     trainer.optimizer.step = recorded
+    held = held_elements(trainer.model.base)
     result = trainer.train()
-    (folder / f"rank{rank}.json").write_text(json.dumps({"steps": result.step, "dev": result.dev}))
+    (folder / f"rank{rank}.json").write_text(json.dumps({"steps": result.step, "dev": result.dev,
+                                                         "test": result.test, **held}))
+
+
+def held_elements(backbone) -> dict:
+    """How many elements of the backbone's weights this rank holds, of how many: for the first layer's query
+    projection and for the whole backbone (an FSDP-sharded weight is a DTensor holding its local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(p):
+        return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+    query = backbone.model.layers[0].self_attn.q_proj.weight
+    params = list(backbone.parameters())
+    return {"query_held": local(query), "query_full": query.numel(), "held": sum(map(local, params)),
+            "full": sum(p.numel() for p in params)}
 
 
 def run_hf(model: str, data: str, output: str, record: str, max_steps: int) -> None:

@@ -138,9 +138,12 @@ class Trainer:
 
     def __init__(self, spec: RunSpec, prompted: PromptedTask, splits: Splits,
                  log: Callable[[str], None] = print) -> None:
-        self.ranks = Ranks.from_env()
+        self.ranks = Ranks.from_env(spec.fsdp)
         self.spec, self.prompted, self.splits = spec, prompted, splits
         self.log = log if self.ranks.is_main else _silent
+        sharded = self.ranks.shard_backbone(prompted.model.base)
+        if sharded:
+            self.log(sharded)
         self.output = Path(spec.output)
         self.model, self.encoder = prompted.model, prompted.encoder
         task = splits.task
@@ -219,7 +222,8 @@ class Trainer:
         """The task's metrics; with several ranks each scores its shard of the rows and all gather the scores."""
         if self.ranks.world == 1:
             return self.prompted.evaluate_with_predictions(examples, self.spec.eval_batch_size)
-        part = self.prompted.scores(self.ranks.shard(examples), self.spec.eval_batch_size)
+        part = self.prompted.scores(self.ranks.even_shard(examples), self.spec.eval_batch_size)
+        part = part[:len(self.ranks.shard(examples))]
         preds = predictions(self.ranks.gather_rows(part, len(examples)))
         return compute_metrics(self.splits.task.metrics, preds, [e.label for e in examples]), preds
 
@@ -338,10 +342,10 @@ class Trainer:
                     batch = next(batches)
                     part = self.ranks.shard(batch)
                     tokens += sum(len(f) for f in part)
-                    if part:
-                        loss = self.ranks.weighted(self.loss(part), len(part), len(batch)) / spec.grad_accum
-                        loss.backward()
-                        total += float(loss.detach())
+                    # a rank without rows runs one at weight 0: with a sharded backbone every rank runs every forward
+                    loss = self.ranks.weighted(self.loss(part or batch[:1]), len(part), len(batch)) / spec.grad_accum
+                    loss.backward()
+                    total += float(loss.detach())
                 total = self.ranks.sum_gradients(self.model.trainable_parameters(), total)
                 norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), spec.max_grad_norm)
                 if math.isfinite(total) and math.isfinite(float(norm)):
@@ -469,7 +473,9 @@ def _trainer(spec: RunSpec, splits: Splits, log: Callable[[str], None], model=No
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     corpus = [" ".join(e.fields.values()) for e in splits.train[:5000]]
-    return Trainer(spec, PromptedTask.build(spec, model, corpus), splits, log)
+    # with --fsdp each process keeps its shard of the backbone before the next one on its machine loads it
+    return Ranks.from_env(spec.fsdp).in_turns(
+        lambda: Trainer(spec, PromptedTask.build(spec, model, corpus), splits, log))
 
 
 def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
