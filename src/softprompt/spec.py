@@ -17,10 +17,13 @@ from typing import Any
 from .assets import ModelInfo
 from .config import ENCODER_TYPES, METHODS, POOLINGS, PromptInit, PromptTuningConfig, TaskType
 from .errors import SoftpromptError
-from .tasks import TaskSpec
+from .tasks import TASKS, TaskSpec, label_instruction
 from .tracking import parse_report_to
 
 RECIPE = "docs/recipe.md#defaults"
+CUSTOM = "docs/recipe.md#custom-data"
+SKEW = 3  # classes count as imbalanced when the largest has this many times the smallest's training rows
+CUSTOM_STEPS, CUSTOM_SECONDS = (80, 400), 300.0  # the default budget for a user's data: one epoch within these
 LOSSES, CLASS_WEIGHTS, HEAD_INITS = ("rank", "lm"), ("auto", "none", "balanced"), ("cosine", "fit", "random")
 OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("linear", "cosine", "constant")
 
@@ -264,14 +267,18 @@ def resolve_task(task: TaskSpec, template: str | None, verbalizer: list[str] | N
     return task
 
 
-def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool | None = None) -> RunSpec:
-    """Decide every default of `cfg` for this base model and task (the one place that does); `bf16_fast`
+def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool | None = None,
+            label_counts: list[int] | None = None) -> RunSpec:
+    """Decide every default of `cfg` for this base model and task (the one place that does); `label_counts`
+    (training rows per label) lets the data decide class weights and a user's data its budget; `bf16_fast`
     stands in for the CPU check in tests."""
     why: dict[str, str] = {}
 
-    def decide(name: str, value: Any, reason: str) -> Any:
-        why[name] = f"{reason} ({RECIPE})"
+    def decide(name: str, value: Any, reason: str, where: str = RECIPE) -> Any:
+        why[name] = f"{reason} ({where})"
         return value
+
+    custom = task.name not in TASKS  # data that brought no task spec of its own: a user's file
 
     task = resolve_task(task, cfg.template, cfg.verbalizer)
     task_type = TaskType(cfg.task_type) if cfg.task_type else decide(
@@ -292,6 +299,10 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
                              "texts compared, as it was trained")
         else:
             pooling = decide("pooling", "cls", "the model's own pooled first token")
+    if not head and custom and task.labels and not task.instruction and not (cfg.init or cfg.init_text):
+        task = replace(task, instruction=decide("instruction", label_instruction(task.labels),
+                                                "label words of data without an instruction start from one naming "
+                                                "its labels", CUSTOM))
     if head:
         default_text = "." if pooling == "siamese" else None
     else:
@@ -360,17 +371,29 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     text_to_text = not head
     weights = cfg.class_weights
     if weights == "auto":
-        balanced = task.metrics[0] == "mcc" and not (text_to_text and cfg.loss == "lm")
+        skewed = not task.is_regression and bool(label_counts) and min(label_counts or [0]) * SKEW < max(
+            label_counts or [0])
+        balanced = (task.metrics[0] == "mcc" or skewed) and not (text_to_text and cfg.loss == "lm")
         weights = decide("class_weights", "balanced" if balanced else "none",
-                         "tasks scored by MCC weight classes, where unweighted training settled on the majority")
+                         f"tasks scored by MCC, and data whose largest class has {SKEW}x the smallest's rows, weight "
+                         "classes, where unweighted training settled on the majority")
     elif weights == "balanced" and task.is_regression:
         raise SoftpromptError("--class-weights balanced needs a classification task; this one is regression")
     elif weights == "balanced" and text_to_text and cfg.loss == "lm":
         raise SoftpromptError("--class-weights balanced weights the rank loss or a head; use --loss rank")
 
-    max_steps = cfg.max_steps
+    max_steps, max_time = cfg.max_steps, cfg.max_time
     if cfg.max_steps is None and cfg.max_time is None and cfg.epochs is None:
-        max_steps = decide("max_steps", 80, "no budget given: the embedded default job's, a few minutes on 2 cores")
+        if custom and label_counts:
+            epoch = -(-sum(label_counts) // (cfg.batch_size * cfg.grad_accum))
+            max_steps = decide("max_steps", min(max(epoch, CUSTOM_STEPS[0]), CUSTOM_STEPS[1]),
+                               f"no budget given for a user's data: one epoch, {CUSTOM_STEPS[0]} to {CUSTOM_STEPS[1]} "
+                               "steps", CUSTOM)
+            max_time = decide("max_time", CUSTOM_SECONDS, "and at most this long, so the run ends within 10 minutes "
+                              "on 2 cores", CUSTOM)
+        else:
+            max_steps = decide("max_steps", 80, "no budget given: the embedded default job's, a few minutes on 2 "
+                               "cores")
 
     save_every, save_seconds = cfg.save_every, None
     if save_every is None:
@@ -388,5 +411,6 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     same.update(text_columns=tuple(cfg.text_columns) if cfg.text_columns else None, report_to=tuple(cfg.report_to))
     return RunSpec(**{**same, "family": model.family, "task": task, "prompt": prompt, "max_length": max_length,
                       "residual_reparam": reparam, "head_init": head_init, "lr": lr, "head_lr": head_lr,
-                      "class_weights": weights, "max_steps": max_steps, "bf16": bf16, "save_every": save_every,
+                      "class_weights": weights, "max_steps": max_steps, "max_time": max_time, "bf16": bf16,
+                      "save_every": save_every,
                       "save_seconds": save_seconds, "decided": why})

@@ -79,6 +79,13 @@ class TaskSpec:
         return cls(**d)
 
 
+def label_instruction(labels: tuple[str, ...]) -> str:
+    """An instruction naming the labels, for data that brings none (a user's file): it starts a text-to-text
+    prompt as a built-in task's instruction does (docs/recipe.md, "Custom data")."""
+    names = [label.replace("_", " ") for label in labels]
+    return f"Classify the text as {', '.join(names[:-1])} or {names[-1]}.\n\n"
+
+
 # "does n't" -> "doesn't", "it 's" -> "it's"; "ca n't" and "wo n't" come out right by the same join
 _CLITIC = re.compile(r" (n't|'s|'re|'ve|'ll|'d|'m)\b")
 _BEFORE_SPACE = re.compile(r" (\.\.\.|[.,:;?!)%])")  # punctuation that attaches to the word before it

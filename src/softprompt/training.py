@@ -442,9 +442,12 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Trainer:
     model = describe_model(cfg.model, cfg.trust_remote_code)
     splits = load_splits(cfg.data, cfg.task, cfg.seed, cfg.text_columns, cfg.label_column, cfg.max_train_examples,
                          cfg.max_eval_examples)
-    spec = resolve(cfg, model, splits.task)
+    counts = Counter(e.label for e in splits.train) if not splits.task.is_regression else None
+    spec = resolve(cfg, model, splits.task,
+                   label_counts=[counts[i] for i in range(len(splits.task.labels))] if counts else None)
     if "max_steps" in spec.decided:
-        log(f"budget: {spec.max_steps} steps (set --max-steps, --max-time or --epochs)")
+        cap = f" or {spec.max_time:.0f} s" if "max_time" in spec.decided else ""
+        log(f"budget: {spec.max_steps} steps{cap} (set --max-steps, --max-time or --epochs)")
     return _trainer(spec, splits, log, model)
 
 

@@ -1,0 +1,117 @@
+"""Defaults for a user's own data (docs/recipe.md, "Custom data"): an instruction naming the labels starts a
+text-to-text prompt, skewed classes are weighted, the budget grows with the data within a time cap; built-in
+tasks keep theirs."""
+
+import json
+
+import pytest
+import torch
+
+from softprompt.assets import ModelInfo
+from softprompt.checkpoint import read_checkpoint
+from softprompt.cli import main
+from softprompt.config import PromptInit
+from softprompt.spec import CUSTOM_SECONDS, CUSTOM_STEPS, TrainConfig, resolve
+from softprompt.tasks import TaskSpec, get_task, label_instruction
+from softprompt.training import prepare
+
+DECODER, ENCODER = ModelInfo("d", "d", None, "decoder"), ModelInfo("e", "e", None, "encoder")
+
+
+def _custom(*labels: str) -> TaskSpec:
+    """The task a CSV infers (data._infer_task): no instruction, the labels as the file writes them."""
+    return TaskSpec("custom", ("text",), labels, ("accuracy", "f1" if len(labels) == 2 else "macro_f1"))
+
+
+def test_label_instruction_names_every_label():
+    assert label_instruction(("ham", "spam")) == "Classify the text as ham or spam.\n\n"
+    assert label_instruction(("a", "b_c", "d")) == "Classify the text as a, b c or d.\n\n"
+
+
+def test_imbalanced_csv_is_weighted_started_from_its_labels_and_budgeted_by_its_size():
+    spec = resolve(TrainConfig(), DECODER, _custom("ham", "spam"), label_counts=[1800, 200])
+    assert spec.class_weights == "balanced"
+    assert spec.task.instruction == label_instruction(("ham", "spam"))
+    assert (spec.prompt.init, spec.prompt.init_text) == (PromptInit.TEXT, spec.task.instruction)
+    assert (spec.max_steps, spec.max_time) == (125, CUSTOM_SECONDS)  # one epoch of 2,000 rows in batches of 16
+    assert {"class_weights", "instruction", "init", "max_steps", "max_time"} <= set(spec.decided)
+    assert "custom-data" in spec.decided["max_steps"] and "custom-data" in spec.decided["instruction"]
+    assert spec.bf16 is False  # the time cap is the default's, not a user's --max-time
+
+
+def test_many_class_csv_budget_and_weights():
+    labels = tuple(f"topic {i}" for i in range(12))
+    even = resolve(TrainConfig(), DECODER, _custom(*labels), label_counts=[500] * 12)
+    assert even.class_weights == "none" and even.max_steps == 375  # 6,000 rows / 16
+    huge = resolve(TrainConfig(batch_size=8), DECODER, _custom(*labels), label_counts=[5000] * 12)
+    assert huge.max_steps == CUSTOM_STEPS[1]
+    tiny = resolve(TrainConfig(), DECODER, _custom(*labels), label_counts=[3] * 11 + [2])
+    assert tiny.max_steps == CUSTOM_STEPS[0]
+    skewed = resolve(TrainConfig(), DECODER, _custom(*labels), label_counts=[300] + [99] * 11)
+    assert skewed.class_weights == "balanced"  # 300 > 3 x 99
+    assert resolve(TrainConfig(), DECODER, _custom(*labels), label_counts=[297] + [99] * 11).class_weights == "none"
+    assert even.prompt.init_text == label_instruction(labels)
+
+
+def test_what_the_user_says_wins():
+    task, counts = _custom("ham", "spam"), [900, 100]
+    spec = resolve(TrainConfig(class_weights="none", max_steps=7, init="class_labels"), DECODER, task,
+                   label_counts=counts)
+    assert (spec.class_weights, spec.max_steps, spec.max_time, spec.task.instruction) == ("none", 7, None, "")
+    assert spec.prompt.init is PromptInit.CLASS_LABELS
+    assert resolve(TrainConfig(init_text="Spam filter."), DECODER, task, label_counts=counts).prompt.init_text == \
+        "Spam filter."
+    assert resolve(TrainConfig(max_time=30), DECODER, task, label_counts=counts).max_steps is None
+    assert resolve(TrainConfig(loss="lm"), DECODER, task, label_counts=counts).class_weights == "none"
+
+
+def test_an_encoder_head_is_weighted_but_takes_no_instruction():
+    spec = resolve(TrainConfig(), ENCODER, _custom("ham", "spam"), label_counts=[900, 100])
+    assert spec.class_weights == "balanced" and spec.task.instruction == ""
+    assert spec.prompt.init is PromptInit.VOCAB
+
+
+@pytest.mark.parametrize("name, counts", [("sst2", [29780, 37569]), ("mrpc", [1194, 2474]), ("rte", [1241, 1249])])
+def test_glue_tasks_keep_their_defaults(name, counts):
+    task = get_task(name)
+    spec = resolve(TrainConfig(), DECODER, task, label_counts=counts)  # GLUE's own training label counts
+    assert spec.class_weights == "none" and (spec.max_steps, spec.max_time) == (80, None)
+    assert spec.task.instruction == task.instruction and spec.prompt.init_text == task.instruction
+    assert resolve(TrainConfig(), DECODER, get_task("cola"), label_counts=[2528, 6023]).class_weights == "balanced"
+
+
+@pytest.fixture
+def spam_csv(tmp_path) -> str:
+    """Nine ham rows to every spam row, as a user would export them."""
+    rows = ["text,label"] + [f"see you at lunch number {i},ham" for i in range(90)]
+    rows += [f"win a free prize now number {i},spam" for i in range(10)]
+    path = tmp_path / "spam.csv"
+    path.write_text("\n".join(rows))
+    return str(path)
+
+
+def test_the_label_instruction_is_the_prompt_it_trains_from(tiny_dirs, spam_csv, tmp_path):
+    trainer = prepare(TrainConfig(model=tiny_dirs["llama"], data=spam_csv, prompt_length=6,
+                                  output=str(tmp_path / "run"), progress=False), log=lambda _: None)
+    instruction = label_instruction(("ham", "spam"))
+    assert trainer.spec.prompt.init_text == instruction
+    model = trainer.model
+    ids = model.tokenizer(instruction, add_special_tokens=False)["input_ids"]
+    expected = model.embedding_matrix()[(ids * 6)[:6]]
+    torch.testing.assert_close(model.prompt.weight.detach(), expected.float())
+    counts = torch.tensor([sum(e.label == c for e in trainer.splits.train) for c in (0, 1)], dtype=torch.float)
+    torch.testing.assert_close(trainer.class_weights, counts.sum() / (2 * counts))
+
+
+def test_cli_defaults_on_an_imbalanced_csv(tiny_dirs, spam_csv, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code = main(["train", "--model", tiny_dirs["llama"], "--data", spam_csv, "--output", str(out_dir),
+                 "--no-progress", "--no-baselines"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"budget: {CUSTOM_STEPS[0]} steps or {CUSTOM_SECONDS:.0f} s" in out
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["steps"] == CUSTOM_STEPS[0]  # 80 rows make one epoch of 5 steps: the floor rules
+    spec = read_checkpoint(out_dir / "best").spec
+    assert spec.class_weights == "balanced" and spec.task.instruction == label_instruction(("ham", "spam"))
+    assert spec.prompt.init_text == spec.task.instruction
