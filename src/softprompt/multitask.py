@@ -34,7 +34,7 @@ from .models.decoder import DecoderPromptModel
 from .models.encoder import EncoderPromptModel, masked_mean
 from .models.shared_prefix import positions_from_mask, stack_prefixes
 from .pipeline import PromptedTask, decode_generated, read_task_checkpoint
-from .scoring import continuation_scores, first_token_scores, head_scores, label_scores
+from .scoring import first_token_scores, head_scores, label_scores
 
 Input = str | dict[str, Any]
 
@@ -345,8 +345,7 @@ class MultiTaskModel:
                 scores = first_token_scores(model.engine.lm_logits(last), prompted.encoder.label_ids)
             else:
                 cache = ([(keys[at], values[at]) for keys, values in layers], mask[at], last_position[at])
-                logits = model.engine.continuations_after(last[:, None], cache, prompted.encoder.label_ids)
-                scores = continuation_scores(logits, prompted.encoder.label_ids)
+                scores = model.engine.logprobs_after(last[:, None], cache, prompted.encoder.label_ids)
             for j, s in zip(index, scores):
                 out[j] = s
         return out

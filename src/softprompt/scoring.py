@@ -26,13 +26,6 @@ def first_token_scores(last_logits: torch.Tensor, label_ids: list[list[int]]) ->
     return torch.log_softmax(last_logits.float(), -1)[:, [i[0] for i in label_ids]]
 
 
-def continuation_scores(logits: list[torch.Tensor], label_ids: list[list[int]]) -> torch.Tensor:
-    """(B, labels) scores from `continuation_logits` output: each label string's summed log-likelihood."""
-    rows = logits[0].shape[0]
-    return torch.stack([_token_logprobs(each, torch.tensor([label] * rows)) for each, label in zip(logits, label_ids)],
-                       dim=1)
-
-
 def _decoder_label_scores(model: DecoderPromptModel, prefixes: list[list[int]], label_ids: list[list[int]],
                           pad_id: int) -> torch.Tensor:
     """Rows are left-aligned inside the model, so each row ends with its label: only the tail needs logits."""
@@ -40,9 +33,9 @@ def _decoder_label_scores(model: DecoderPromptModel, prefixes: list[list[int]], 
         ids, mask = pad(prefixes, pad_id)
         return first_token_scores(model.tail_logits(ids, mask, 1)[:, 0], label_ids)
     ids, mask = pad(prefixes, pad_id)
-    shared = model.continuation_logits(ids, mask, label_ids)
-    if shared is not None:  # the prompt and the input ran once for all label strings
-        return continuation_scores(shared, label_ids)
+    shared = model.continuation_logprobs(ids, mask, label_ids)
+    if shared is not None:  # the prompt and the input ran once, then every label string in one more forward
+        return shared
     columns = []
     for label in label_ids:
         ids, mask = pad([p + label for p in prefixes], pad_id)

@@ -91,12 +91,20 @@ class DecoderPromptModel(PromptModel):
                             continuations: list[list[int]]) -> list[torch.Tensor] | None:
         """For each continuation (the same token list after every row), the logits predicting its tokens.
 
-        Prompt and input run once; each continuation then runs only its own tokens from their keys/values
-        (rank classification of multi-token label strings). None where the model cannot share a prefix.
+        Prompt and input run once, then all continuations in one forward from their keys/values. None where
+        the model cannot share a prefix.
         """
         if not self._shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
             return None
         return self.engine.continuation_logits(*self._aligned(input_ids, attention_mask)[:2], continuations)
+
+    def continuation_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              continuations: list[list[int]]) -> torch.Tensor | None:
+        """(B, continuations) summed log-likelihoods (rank classification of multi-token label strings), as
+        `engine.continuation_logprobs`; None where the model cannot share a prefix."""
+        if not self._shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
+            return None
+        return self.engine.continuation_logprobs(*self._aligned(input_ids, attention_mask)[:2], continuations)
 
     def tail_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
         """Logits of the last `keep` columns only (real tokens, after left alignment).

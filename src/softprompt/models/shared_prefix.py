@@ -78,6 +78,45 @@ class Rows(NamedTuple):
     cache: tuple[LayerKV, torch.Tensor, torch.Tensor] | None
 
 
+class ContinuationTrie(NamedTuple):
+    """Continuations (token lists, the same after every row) as the distinct proper prefixes they run through.
+    Token j of a continuation is predicted by the state after its first j tokens, so only its proper prefixes
+    need to run, and continuations that start alike share them: node i is one such prefix, run as its last
+    token. CPU tensors, built by `continuation_trie`."""
+
+    tokens: torch.Tensor  # (nodes,) each node's last token; a parent comes before its children
+    depth: torch.Tensor  # (nodes,) each node's length, its position after the row's last token
+    sees: torch.Tensor  # (nodes, nodes) bool: node i attends to node j, i itself or an ancestor of i
+    reads: torch.Tensor  # (tokens,) for each token of each continuation, in order: the state that predicts it,
+    # 0 for the row's last, 1 + i for node i
+    targets: torch.Tensor  # (tokens,) that token
+    owner: torch.Tensor  # (tokens,) its continuation
+    count: int  # how many continuations
+
+
+def continuation_trie(continuations: list[list[int]]) -> ContinuationTrie:
+    nodes: dict[tuple[int, ...], int] = {}
+    tokens, depth, parent, reads, targets, owner = [], [], [], [], [], []
+    for c, continuation in enumerate(continuations):
+        for j, token in enumerate(continuation):
+            before = tuple(continuation[:j])
+            if j and before not in nodes:  # shorter prefixes were added at earlier j
+                nodes[before] = len(tokens)
+                tokens.append(before[-1])
+                depth.append(j)
+                parent.append(nodes.get(before[:-1], -1))
+            reads.append(1 + nodes[before] if j else 0)
+            targets.append(token)
+            owner.append(c)
+    sees = torch.eye(len(tokens), dtype=torch.bool)
+    for i, p in enumerate(parent):
+        if p >= 0:
+            sees[i] |= sees[p]
+    return ContinuationTrie(torch.tensor(tokens, dtype=torch.long), torch.tensor(depth, dtype=torch.long), sees,
+                            torch.tensor(reads, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
+                            torch.tensor(owner, dtype=torch.long), len(continuations))
+
+
 def stack_prefixes(prefixes: list[LayerKV], owner: torch.Tensor) -> tuple[LayerKV, torch.Tensor]:
     """Keys/values for a batch whose rows follow different prefixes (several tasks in one batch): row i gets
     prefixes[owner[i]] (each batch 1), right-aligned in the longest one's length K, so that it ends where the
@@ -214,6 +253,7 @@ class SharedPrefix:
         device = self.base.get_input_embeddings().weight.device
         vocab = self.base.get_input_embeddings().num_embeddings
         ids = (torch.arange(2 * n, device=device).view(2, n) * 7 + 100) % vocab
+        ids[:, -2:] = ids[1, -2:]  # one tail for both rows: it runs again below as a branch of a continuation trie
         mask = torch.ones_like(ids)
         mask[0, :2] = 0  # left-padded, so the rows differ in length
         training = self.base.training
@@ -229,6 +269,13 @@ class SharedPrefix:
                     with torch.set_grad_enabled(grad):
                         hidden = self.states(ids, mask).hidden[:, -2:]
                         got.append((self.lm_logits(hidden) if self.reads_logits else hidden).detach().float())
+                if n >= 5:  # each row keeps a real token before the tail
+                    with torch.no_grad():  # the tail as trie nodes beside a sibling branch they must not see
+                        hidden, _, cache = self.states(ids[:, :-2], mask[:, :-2], keep_cache=True)
+                        tail = ids[1, -2:].tolist()
+                        trie = continuation_trie([[(tail[0] + 1) % vocab, tail[1], tail[1]], tail + [tail[1]]])
+                        hidden = self.trie_states(hidden[:, -1:], cache, trie)[:, -2:]
+                        got.append((self.lm_logits(hidden) if self.reads_logits else hidden).float())
             except Exception as error:  # noqa: BLE001 - any failure means: use the concat
                 return f"the shared prefix failed on a probe batch ({type(error).__name__}: {error})"
         finally:
@@ -378,25 +425,50 @@ class SharedPrefix:
 
     def continuation_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             continuations: list[list[int]]) -> list[torch.Tensor]:
-        """For each continuation (the same token list after every row), the logits predicting its tokens.
-        Prefix and input run once; each continuation then runs only its own tokens after their keys/values."""
+        """For each continuation (the same token list after every row), the logits (B, len, V) predicting its
+        tokens, read off one forward of the continuations' trie (`trie_states`) after prefix and input."""
         hidden, _, cache = self.states(input_ids, attention_mask, keep_cache=True)
-        return self.continuations_after(hidden[:, -1:], cache, continuations)
+        trie = continuation_trie(continuations)
+        logits = self.lm_logits(self.trie_states(hidden[:, -1:], cache, trie))
+        reads = trie.reads.to(logits.device)
+        owner = trie.owner.to(logits.device)
+        return [logits[:, reads[owner == c]] for c in range(trie.count)]
 
-    def continuations_after(self, last: torch.Tensor, cache: tuple[LayerKV, torch.Tensor, torch.Tensor],
-                            continuations: list[list[int]]) -> list[torch.Tensor]:
-        """`continuation_logits` from rows already run: their last states (B, 1, d) and `Rows.cache`."""
+    def continuation_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              continuations: list[list[int]]) -> torch.Tensor:
+        """(B, continuations): each continuation's log-likelihood after each row, the sum over its tokens (rank
+        classification of multi-token label strings). Prefix and input run once, then every continuation's
+        tokens for every row in one more forward; differentiable, for the rank loss."""
+        hidden, _, cache = self.states(input_ids, attention_mask, keep_cache=True)
+        return self.logprobs_after(hidden[:, -1:], cache, continuations)
+
+    def logprobs_after(self, last: torch.Tensor, cache: tuple[LayerKV, torch.Tensor, torch.Tensor],
+                       continuations: list[list[int]]) -> torch.Tensor:
+        """`continuation_logprobs` from rows already run: their last states (B, 1, d) and `Rows.cache`."""
+        trie = continuation_trie(continuations)
+        logits = self.lm_logits(self.trie_states(last, cache, trie)).float()  # (B, 1 + nodes, V)
+        reads, targets, owner = (t.to(logits.device) for t in (trie.reads, trie.targets, trie.owner))
+        # each state's log-normaliser once, however many continuations read a token off it
+        picked = logits[:, reads, targets] - logits.logsumexp(-1)[:, reads]  # (B, tokens of all continuations)
+        return picked.new_zeros(logits.shape[0], trie.count).index_add(1, owner, picked)
+
+    def trie_states(self, last: torch.Tensor, cache: tuple[LayerKV, torch.Tensor, torch.Tensor],
+                    trie: ContinuationTrie) -> torch.Tensor:
+        """(B, 1 + nodes, d): the rows' last states (B, 1, d), then the final state of every node of `trie` after
+        every row, all nodes of all rows in one forward over the rows' keys/values (`Rows.cache`). A node attends
+        to its row's prefix and real tokens, its ancestors and itself, at its depth after the row's last
+        position: what it would see with its continuation appended to the row."""
+        if not trie.tokens.numel():  # one-token continuations only: the rows' last states predict them all
+            return last
         layers, mask, last_position = cache
-        out = []
-        for tokens in continuations:
-            states = [last]  # the input's last token predicts the continuation's first
-            if len(tokens) > 1:
-                ids = torch.tensor([tokens[:-1]] * last.shape[0], device=last.device)
-                more = torch.cat([mask, mask.new_ones(ids.shape)], dim=1)
-                steps = last_position + 1 + torch.arange(ids.shape[1], device=ids.device)
-                states.append(self.run_cached(layers, ids, more, steps)[0])
-            out.append(self.lm_logits(torch.cat(states, dim=1)))
-        return out
+        rows, nodes, device = last.shape[0], trie.tokens.shape[0], last.device
+        sees = torch.cat([mask.bool()[:, None].expand(-1, nodes, -1), trie.sees.to(device).expand(rows, -1, -1)], 2)
+        dtype = layers[0][0].dtype
+        # additive, so that eager attention reads it as SDPA does; transformers passes a 4-d mask on unchanged
+        bias = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
+        ids = trie.tokens.to(device).expand(rows, -1)
+        hidden = self.run_cached(layers, ids, bias[:, None], last_position + trie.depth.to(device))[0]
+        return torch.cat([last, hidden], dim=1)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
