@@ -1,14 +1,36 @@
 """Training-step time, activation memory and rank-classification throughput: the no-prompt base, a plain
-concat, peft prompt tuning (when installed) and softprompt's shared-prefix engine, side by side in one run.
+concat, peft prompt tuning and prefix tuning (when installed) and softprompt's prompt and prefix through its
+shared-prefix engine, side by side in one run.
 
     python benchmarks/step_time.py                 # SmolLM2-135M, batch 8, inputs 16/64/256, prompts 20/100
-    python benchmarks/step_time.py --quick         # one cell, for a smoke check
+    python benchmarks/step_time.py --quick         # one cell (64/64), for a smoke check
     python benchmarks/step_time.py --model llama-1b --bf16   # GPU: a Llama-3.2-1B-shaped decoder, random weights
 
-A training step is forward + backward to the prompt (to the input embeddings for the base) with the LM
-loss on every real token; the first real token is predicted by the last virtual token in every method.
-Memory is what autograd keeps for backward, each storage counted once (weights included, since linear
-layers save them), through saved-tensor hooks on CPU, and as peak allocated memory on a GPU.
+A training step is forward + backward to what trains (the input embeddings for the base) with the LM loss on
+every real token a method can predict. Every row takes its loss through softprompt's chunked LM loss
+(models/lm_loss.py: the frozen head chunk by chunk, no logits kept for backward), so each ratio is what the
+prompt itself costs rather than a difference in how the loss is taken:
+
+- no prompt: the frozen backbone over the rows' embeddings (made leaves that take a gradient), its final states
+  through the chunked loss; it predicts tokens 2..n of each row.
+- concat: prompt vectors + the rows' embeddings as one sequence per row through the backbone, then the chunked loss.
+- peft: peft's prompt tuning model run as peft runs it (its own forward: prompt concatenated per row), the LM
+  head asked for the last column only (`logits_to_keep=1`) and the backbone's final states, caught by a forward
+  hook, through the chunked loss.
+- softprompt: `DecoderPromptModel.training_loss` (the engine's packed step and its chunked loss).
+- peft prefix: peft's prefix tuning (`PrefixTuningConfig`, no projection) the same way as peft: its own forward
+  (keys/values copied per row into the cache), final states through the chunked loss.
+- softprompt prefix: `PrefixDecoderModel.training_loss` (`method="prefix"`: rows after the prefix's
+  keys/values through the engine, its chunked loss).
+The first three prompt rows and softprompt's predict every token (the first from the last virtual token); a
+prefix has no output state before a row, so the prefix rows, like the base, predict tokens 2..n. Each prompt
+row starts from peft's prompt, each prefix row from peft's prefix, and the script stops unless the rows of a
+group give the same loss, so every row of a group computes the same thing.
+
+Memory is what autograd keeps for backward, each storage counted once (weights included, since linear layers
+save them), through saved-tensor hooks on CPU, and as peak allocated memory on a GPU. Inference is rank
+classification of SST-2 dev rows (label words after the template): softprompt's models through
+`scoring.score`, peft's through their own forward with the LM head on the last column only.
 """
 
 from __future__ import annotations
@@ -26,6 +48,7 @@ from softprompt.assets import describe_model, load_backbone
 from softprompt.config import TaskType
 from softprompt.data import load_data
 from softprompt.encoding import TaskEncoder, pad
+from softprompt.models.lm_loss import lm_cross_entropy
 from softprompt.scoring import score
 
 try:
@@ -33,10 +56,13 @@ try:
 except ImportError:  # peft is optional: its rows are left out
     peft = None
 
+PROMPT_ROWS = ("concat", "peft", "softprompt")  # what each group of rows must agree on: the same loss
+PREFIX_ROWS = ("peft prefix", "softprompt prefix")
 
-def saved_mb(fn) -> float:
+
+def saved_mb(fn) -> tuple[float, float]:
     """MB that one call of fn (forward and backward) keeps for backward: saved tensors, each storage counted
-    once, on CPU; peak allocated memory on a GPU."""
+    once, on CPU; peak allocated memory on a GPU. Also fn's return value (its loss)."""
     total, seen = [0], set()
 
     def pack(t):
@@ -49,12 +75,12 @@ def saved_mb(fn) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        fn()
+        value = fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated() / 2**20, value
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0] / 2**20
+        value = fn()
+    return total[0] / 2**20, value
 
 
 def seconds(fn) -> float:
@@ -68,45 +94,112 @@ def seconds(fn) -> float:
 
 
 def measure(steps: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """Per method: median seconds, the median of its per-repeat ratios to every other method, and saved MB.
-    Methods take turns within each repeat and ratios pair the calls of one repeat, so a slow spell of this
-    shared machine lands on both sides of a ratio rather than on whichever ran during it. Memory comes from
-    a separate call, so the hooks that count it do not add to the timed ones."""
-    memory = {name: saved_mb(fn) for name, fn in steps.items()}  # also the warm-up
+    """Per method: median seconds, the median of its per-repeat ratios to every other method, saved MB and its
+    loss. Methods take turns within each repeat and ratios pair the calls of one repeat, so a slow spell of
+    this shared machine lands on both sides of a ratio rather than on whichever ran during it. Memory comes
+    from a separate call, so the hooks that count it do not add to the timed ones."""
+    first = {name: saved_mb(fn) for name, fn in steps.items()}  # also the warm-up
     runs: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
             runs[name].append(seconds(fn))
-    return {name: {"s": statistics.median(times), "mb": memory[name],
+    return {name: {"s": statistics.median(times), "mb": first[name][0], "loss": first[name][1],
                    **{f"vs {other}": statistics.median(a / b for a, b in zip(times, runs[other])) for other in runs}}
             for name, times in runs.items()}
 
 
+def final_states(backbone: torch.nn.Module, run) -> torch.Tensor:
+    """The backbone's final states (B, length, d) during `run()`, caught by a forward hook: how a peft model's
+    own forward hands them to the chunked loss."""
+    caught = []
+    handle = backbone.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return caught[-1]
+
+
+def backward(loss: torch.Tensor) -> float:
+    loss.backward()
+    return loss.item()
+
+
 def train_steps(base, ids, mask, p: int, device, dtype):
-    """The four ways to take one training step, as closures."""
+    """The ways to take one training step, as closures returning the loss (see the module docstring)."""
     labels = ids.masked_fill(mask == 0, -100)
-    embed = base.get_input_embeddings()
-    prompt = torch.nn.Parameter(torch.rand(p, embed.embedding_dim, device=device, dtype=dtype) - 0.5)
+    embed, backbone = base.get_input_embeddings(), base.base_model
+    ours = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM"))
+    ours_prefix = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM",
+                                                            method="prefix"))
+    scale = ours.engine.logit_scale()
+
+    def step(before: torch.Tensor, targets: torch.Tensor) -> float:
+        """The chunked LM loss of `targets` (B, n; -100: none) from the states that predict them, and backward."""
+        labelled = targets != -100
+        return backward(lm_cross_entropy(before[labelled], base.get_output_embeddings(), targets[labelled], scale))
 
     def no_prompt():
         x = embed(ids).detach().requires_grad_(True)
-        base(inputs_embeds=x, attention_mask=mask, labels=labels).loss.backward()
+        return step(backbone(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, :-1], labels[:, 1:])
+
+    steps = {"no prompt": no_prompt}
+    if peft is not None:
+        peft_prompt = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p))
+        peft_prefix = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p))
+        with torch.no_grad():  # the same starting point, so each group's rows compute the same loss
+            ours.prompt.weight.copy_(peft_prompt.prompt_encoder["default"].embedding.weight)
+            ours_prefix.prompt.weight.copy_(peft_prefix.prompt_encoder["default"].embedding.weight)
+    else:
+        with torch.no_grad():
+            ours.prompt.weight.normal_()
+            ours_prefix.prompt.weight.normal_()
+    ours.to(device=device, dtype=dtype)  # peft wraps `base` without changing it, so all share the weights
+    ours_prefix.to(device=device, dtype=dtype)
+    prompt = torch.nn.Parameter(ours.prompt.weight.detach().clone())
 
     def concat():
         x = torch.cat([prompt.unsqueeze(0).expand(ids.shape[0], -1, -1), embed(ids)], dim=1)
         m = torch.cat([mask.new_ones(ids.shape[0], p), mask], dim=1)
-        lab = torch.cat([labels.new_full((ids.shape[0], p), -100), labels], dim=1)
-        base(inputs_embeds=x, attention_mask=m, labels=lab).loss.backward()
+        return step(backbone(inputs_embeds=x, attention_mask=m).last_hidden_state[:, p - 1:-1], labels)
 
-    steps = {"no prompt": no_prompt, "concat": concat}
+    steps["concat"] = concat
     if peft is not None:
-        peft_model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p))
-        steps["peft"] = lambda: peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    ours = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM"))
-    ours.to(device=device, dtype=dtype)  # peft wraps `base` without changing it, so both share the weights
+        steps["peft"] = lambda: step(final_states(backbone, lambda: peft_prompt(
+            input_ids=ids, attention_mask=mask, logits_to_keep=1))[:, p - 1:-1], labels)
     ours.engine.shares(ids.shape[1])  # its one-time check against the concat, outside what is measured
-    steps["softprompt"] = lambda: ours.training_loss(input_ids=ids, attention_mask=mask, labels=labels).backward()
+    steps["softprompt"] = lambda: backward(ours.training_loss(input_ids=ids, attention_mask=mask, labels=labels))
+    if peft is not None:
+        steps["peft prefix"] = lambda: step(final_states(backbone, lambda: peft_prefix(
+            input_ids=ids, attention_mask=mask, logits_to_keep=1))[:, :-1], labels[:, 1:])
+    prefix_labels = labels.clone()
+    prefix_labels[:, 0] = -100  # nothing before a row predicts its first token under a prefix
+    ours_prefix.engine.shares(ids.shape[1])
+    steps["softprompt prefix"] = lambda: backward(ours_prefix.training_loss(
+        input_ids=ids, attention_mask=mask, labels=prefix_labels))
     return steps
+
+
+def check_losses(cell: dict[str, dict[str, float]], dtype: torch.dtype) -> None:
+    """Stop unless the rows of each group computed the same loss (they start from the same prompt or prefix)."""
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for group in (PROMPT_ROWS, PREFIX_ROWS):
+        losses = {name: cell[name]["loss"] for name in group if name in cell}
+        if len(losses) > 1 and max(losses.values()) - min(losses.values()) > tolerance * max(losses.values()):
+            sys.exit(f"these rows should compute the same loss but do not: {losses}")
+
+
+def peft_scorer(model, feats, label_ids, pad_id: int, device, batch: int):
+    """Rank classification of `feats` by a peft model's own forward, the LM head on the last column only."""
+    @torch.inference_mode()
+    def run():
+        by_length = sorted(feats, key=len)  # batches of similar lengths, as `score` makes for the others
+        for i in range(0, len(by_length), batch):
+            ids, mask = pad([f.input_ids for f in by_length[i:i + batch]], pad_id, side="left")
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits[:, -1]
+            torch.log_softmax(logits.float(), -1)[:, label_ids].argmax(-1)
+
+    return run
 
 
 def rank_throughput(base, tokenizer, p: int, examples, device, batch: int, rounds: int) -> dict[str, float]:
@@ -118,26 +211,20 @@ def rank_throughput(base, tokenizer, p: int, examples, device, batch: int, round
     encoder = TaskEncoder(tokenizer, task, TaskType.CAUSAL_LM, 128)
     feats = encoder.encode_all(examples)
     label_ids = [ids[0] for ids in encoder.label_ids]
-    zero = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=0, task_type="CAUSAL_LM"))
-    ours = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM"))
-    concat = get_prompt_model(base, PromptTuningConfig(num_virtual_tokens=p, task_type="CAUSAL_LM"))
-    concat.engine.force_off("benchmark: the concatenated sequence")
-    ours.to(device).engine.shares(max(map(len, feats)))  # its one-time check, outside the timed passes
-    runs = {name: (lambda m=model: score(m.to(device), encoder, feats, batch))
-            for name, model in (("no prompt", zero), ("concat", concat), ("softprompt", ours))}
+    build = lambda k, method="prompt": get_prompt_model(  # noqa: E731
+        base, PromptTuningConfig(num_virtual_tokens=k, task_type="CAUSAL_LM", method=method)).to(device)
+    models = {"no prompt": build(0), "concat": build(p), "softprompt": build(p), "softprompt prefix": build(p, "prefix")}
+    models["concat"].engine.force_off("benchmark: the concatenated sequence")
+    runs = {}
+    for name, ours in models.items():
+        with torch.no_grad():
+            ours.prompt.weight.normal_()
+        ours.engine.shares(max(map(len, feats)))  # its one-time check, outside the timed passes
+        runs[name] = lambda m=ours: score(m, encoder, feats, batch)
     if peft is not None:
-        peft_model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p))
-
-        @torch.inference_mode()
-        def peft_run():
-            by_length = sorted(feats, key=len)  # batches of similar lengths, as `score` makes for the others
-            for i in range(0, len(by_length), batch):
-                ids, mask = pad([f.input_ids for f in by_length[i:i + batch]], tokenizer.pad_token_id, side="left")
-                ids, mask = ids.to(device), mask.to(device)
-                logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, -1]
-                torch.log_softmax(logits.float(), -1)[:, label_ids].argmax(-1)
-
-        runs["peft"] = peft_run
+        for name, config in (("peft", peft.PromptTuningConfig), ("peft prefix", peft.PrefixTuningConfig)):
+            wrapped = peft.get_peft_model(base, config(task_type="CAUSAL_LM", num_virtual_tokens=p))
+            runs[name] = peft_scorer(wrapped, feats, label_ids, tokenizer.pad_token_id, device, batch)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -193,15 +280,16 @@ def main() -> None:
     results = {}
     cells = [(n, p) for n in args.lengths for p in args.prompts]
     if (64, 64) not in cells:
-        cells.append((64, 64))  # the cell the RESULT line reports
+        cells.append((64, 64))  # the cell the RESULT lines report
     for n, p in cells:
         ids = torch.randint(100, base.config.vocab_size - 100, (args.batch, n), device=device)
         mask = torch.ones_like(ids)
-        steps = train_steps(base, ids, mask, p, device, dtype)
-        cell = measure(steps, args.repeats)
-        bound = (args.batch * n + p) / (args.batch * n)
-        for name, m in cell.items():
-            print(f"| {n} | {p} | {name} | {m['s']:.3f} | {m['vs no prompt']:.2f} | {bound:.3f} | {m['mb']:.0f} |")
+        cell = measure(train_steps(base, ids, mask, p, device, dtype), args.repeats)
+        check_losses(cell, dtype)
+        bound = f"{(args.batch * n + p) / (args.batch * n):.3f}"
+        for name, m in cell.items():  # the bound is a prompt's run once per step; a prefix runs no tokens
+            print(f"| {n} | {p} | {name} | {m['s']:.3f} | {m['vs no prompt']:.2f} | "
+                  f"{'-' if name in PREFIX_ROWS else bound} | {m['mb']:.0f} |")
         results[(n, p)] = cell
         sys.stdout.flush()
     examples = []
@@ -223,12 +311,21 @@ def main() -> None:
         tput = {}
     cell = results[(64, 64)]
     fmt = lambda x: "na" if x is None else f"{x:.3f}"  # noqa: E731
-    train_vs_base = cell["softprompt"]["vs no prompt"]
-    train_vs_peft = cell["softprompt"]["vs peft"] if "peft" in cell else None
-    infer_vs_base = tput["softprompt"] / tput["no prompt"] if tput else None
-    infer_vs_peft = tput["softprompt"] / tput["peft"] if tput and "peft" in tput else None
-    print(f"RESULT train_vs_base={fmt(train_vs_base)} train_vs_peft={fmt(train_vs_peft)} "
-          f"infer_vs_base={fmt(infer_vs_base)} infer_vs_peft={fmt(infer_vs_peft)}")
+
+    def ratios(ours: str, theirs: str) -> tuple[float, float | None, float | None, float | None, float | None]:
+        """Our row against the base and peft's row: step time, peft's only, and inference."""
+        has_peft = theirs in cell
+        return (cell[ours]["vs no prompt"], cell[ours][f"vs {theirs}"] if has_peft else None,
+                cell[ours]["mb"] / cell[theirs]["mb"] if has_peft else None,
+                tput[ours] / tput["no prompt"] if tput else None,
+                tput[ours] / tput[theirs] if tput and theirs in tput else None)
+
+    train, train_peft, _, infer, infer_peft = ratios("softprompt", "peft")
+    print(f"RESULT train_vs_base={fmt(train)} train_vs_peft={fmt(train_peft)} "
+          f"infer_vs_base={fmt(infer)} infer_vs_peft={fmt(infer_peft)}")
+    train, train_peft, saved, infer, infer_peft = ratios("softprompt prefix", "peft prefix")
+    print(f"RESULT prefix_train_vs_base={fmt(train)} prefix_train_vs_peft={fmt(train_peft)} "
+          f"prefix_saved_vs_peft={fmt(saved)} prefix_infer_vs_base={fmt(infer)} prefix_infer_vs_peft={fmt(infer_peft)}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ class PrefixKeyValues(nn.Module):
 
     def key_values(self) -> LayerKV:
         layers, heads, dim = self.layout
-        kv = self.flat().view(self.num_tokens, 2 * layers, heads, dim).permute(1, 2, 0, 3)  # (2L, heads, k, dim)
+        # unbound, not indexed: each index's backward would zero-fill a gradient the size of the whole prefix
+        kv = self.flat().view(self.num_tokens, 2 * layers, heads, dim).permute(1, 2, 0, 3).unbind(0)  # (heads, k, dim)
         return [(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(layers)]
 
     @torch.no_grad()
