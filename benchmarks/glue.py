@@ -1,14 +1,18 @@
-"""GLUE under a fixed training-time budget: softprompt's recipe against peft prompt tuning (and LoRA on SST-2),
-same model, prompt length and budget, train -> dev, side by side in one process.
+"""GLUE under a fixed training-time budget: each of softprompt's methods against peft's implementation of the
+same method, and peft LoRA, same model, prompt length and budget, train -> dev, side by side in one process.
 
     python benchmarks/glue.py                                   # SST-2, MRPC, RTE, CoLA, STS-B x both models
     python benchmarks/glue.py --tasks sst2 --models smollm2-135m   # a subset; other rows in the table stay
+    python benchmarks/glue.py --methods prompt ptuning prefix lora # every method, ours beside peft's
+    python benchmarks/glue.py --methods prefix --sides ours     # our prefix rows only
     python benchmarks/glue.py --quick                           # regression check, under 5 minutes
 
 Each row trains for the same seconds of training steps (evaluation is not counted, for any row) and is then
-scored once on the whole dev set (GLUE's test labels are private). peft rows follow what a peft user copies:
-AdamW lr 3e-2, linear decay, no warmup; decoders learn the label word with the LM loss from a text init,
-encoders a classifier head from peft's random init. Rows are kept in docs/results.json, and docs/results.md
+scored once on the whole dev set (GLUE's test labels are private). Our rows are `softprompt train` with its
+defaults and `--method`. peft rows follow what a peft user copies: AdamW with linear decay and no warmup, at the
+learning rate of peft's own examples for the method (prompt tuning 3e-2, P-tuning 1e-3, prefix tuning 1e-2,
+LoRA 5e-4); decoders learn the label word with the LM loss (prompt tuning from a text init), encoders a
+classifier head from peft's random init; decoder rows are right-padded and read at each row's last real token. Rows are kept in docs/results.json, and docs/results.md
 is written beside it, so runs of different tasks add up to one table.
 """
 
@@ -43,6 +47,13 @@ GLUE = ROOT.parent / "shared" / "data" / "glue"
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
 MODELS = {"smollm2-135m": 900.0, "minilm-l6": 600.0}  # training seconds per run (the issue's budgets)
 PEFT_BATCH = {"smollm2-135m": 16, "minilm-l6": 32}
+METHODS = ("prompt", "ptuning", "prefix", "lora")  # lora: peft's only
+ROW_NAMES = {("ours", "prompt"): "softprompt", ("ours", "ptuning"): "softprompt P-tuning",
+             ("ours", "prefix"): "softprompt prefix", ("peft", "prompt"): "peft prompt tuning",
+             ("peft", "ptuning"): "peft P-tuning", ("peft", "prefix"): "peft prefix tuning",
+             ("peft", "lora"): "peft LoRA r=8 q,v"}
+PEFT_LR = {"prompt": 3e-2, "ptuning": 1e-3, "prefix": 1e-2, "lora": 5e-4}  # peft's examples for each method
+LORA_TARGETS = {"smollm2-135m": ["q_proj", "v_proj"], "minilm-l6": ["query", "value"]}
 
 
 def task_type(model: str, task) -> TaskType:
@@ -50,9 +61,10 @@ def task_type(model: str, task) -> TaskType:
     return TaskType.SEQ_CLS if model == "minilm-l6" or task.is_regression else TaskType.CAUSAL_LM
 
 
-def ours(model: str, task_name: str, budget: float, prompt_length: int, dev_limit: int | None, out: Path) -> dict:
+def ours(method: str, model: str, task_name: str, budget: float, prompt_length: int, dev_limit: int | None,
+         out: Path) -> dict:
     task = get_task(task_name)
-    cfg = TrainConfig(model=model, data=str(GLUE / task.glue_folder), task=task_name,
+    cfg = TrainConfig(model=model, data=str(GLUE / task.glue_folder), task=task_name, method=method,
                       task_type=task_type(model, task).value, prompt_length=prompt_length, max_time=budget,
                       eval_every=10**9, eval_test=False, max_eval_examples=dev_limit, progress=False,
                       output=str(out))
@@ -64,15 +76,15 @@ def ours(model: str, task_name: str, budget: float, prompt_length: int, dev_limi
 
 
 def _stored(checkpoint: Path) -> int:
-    """Parameters in the checkpoint: the residual MLP is folded into the prompt at save."""
+    """Parameters in the checkpoint: a training reparameterisation is folded into the prompt at save."""
     from safetensors.torch import load_file
 
-    return sum(t.numel() for t in load_file(str(checkpoint / "prompt.safetensors")).values())
+    return sum(t.numel() for f in checkpoint.glob("*.safetensors") for t in load_file(str(f)).values())
 
 
 def peft_run(method: str, model: str, task_name: str, budget: float, prompt_length: int, dev_limit: int | None,
              seed: int = 0) -> dict:
-    """peft prompt tuning (or LoRA r=8 on q/v) trained as its users do, for `budget` seconds of steps."""
+    """peft's `method` trained as its users do, for `budget` seconds of steps."""
     task = get_task(task_name)
     kind = task_type(model, task)
     torch.manual_seed(seed)
@@ -82,20 +94,8 @@ def peft_run(method: str, model: str, task_name: str, budget: float, prompt_leng
     splits = load_splits(str(GLUE / task.glue_folder), task_name, seed, max_eval_examples=dev_limit)
     dev = splits.dev
     encoder = TaskEncoder(backbone.tokenizer, task, kind, 128)
-    if method == "lora":
-        config = peft.LoraConfig(task_type=kind.value, r=8, lora_alpha=16, lora_dropout=0.05,
-                                 target_modules=["q_proj", "v_proj"])
-        lr = 5e-4
-    elif kind is TaskType.CAUSAL_LM:
-        config = peft.PromptTuningConfig(task_type=kind.value, num_virtual_tokens=prompt_length,
-                                         prompt_tuning_init=peft.PromptTuningInit.TEXT,
-                                         prompt_tuning_init_text=task.instruction.strip() or task.name,
-                                         tokenizer_name_or_path=str(resolve_model(model)))
-        lr = 3e-2
-    else:
-        config = peft.PromptTuningConfig(task_type=kind.value, num_virtual_tokens=prompt_length)
-        lr = 3e-2
-    net = peft.get_peft_model(backbone.model, config)
+    net = peft.get_peft_model(backbone.model, _peft_config(method, model, task, kind, prompt_length))
+    lr = PEFT_LR[method]
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     features = encoder.encode_all(splits.train)
@@ -122,6 +122,23 @@ def peft_run(method: str, model: str, task_name: str, budget: float, prompt_leng
             "precision": "fp32"}
 
 
+def _peft_config(method: str, model: str, task, kind: TaskType, prompt_length: int):
+    if method == "lora":
+        return peft.LoraConfig(task_type=kind.value, r=8, lora_alpha=16, lora_dropout=0.05,
+                               target_modules=LORA_TARGETS[model])
+    if method == "ptuning":
+        return peft.PromptEncoderConfig(task_type=kind.value, num_virtual_tokens=prompt_length,
+                                        encoder_reparameterization_type="MLP")
+    if method == "prefix":
+        return peft.PrefixTuningConfig(task_type=kind.value, num_virtual_tokens=prompt_length)
+    if kind is TaskType.CAUSAL_LM:
+        return peft.PromptTuningConfig(task_type=kind.value, num_virtual_tokens=prompt_length,
+                                       prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                                       prompt_tuning_init_text=task.instruction.strip() or task.name,
+                                       tokenizer_name_or_path=str(resolve_model(model)))
+    return peft.PromptTuningConfig(task_type=kind.value, num_virtual_tokens=prompt_length)
+
+
 def _peft_batch(features, encoder: TaskEncoder, kind: TaskType) -> dict:
     """Our collate, but a decoder's head batch padded on the left: transformers pools a decoder's last column
     when it gets embeddings (as it does from peft), so right padding would pool a pad."""
@@ -141,15 +158,32 @@ def _peft_predict(net, encoder: TaskEncoder, examples, kind: TaskType) -> list:
     for start in range(0, len(features), 32):
         chunk = features[start:start + 32]
         if kind is TaskType.CAUSAL_LM:
-            ids, mask = pad([f.input_ids for f in chunk], encoder.tokenizer.pad_token_id, side="left")
-            logits = net(input_ids=ids, attention_mask=mask).logits[:, -1, label_ids]
-            out += logits.argmax(-1).tolist()
+            # right padding: a plain forward numbers positions from the first column, so left pads would shift a
+            # row's positions; prompt methods hand back logits for their virtual tokens too, hence the offset
+            ids, mask = pad([f.input_ids for f in chunk], encoder.tokenizer.pad_token_id, side="right")
+            logits = net(input_ids=ids, attention_mask=mask).logits
+            last = logits.shape[1] - ids.shape[1] + mask.sum(1) - 1
+            out += logits[torch.arange(len(chunk)), last][:, label_ids].argmax(-1).tolist()
         else:
             inputs = _peft_batch(chunk, encoder, kind)
             inputs.pop("labels")
             logits = net(**inputs).logits.float()
             out += logits[:, 0].tolist() if encoder.task.is_regression else logits.argmax(-1).tolist()
     return out
+
+
+def result_line(rows: list[dict], task: str, model: str) -> str:
+    """One line per task and model: every method's first metric, ours as `<method>`, peft's as `peft_<method>`."""
+    metric = get_task(task).metrics[0]
+    by = {r["method"]: r for r in rows if r["task"] == task and r["model"] == model}
+    keys = {name: ("" if side == "ours" else "peft_") + method for (side, method), name in ROW_NAMES.items()}
+    values = " ".join(f"{keys[name]}={_fmt(r['metrics'][metric])}" for name, r in by.items() if name in keys)
+    budgets = {r["budget"] for r in by.values()}
+    return f"RESULT task={task} model={model} metric={metric} {values} budget_s={'/'.join(f'{b:.0f}' for b in budgets)}"
+
+
+def _fmt(value: float | None) -> str:
+    return "na" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def write_table(rows: list[dict], path: Path) -> None:
@@ -175,13 +209,7 @@ def write_table(rows: list[dict], path: Path) -> None:
                          f"{r['steps']} | {r['seconds']:.0f} | {r['params']:,} | {r.get('stored', r['params']):,} | "
                          f"{r['budget']:.0f} | {r['date']} |")
         lines.append("")
-        for model in dict.fromkeys(r["model"] for r in mine):
-            by = {r["method"]: r for r in mine if r["model"] == model}
-            metric = metric_names[0]
-            fmt = lambda m: f"{by[m]['metrics'][metric]:.4f}" if m in by else "na"  # noqa: E731
-            lines.append(f"RESULT task={task} model={model} metric={metric} softprompt={fmt('softprompt')} "
-                         f"peft={fmt('peft prompt tuning')} budget_s={by[next(iter(by))]['budget']:.0f}")
-        lines.append("")
+        lines += [result_line(rows, task, model) for model in dict.fromkeys(r["model"] for r in mine)] + [""]
     path.write_text("\n".join(lines))
 
 
@@ -190,8 +218,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--methods", nargs="+", default=["softprompt", "peft"], choices=["softprompt", "peft", "lora"],
-                        help="lora runs on SST-2 with the decoder only")
+    parser.add_argument("--methods", nargs="+", default=["prompt"], choices=METHODS,
+                        help="each runs ours and peft's (--sides); lora is peft's only")
+    parser.add_argument("--sides", nargs="+", default=["ours", "peft"], choices=["ours", "peft"])
     parser.add_argument("--budget", type=float, help="training seconds per run (default: 900 smollm2, 600 minilm)")
     parser.add_argument("--glue", default=str(GLUE), help="folder with the original GLUE layout (TASK/train.tsv)")
     parser.add_argument("--prompt-length", type=int, default=20)
@@ -206,24 +235,25 @@ def main() -> None:
         sys.exit(f"no GLUE data at {GLUE}: this benchmark reads the original GLUE layout (TASK/train.tsv, dev.tsv)")
     if args.quick:
         args.tasks, args.budget, args.dev_limit = ["sst2"], args.budget or 30.0, args.dev_limit or 200
-        args.methods = [m for m in args.methods if m != "lora"]
     store = Path(args.results)
     rows = json.loads(store.read_text()) if store.is_file() and not args.quick else []
     for task in args.tasks:
         for model in args.models:
             budget = args.budget or MODELS[model]
-            for method in args.methods:
-                if method == "lora" and (task != "sst2" or model != "smollm2-135m"):
-                    continue
-                if method != "softprompt" and peft is None:
-                    print(f"peft is not installed: {method} row skipped")
+            for method, side in ((m, s) for m in args.methods for s in args.sides if (s, m) in ROW_NAMES):
+                if side == "peft" and peft is None:
+                    print(f"peft is not installed: peft {method} row skipped")
                     continue
                 with tempfile.TemporaryDirectory() as tmp:
-                    if method == "softprompt":
-                        row = ours(model, task, budget, args.prompt_length, args.dev_limit, Path(tmp))
+                    if side == "ours":
+                        row = ours(method, model, task, budget, args.prompt_length, args.dev_limit, Path(tmp))
                     else:
-                        row = peft_run(method, model, task, budget, args.prompt_length, args.dev_limit)
-                name = {"peft": "peft prompt tuning", "lora": "peft LoRA r=8 q,v"}.get(method, method)
+                        try:
+                            row = peft_run(method, model, task, budget, args.prompt_length, args.dev_limit)
+                        except ValueError as error:  # e.g. peft's prefix tuning on BERT under transformers 5
+                            print(f"{ROW_NAMES[side, method]} on {model} failed: {error}", flush=True)
+                            continue
+                name = ROW_NAMES[side, method]
                 row.update(task=task, model=model, method=name, budget=budget, date=time.strftime("%Y-%m-%d"))
                 print(json.dumps(row), flush=True)
                 rows = [r for r in rows if (r["task"], r["model"], r["method"]) != (task, model, name)] + [row]
@@ -231,13 +261,8 @@ def main() -> None:
         store.write_text(json.dumps(rows, indent=1))
         write_table(rows, store.with_suffix(".md"))
     for task in args.tasks:
-        metric = get_task(task).metrics[0]
         for model in args.models:
-            by = {r["method"]: r["metrics"][metric] for r in rows if r["task"] == task and r["model"] == model}
-            fmt = lambda v: "na" if v is None or math.isnan(v) else f"{v:.4f}"  # noqa: E731
-            budget = args.budget or MODELS[model]
-            print(f"RESULT task={task} model={model} metric={metric} softprompt={fmt(by.get('softprompt'))} "
-                  f"peft={fmt(by.get('peft prompt tuning'))} budget_s={budget:.0f}")
+            print(result_line(rows, task, model))
 
 
 if __name__ == "__main__":
