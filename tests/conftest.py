@@ -26,7 +26,7 @@ GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 @pytest.fixture(autouse=True)
 def fp32_by_default(monkeypatch):
-    """Timed decoder runs with label words default to bf16 on CPUs with AMX; tests pin fp32 so their numbers do
+    """Timed decoder runs with label words default to bf16 where the probe finds it fast; tests pin fp32 so their numbers do
     not depend on the CPU running them (test_bf16.py covers the choice itself)."""
     monkeypatch.setattr("softprompt.spec.fast_bf16", lambda: False)
 
@@ -102,6 +102,13 @@ def tiny_dirs(tokenizer, tmp_path_factory):
                                              eos_token_id=tokenizer.sep_token_id))
     return {"llama": _save(llama, tokenizer, root / "llama"), "llama48": _save(llama48, tokenizer, root / "llama48"),
             "bert": _save(bert, tokenizer, root / "bert"), "t5": _save(t5, tokenizer, root / "t5")}
+
+
+def labelled_csv(path: Path, groups: list[tuple[str, str, int]]) -> str:
+    """A user's CSV: for each (text, label, n), n rows of that text numbered apart."""
+    rows = ["text,label"] + [f"{text} number {i},{label}" for text, label, n in groups for i in range(n)]
+    path.write_text("\n".join(rows))
+    return str(path)
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from softprompt.spec import CUSTOM_SECONDS, CUSTOM_STEPS, TrainConfig, resolve
 from softprompt.tasks import TaskSpec, get_task, label_instruction
 from softprompt.training import prepare
 
+from .conftest import labelled_csv
+
 DECODER, ENCODER = ModelInfo("d", "d", None, "decoder"), ModelInfo("e", "e", None, "encoder")
 
 
@@ -83,11 +85,7 @@ def test_glue_tasks_keep_their_defaults(name, counts):
 @pytest.fixture
 def spam_csv(tmp_path) -> str:
     """Nine ham rows to every spam row, as a user would export them."""
-    rows = ["text,label"] + [f"see you at lunch number {i},ham" for i in range(90)]
-    rows += [f"win a free prize now number {i},spam" for i in range(10)]
-    path = tmp_path / "spam.csv"
-    path.write_text("\n".join(rows))
-    return str(path)
+    return labelled_csv(tmp_path / "spam.csv", [("see you at lunch", "ham", 90), ("win a free prize now", "spam", 10)])
 
 
 def test_the_label_instruction_is_the_prompt_it_trains_from(tiny_dirs, spam_csv, tmp_path):

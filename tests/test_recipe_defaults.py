@@ -18,18 +18,15 @@ from softprompt.models.base import PromptModel
 from softprompt.spec import resolve
 from softprompt.training import Trainer, class_weights, prepare
 
-from .conftest import _llama_config
+from .conftest import _llama_config, labelled_csv
 from .test_checkpoint import legacy_run
 
 
 @pytest.fixture
 def skewed_csv(tmp_path) -> str:
     """Three positive rows to every negative one."""
-    rows = ["text,label"] + [f"the film was good number {i},positive" for i in range(60)]
-    rows += [f"the film was bad number {i},negative" for i in range(20)]
-    path = tmp_path / "skewed.csv"
-    path.write_text("\n".join(rows))
-    return str(path)
+    return labelled_csv(tmp_path / "skewed.csv", [("the film was good", "positive", 60),
+                                                  ("the film was bad", "negative", 20)])
 
 
 def _trainer(model_dir: str, data: str, tmp_path, **options) -> Trainer:
