@@ -98,7 +98,7 @@ def tfidf(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[fl
 
 
 def ours(model: str, train_rows: list[tuple[str, str]], test: list[tuple[str, str]], folder: Path,
-         max_steps: int | None) -> tuple[float, float, float, str]:
+         max_steps: int | None, task_type: str | None) -> tuple[float, float, float, str]:
     from softprompt.data import Example
     from softprompt.pipeline import PromptedTask
     from softprompt.training import TrainConfig, train
@@ -110,7 +110,7 @@ def ours(model: str, train_rows: list[tuple[str, str]], test: list[tuple[str, st
         writer.writerows(train_rows)
     start = time.perf_counter()
     result = train(TrainConfig(model=model, data=str(data), output=str(folder / "run"), progress=False,
-                               max_steps=max_steps), log=lambda line: print(f"#   {line}", flush=True))
+                               max_steps=max_steps, task_type=task_type), log=lambda line: print(f"#   {line}", flush=True))
     seconds = time.perf_counter() - start
     prompted = PromptedTask.from_pretrained(result.best_checkpoint)
     labels = prompted.task.labels
@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=4000, help="most training rows written to the CSV")
     parser.add_argument("--limit", type=int, help="use only this many rows of each set (functional checks)")
     parser.add_argument("--max-steps", type=int, help="override the default budget (functional checks only)")
+    parser.add_argument("--task-type", choices=["SEQ_CLS", "CAUSAL_LM"],
+                        help="override the decided readout (head or label words), to compare against the default")
     args = parser.parse_args()
     for name in args.sets:
         rows = LOADERS[name]()
@@ -140,7 +142,8 @@ def main() -> None:
         base_acc, base_f1 = tfidf(train_rows, test)
         for model in args.models:
             with tempfile.TemporaryDirectory() as tmp:
-                acc, f1, seconds, decided = ours(model, train_rows, test, Path(tmp), args.max_steps)
+                acc, f1, seconds, decided = ours(model, train_rows, test, Path(tmp), args.max_steps,
+                                                args.task_type)
             print(f"# {name} {model}: {decided}", flush=True)
             print(f"RESULT set={name} model={model} ours_acc={acc:.4f} tfidf_acc={base_acc:.4f} "
                   f"ours_macro_f1={f1:.4f} tfidf_macro_f1={base_f1:.4f} train_s={seconds:.0f}", flush=True)

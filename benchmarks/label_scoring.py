@@ -3,9 +3,10 @@ rank-loss training step (forward + backward to the prompt) and an evaluation sco
 
     flock /tmp/bench.lock nice -n -10 env OMP_NUM_THREADS=2 python benchmarks/label_scoring.py
     python benchmarks/label_scoring.py --labels dotted    # the 20 newsgroups' own names (3-10 tokens)
+    python benchmarks/label_scoring.py --length 200       # long texts, as a news or forum post would be
 
-The two tasks share their template and inputs (SST-2 dev sentences, the rows whose input comes closest to
-`--length` tokens), so the ratio of their times is the ratio per input token. "bound" is what exact scoring
+The two tasks share their template and inputs (SST-2 dev sentences and RTE training premises, the rows whose
+input comes closest to `--length` tokens), so the ratio of their times is the ratio per input token. "bound" is what exact scoring
 must run per row at least, (n + trie nodes) / n: a label string's token j is predicted by the state after its
 first j tokens, so every distinct proper prefix of the label strings runs once per row (the LM head over
 those states comes on top). Tasks and steps take turns within each repeat; each ratio is the median of the
@@ -49,9 +50,13 @@ def task(name: str, labels: tuple[str, ...]) -> TaskSpec:
 
 
 def inputs(tokenizer, glue: Path, rows: int, length: int) -> list[Example]:
-    """The SST-2 dev sentences whose templated input comes closest to `length` tokens."""
-    with open(glue / "SST-2" / "dev.tsv", newline="") as f:
-        sentences = [natural_text(r["sentence"]) for r in csv.DictReader(f, delimiter="\t")]
+    """The texts whose templated input comes closest to `length` tokens: SST-2 dev sentences, and RTE's training
+    premises for the long inputs that SST-2 lacks."""
+    sentences = []
+    for name, column, quoting in (("SST-2/dev.tsv", "sentence", csv.QUOTE_MINIMAL),
+                                  ("RTE/train.tsv", "sentence1", csv.QUOTE_NONE)):  # RTE's quotes are text
+        with open(glue / name, newline="") as f:
+            sentences += [natural_text(r[column]) for r in csv.DictReader(f, delimiter="\t", quoting=quoting)]
     size = {s: len(tokenizer(TEMPLATE.format(text=s))["input_ids"]) for s in sentences}
     chosen = sorted(sentences, key=lambda s: abs(size[s] - length))[:rows]
     return [Example({"text": s}, i % 2) for i, s in enumerate(chosen)]
