@@ -22,7 +22,7 @@ from softprompt.hf_trainer import PromptTrainer
 from softprompt.methods import PREFIX_KEY, kv_layout
 from softprompt.models.prefix import PrefixDecoderModel
 from softprompt.peft_interop import export_peft
-from softprompt.spec import resolve
+from softprompt.spec import PTUNING_LR, resolve
 from softprompt.tasks import get_task
 
 ROWS = [[101, 2023, 3185, 2001, 2204], [101, 2023, 3185], [101, 2919, 2143, 2001]]
@@ -324,6 +324,10 @@ def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, t
     spec = resolve(TrainConfig(model=tiny_dirs["llama"], method="prefix", prefix_projection=True), llama,
                    get_task("sst2"))
     assert spec.method == "prefix" and spec.prompt.prefix_projection and spec.residual_reparam == 0
+    assert spec.lr == pytest.approx(3e-2)
+    ptuning = resolve(TrainConfig(model=tiny_dirs["llama"], method="ptuning"), llama, get_task("sst2"))
+    assert ptuning.lr == PTUNING_LR and "P-tuning" in ptuning.decided["lr"]  # its encoder collapsed at 3e-2
+    assert resolve(TrainConfig(method="ptuning", lr=0.1), llama, get_task("sst2")).lr == pytest.approx(0.1)
     assert PromptTuningConfig.from_dict(spec.prompt.to_dict()) == spec.prompt
     old = {k: v for k, v in spec.prompt.to_dict().items() if k not in ("method", "prefix_projection")}
     assert PromptTuningConfig.from_dict(old).method == "prompt"  # a checkpoint from before methods

@@ -23,6 +23,7 @@ from .tracking import parse_report_to
 RECIPE = "docs/recipe.md#defaults"
 CUSTOM = "docs/recipe.md#custom-data"
 SKEW = 3  # classes count as imbalanced when the largest has this many times the smallest's training rows
+PTUNING_LR = 1e-3  # a P-tuning encoder's AdamW rate: at 3e-2 it collapsed to one class (docs/recipe.md#defaults)
 CUSTOM_STEPS, CUSTOM_SECONDS = (80, 400), 300.0  # the default budget for a user's data: one epoch within these
 LOSSES, CLASS_WEIGHTS, HEAD_INITS = ("rank", "lm"), ("auto", "none", "balanced"), ("cosine", "fit", "random")
 OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("linear", "cosine", "constant")
@@ -360,9 +361,10 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
 
     lr = cfg.lr
     if lr is None:
-        lr = decide("lr", 0.3 if cfg.optimizer == "adafactor" else 1e-2 if decoder_head else 3e-2,
+        lr = decide("lr", 0.3 if cfg.optimizer == "adafactor" else PTUNING_LR if method == "ptuning" else
+                    1e-2 if decoder_head else 3e-2,
                     "Adafactor at the paper's 0.3; AdamW at 3e-2, 1e-2 where the prompt must not outrun a "
-                    "decoder head's fitted start")
+                    f"decoder head's fitted start, {PTUNING_LR} through P-tuning's encoder, which collapsed at 3e-2")
     head_lr = cfg.head_lr if head else None
     if head and head_lr is None:
         head_lr = decide("head_lr", lr * 0.3 if decoder_head else lr,
