@@ -319,8 +319,8 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     else:
         init = decide("init", PromptInit.VOCAB if head else PromptInit.CLASS_LABELS,
                       "heads start from sampled vocabulary; label words without an instruction from their labels")
-    method = cfg.method or decide("method", "prompt", "prompt tuning, the measured default; ptuning and prefix are "
-                                  "opt-in until their GLUE rows are in")
+    method = cfg.method or decide("method", "prompt", "prompt tuning: on SmolLM2 neither relative beat it beyond "
+                                  "noise, and prefix lost on RTE; prefix is opt-in where it won (MiniLM)")
     if cfg.prefix_projection and method != "prefix":
         raise SoftpromptError("--prefix-projection reparameterises a prefix; add --method prefix")
     if cfg.encoder_reparameterization_type.upper() != "MLP" and method != "ptuning":
