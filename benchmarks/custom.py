@@ -110,7 +110,8 @@ def ours(model: str, train_rows: list[tuple[str, str]], test: list[tuple[str, st
         writer.writerows(train_rows)
     start = time.perf_counter()
     result = train(TrainConfig(model=model, data=str(data), output=str(folder / "run"), progress=False,
-                               max_steps=max_steps, task_type=task_type), log=lambda line: print(f"#   {line}", flush=True))
+                               max_steps=max_steps, task_type=task_type),
+                   log=lambda line: print(f"#   {line}", flush=True))
     seconds = time.perf_counter() - start
     prompted = PromptedTask.from_pretrained(result.best_checkpoint)
     labels = prompted.task.labels

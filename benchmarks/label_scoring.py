@@ -6,10 +6,10 @@ rank-loss training step (forward + backward to the prompt) and an evaluation sco
     python benchmarks/label_scoring.py --length 200       # long texts, as a news or forum post would be
 
 The two tasks share their template and inputs (SST-2 dev sentences and RTE training premises, the rows whose
-input comes closest to `--length` tokens), so the ratio of their times is the ratio per input token. "bound" is what exact scoring
-must run per row at least, (n + trie nodes) / n: a label string's token j is predicted by the state after its
-first j tokens, so every distinct proper prefix of the label strings runs once per row (the LM head over
-those states comes on top). Tasks and steps take turns within each repeat; each ratio is the median of the
+input comes closest to `--length` tokens), so the ratio of their times is the ratio per input token. "bound" is
+what exact scoring must run per row at least, (n + trie nodes) / n: a label string's token j is predicted by
+the state after its first j tokens, so every distinct proper prefix of the label strings runs once per row (the
+LM head over those states comes on top). Tasks and steps take turns within each repeat; each ratio is the median of the
 per-repeat ratios.
 """
 

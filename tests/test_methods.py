@@ -328,6 +328,10 @@ def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, t
     ptuning = resolve(TrainConfig(model=tiny_dirs["llama"], method="ptuning"), llama, get_task("sst2"))
     assert ptuning.lr == PTUNING_LR and "P-tuning" in ptuning.decided["lr"]  # its encoder collapsed at 3e-2
     assert resolve(TrainConfig(method="ptuning", lr=0.1), llama, get_task("sst2")).lr == pytest.approx(0.1)
+    bert = describe_model(tiny_dirs["bert"])
+    heads = [resolve(TrainConfig(model=tiny_dirs["bert"], method=m), bert, get_task("sst2"))
+             for m in ("prompt", "ptuning")]
+    assert heads[1].lr == PTUNING_LR and heads[1].head_lr == heads[0].head_lr == heads[0].lr  # the head keeps its rate
     assert PromptTuningConfig.from_dict(spec.prompt.to_dict()) == spec.prompt
     old = {k: v for k, v in spec.prompt.to_dict().items() if k not in ("method", "prefix_projection")}
     assert PromptTuningConfig.from_dict(old).method == "prompt"  # a checkpoint from before methods

@@ -359,16 +359,17 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
                            "a siamese head starts at the pair's fitted cosine, a decoder's head as a ridge readout "
                            "of its large last states; other heads as the model made them")
 
+    rate = cfg.lr or (0.3 if cfg.optimizer == "adafactor" else 1e-2 if decoder_head else 3e-2)
     lr = cfg.lr
     if lr is None:
-        lr = decide("lr", 0.3 if cfg.optimizer == "adafactor" else PTUNING_LR if method == "ptuning" else
-                    1e-2 if decoder_head else 3e-2,
+        lr = decide("lr", PTUNING_LR if method == "ptuning" and cfg.optimizer == "adamw" else rate,
                     "Adafactor at the paper's 0.3; AdamW at 3e-2, 1e-2 where the prompt must not outrun a "
                     f"decoder head's fitted start, {PTUNING_LR} through P-tuning's encoder, which collapsed at 3e-2")
     head_lr = cfg.head_lr if head else None
     if head and head_lr is None:
-        head_lr = decide("head_lr", lr * 0.3 if decoder_head else lr,
-                         "a decoder's last states are several times larger, so its head steps slower")
+        head_lr = decide("head_lr", rate * 0.3 if decoder_head else rate,
+                         "a decoder's last states are several times larger, so its head steps slower; P-tuning's "
+                         "lower rate is its encoder's, not the head's")
 
     text_to_text = not head
     weights = cfg.class_weights
