@@ -9,14 +9,13 @@ The two tasks share their template and inputs (SST-2 dev sentences and RTE train
 input comes closest to `--length` tokens), so the ratio of their times is the ratio per input token. "bound" is
 what exact scoring must run per row at least, (n + trie nodes) / n: a label string's token j is predicted by
 the state after its first j tokens, so every distinct proper prefix of the label strings runs once per row (the
-LM head over those states comes on top). Tasks and steps take turns within each repeat; each ratio is the median of the
-per-repeat ratios.
+LM head over those states comes on top). Tasks and steps take turns within each repeat; each ratio is the median
+of the per-repeat ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from softprompt import PromptTuningConfig, get_prompt_model
 from softprompt.assets import describe_model, load_backbone
 from softprompt.config import PromptInit, TaskType
-from softprompt.data import Example
+from softprompt.data import Example, load_data
 from softprompt.encoding import Feature, TaskEncoder
 from softprompt.scoring import label_scores, score
 from softprompt.tasks import TaskSpec, natural_text
@@ -52,11 +51,9 @@ def task(name: str, labels: tuple[str, ...]) -> TaskSpec:
 def inputs(tokenizer, glue: Path, rows: int, length: int) -> list[Example]:
     """The texts whose templated input comes closest to `length` tokens: SST-2 dev sentences, and RTE's training
     premises for the long inputs that SST-2 lacks."""
-    sentences = []
-    for name, column, quoting in (("SST-2/dev.tsv", "sentence", csv.QUOTE_MINIMAL),
-                                  ("RTE/train.tsv", "sentence1", csv.QUOTE_NONE)):  # RTE's quotes are text
-        with open(glue / name, newline="") as f:
-            sentences += [natural_text(r[column]) for r in csv.DictReader(f, delimiter="\t", quoting=quoting)]
+    texts = [e.fields["sentence"] for e in load_data(str(glue / "SST-2"), "sst2").dev]
+    texts += [e.fields["sentence1"] for e in load_data(str(glue / "RTE"), "rte").train]
+    sentences = [natural_text(t) for t in texts]
     size = {s: len(tokenizer(TEMPLATE.format(text=s))["input_ids"]) for s in sentences}
     chosen = sorted(sentences, key=lambda s: abs(size[s] - length))[:rows]
     return [Example({"text": s}, i % 2) for i, s in enumerate(chosen)]

@@ -26,8 +26,8 @@ GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 @pytest.fixture(autouse=True)
 def fp32_by_default(monkeypatch):
-    """Timed decoder runs with label words default to bf16 where the probe finds it fast; tests pin fp32 so their numbers do
-    not depend on the CPU running them (test_bf16.py covers the choice itself)."""
+    """Timed decoder runs with label words default to bf16 where the probe finds it fast; tests pin fp32 so their
+    numbers do not depend on the CPU running them (test_bf16.py covers the choice itself)."""
     monkeypatch.setattr("softprompt.spec.fast_bf16", lambda: False)
 
 

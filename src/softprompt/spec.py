@@ -106,7 +106,8 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the data order, sampling and prompt init")
     bf16: bool | None = _opt(None, "the frozen model's weights and activations in bf16 (prompt and head train in "
                                    "fp32); default: bf16 under --max-time for decoders with label words where a "
-                                   "timed probe finds bf16 fast (GPUs that support it), else fp32", flag="--bf16/--fp32")
+                                   "timed probe finds bf16 fast (GPUs that support it), else fp32",
+                                flag="--bf16/--fp32")
     output: str = _opt("runs/latest", "run folder: best/ and last/ checkpoints, metrics.jsonl")
     save_every: int | None = _opt(None, "also save last/ (for --resume) every N steps; by default every 50 steps "
                                         "and every 60 s, so a killed run loses little")
@@ -407,8 +408,8 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     if bf16 is None:
         fast = fast_bf16() if bf16_fast is None else bf16_fast
         bf16 = decide("bf16", model.family == "decoder" and text_to_text and cfg.max_time is not None and fast,
-                      "bf16 frozen weights buy steps within a time budget where a timed probe finds bf16 fast; under a step budget "
-                      "they only cost accuracy")
+                      "bf16 frozen weights buy steps within a time budget where a timed probe finds bf16 fast; "
+                      "under a step budget they only cost accuracy")
 
     same = {f.name: getattr(cfg, f.name) for f in fields(RunSpec) if f.name in TrainConfig.__dataclass_fields__}
     same.update(text_columns=tuple(cfg.text_columns) if cfg.text_columns else None, report_to=tuple(cfg.report_to))
