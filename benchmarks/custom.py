@@ -98,7 +98,8 @@ def tfidf(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[fl
 
 
 def ours(model: str, train_rows: list[tuple[str, str]], test: list[tuple[str, str]], folder: Path,
-         max_steps: int | None, task_type: str | None) -> tuple[float, float, float, str]:
+         overrides: dict) -> tuple[float, float, float, str]:
+    """Train with the defaults and any of the command line's overrides; (accuracy, macro-F1, seconds, what ran)."""
     from softprompt.data import Example
     from softprompt.pipeline import PromptedTask
     from softprompt.training import TrainConfig, train
@@ -109,8 +110,7 @@ def ours(model: str, train_rows: list[tuple[str, str]], test: list[tuple[str, st
         writer.writerow(["text", "label"])
         writer.writerows(train_rows)
     start = time.perf_counter()
-    result = train(TrainConfig(model=model, data=str(data), output=str(folder / "run"), progress=False,
-                               max_steps=max_steps, task_type=task_type),
+    result = train(TrainConfig(model=model, data=str(data), output=str(folder / "run"), progress=False, **overrides),
                    log=lambda line: print(f"#   {line}", flush=True))
     seconds = time.perf_counter() - start
     prompted = PromptedTask.from_pretrained(result.best_checkpoint)
@@ -118,7 +118,8 @@ def ours(model: str, train_rows: list[tuple[str, str]], test: list[tuple[str, st
     examples = [Example({"text": t}, labels.index(y)) for t, y in test]
     _, predicted = prompted.evaluate_with_predictions(examples, 64)
     spec = prompted.spec
-    decided = f"{spec.task_type.value} init={spec.prompt.init.value} weights={spec.class_weights} steps={result.step}"
+    decided = (f"{spec.task_type.value} init={spec.prompt.init.value} weights={spec.class_weights} "
+               f"{'bf16' if spec.bf16 else 'fp32'} max_length={spec.max_length} steps={result.step}")
     return (*scores([y for _, y in test], [labels[p] for p in predicted]), seconds, decided)
 
 
@@ -131,7 +132,11 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="override the default budget (functional checks only)")
     parser.add_argument("--task-type", choices=["SEQ_CLS", "CAUSAL_LM"],
                         help="override the decided readout (head or label words), to compare against the default")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="override the decided precision")
+    parser.add_argument("--max-length", type=int, help="override the decided input length")
     args = parser.parse_args()
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("task_type", args.task_type), ("bf16", args.bf16),
+                                   ("max_length", args.max_length)) if v is not None}
     for name in args.sets:
         rows = LOADERS[name]()
         if args.limit:
@@ -143,8 +148,7 @@ def main() -> None:
         base_acc, base_f1 = tfidf(train_rows, test)
         for model in args.models:
             with tempfile.TemporaryDirectory() as tmp:
-                acc, f1, seconds, decided = ours(model, train_rows, test, Path(tmp), args.max_steps,
-                                                args.task_type)
+                acc, f1, seconds, decided = ours(model, train_rows, test, Path(tmp), overrides)
             print(f"# {name} {model}: {decided}", flush=True)
             print(f"RESULT set={name} model={model} ours_acc={acc:.4f} tfidf_acc={base_acc:.4f} "
                   f"ours_macro_f1={f1:.4f} tfidf_macro_f1={base_f1:.4f} train_s={seconds:.0f}", flush=True)

@@ -48,7 +48,7 @@ def held_elements(backbone) -> dict:
             "full": sum(p.numel() for p in params)}
 
 
-def run_hf(model: str, data: str, output: str, record: str, max_steps: int) -> None:
+def run_hf(model: str, data: str, output: str, record: str, max_steps: int, **options) -> None:
     """PromptTrainer under the launcher: Trainer wraps the model in DDP itself."""
     from transformers import TrainingArguments
 
@@ -56,7 +56,8 @@ def run_hf(model: str, data: str, output: str, record: str, max_steps: int) -> N
     from softprompt.spec import TrainConfig
     from softprompt.training import prepare
 
-    run = prepare(TrainConfig(model=model, data=data, output=output, prompt_length=3, max_length=24, progress=False),
+    run = prepare(TrainConfig(model=model, data=data, output=output, prompt_length=3, max_length=24, progress=False,
+                              **options),
                   log=lambda _: None)
     prompted = run.prompted
     args = TrainingArguments(output_dir=output + "/hf", max_steps=max_steps, per_device_train_batch_size=4,
@@ -67,7 +68,7 @@ def run_hf(model: str, data: str, output: str, record: str, max_steps: int) -> N
     trainer.train()
     Path(record).mkdir(parents=True, exist_ok=True)
     wrapper = type(trainer.model_wrapped).__name__
-    save_file({"prompt": prompted.model.prompt.weight.detach().clone()}, f"{record}/rank{args.process_index}-hf.st",
+    save_file({"prompt": prompted.model.prompt.served().clone()}, f"{record}/rank{args.process_index}-hf.st",
               metadata={"wrapper": wrapper})
 
 

@@ -89,7 +89,8 @@ def test_timed_decoder_runs_default_to_bf16_where_it_is_fast_and_checkpoints_kee
                                                                                      tmp_path, monkeypatch, fast):
     monkeypatch.setattr("softprompt.spec.fast_bf16", lambda: fast)
     trainer = training.prepare(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, prompt_length=4, max_steps=3,
-                                           max_time=600, eval_every=3, output=str(tmp_path / "run"), progress=False),
+                                           max_time=600, eval_every=3, task_type="CAUSAL_LM",
+                                           output=str(tmp_path / "run"), progress=False),
                                log=lambda _: None)
     assert trainer.spec.bf16 is fast
     result = trainer.train()

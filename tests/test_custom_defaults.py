@@ -1,6 +1,6 @@
-"""Defaults for a user's own data (docs/recipe.md, "Custom data"): an instruction naming the labels starts a
-text-to-text prompt, skewed classes are weighted, the budget grows with the data within a time cap; built-in
-tasks keep theirs."""
+"""Defaults for a user's own data (docs/recipe.md, "Custom data"): a decoder reads the labels with a head
+unless the run asks for label words, whose prompt then starts from an instruction naming the labels; skewed
+classes are weighted, the budget grows with the data within a time cap; built-in tasks keep theirs."""
 
 import json
 
@@ -10,7 +10,7 @@ import torch
 from softprompt.assets import ModelInfo
 from softprompt.checkpoint import read_checkpoint
 from softprompt.cli import main
-from softprompt.config import PromptInit
+from softprompt.config import PromptInit, TaskType
 from softprompt.spec import CUSTOM_SECONDS, CUSTOM_STEPS, TrainConfig, resolve
 from softprompt.tasks import TaskSpec, get_task, label_instruction
 from softprompt.training import prepare
@@ -30,15 +30,26 @@ def test_label_instruction_names_every_label():
     assert label_instruction(("a", "b_c", "d")) == "Classify the text as a, b c or d.\n\n"
 
 
-def test_imbalanced_csv_is_weighted_started_from_its_labels_and_budgeted_by_its_size():
-    spec = resolve(TrainConfig(), DECODER, _custom("ham", "spam"), label_counts=[1800, 200])
+def test_imbalanced_csv_is_weighted_read_by_a_head_and_budgeted_by_its_size():
+    task, counts = _custom("ham", "spam"), [1800, 200]
+    spec = resolve(TrainConfig(), DECODER, task, label_counts=counts)
+    assert (spec.task_type, spec.head_init, spec.task.instruction) == (TaskType.SEQ_CLS, "fit", "")
     assert spec.class_weights == "balanced"
+    assert (spec.max_steps, spec.max_time) == (125, CUSTOM_SECONDS)  # one epoch of 2,000 rows in batches of 16
+    assert {"task_type", "class_weights", "max_steps", "max_time"} <= set(spec.decided)
+    assert "custom-data" in spec.decided["max_steps"] and "custom-data" in spec.decided["task_type"]
+    assert spec.bf16 is False  # the time cap is the default's, not a user's --max-time
+
+
+@pytest.mark.parametrize("asked", [{"task_type": "CAUSAL_LM"}, {"verbalizer": ["no", "yes"]}, {"loss": "rank"},
+                                   {"loss": "lm"}])
+def test_label_words_when_asked_start_from_an_instruction_naming_the_labels(asked):
+    spec = resolve(TrainConfig(**asked), DECODER, _custom("ham", "spam"), label_counts=[1800, 200])
+    assert spec.task_type is TaskType.CAUSAL_LM and spec.head_init is None
     assert spec.task.instruction == label_instruction(("ham", "spam"))
     assert (spec.prompt.init, spec.prompt.init_text) == (PromptInit.TEXT, spec.task.instruction)
-    assert (spec.max_steps, spec.max_time) == (125, CUSTOM_SECONDS)  # one epoch of 2,000 rows in batches of 16
-    assert {"class_weights", "instruction", "init", "max_steps", "max_time"} <= set(spec.decided)
-    assert "custom-data" in spec.decided["max_steps"] and "custom-data" in spec.decided["instruction"]
-    assert spec.bf16 is False  # the time cap is the default's, not a user's --max-time
+    assert "custom-data" in spec.decided["instruction"]
+    assert spec.class_weights == ("none" if asked.get("loss") == "lm" else "balanced")  # lm cannot be weighted
 
 
 def test_many_class_csv_budget_and_weights():
@@ -52,7 +63,7 @@ def test_many_class_csv_budget_and_weights():
     skewed = resolve(TrainConfig(), DECODER, _custom(*labels), label_counts=[300] + [99] * 11)
     assert skewed.class_weights == "balanced"  # 300 > 3 x 99
     assert resolve(TrainConfig(), DECODER, _custom(*labels), label_counts=[297] + [99] * 11).class_weights == "none"
-    assert even.prompt.init_text == label_instruction(labels)
+    assert even.task_type is TaskType.SEQ_CLS and even.prompt.init_text is None  # heads take no instruction
 
 
 def test_what_the_user_says_wins():
@@ -89,7 +100,7 @@ def spam_csv(tmp_path) -> str:
 
 
 def test_the_label_instruction_is_the_prompt_it_trains_from(tiny_dirs, spam_csv, tmp_path):
-    trainer = prepare(TrainConfig(model=tiny_dirs["llama"], data=spam_csv, prompt_length=6,
+    trainer = prepare(TrainConfig(model=tiny_dirs["llama"], data=spam_csv, prompt_length=6, task_type="CAUSAL_LM",
                                   output=str(tmp_path / "run"), progress=False), log=lambda _: None)
     instruction = label_instruction(("ham", "spam"))
     assert trainer.spec.prompt.init_text == instruction
@@ -111,5 +122,5 @@ def test_cli_defaults_on_an_imbalanced_csv(tiny_dirs, spam_csv, tmp_path, capsys
     results = json.loads((out_dir / "results.json").read_text())
     assert results["steps"] == CUSTOM_STEPS[0]  # 80 rows make one epoch of 5 steps: the floor rules
     spec = read_checkpoint(out_dir / "best").spec
-    assert spec.class_weights == "balanced" and spec.task.instruction == label_instruction(("ham", "spam"))
-    assert spec.prompt.init_text == spec.task.instruction
+    assert spec.task_type is TaskType.SEQ_CLS and spec.class_weights == "balanced" and spec.head_init == "fit"
+    assert "head started as a ridge readout" in out

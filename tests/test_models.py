@@ -388,14 +388,16 @@ def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num
                                    atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("loss", ["rank", "lm"])
+@pytest.mark.parametrize("loss", ["rank", "lm", "head"])
 def test_accumulated_training_through_the_shared_prefix_equals_the_concat(tiny_dirs, tiny_csv, tmp_path, loss):
     """Two optimizer steps of two accumulated micro-batches each move the prompt the same through the shared
-    prefix (packed step, rank scores or the logit-free LM loss) as through the plain concatenation."""
+    prefix (packed step, rank scores or the logit-free LM loss; a head from its ridge-fitted start) as through
+    the plain concatenation."""
     prompts = []
+    kind = {"task_type": "SEQ_CLS"} if loss == "head" else {"task_type": "CAUSAL_LM", "loss": loss}
     for shared in (True, False):
         trainer = prepare(TrainConfig(model=tiny_dirs["llama"], data=tiny_csv, prompt_length=4, max_steps=2,
-                                               batch_size=8, grad_accum=2, loss=loss, eval_every=100,
+                                               batch_size=8, grad_accum=2, eval_every=100, **kind,
                                                output=str(tmp_path / f"{loss}{shared}"), progress=False),
                                    log=lambda _: None)
         if not shared:

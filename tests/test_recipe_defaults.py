@@ -181,9 +181,11 @@ def test_head_init_defaults_and_errors(tiny_dirs, tiny_csv, tmp_path):
     siamese = _trainer(tiny_dirs["bert"], _pair_folder(tmp_path, "rte", label), tmp_path, task="rte",
                        pooling="siamese", task_type="SEQ_CLS")
     assert siamese.spec.head_init == "cosine"
-    assert _trainer(tiny_dirs["llama"], tiny_csv, tmp_path).spec.head_init is None  # label words: no head
+    assert _trainer(tiny_dirs["llama"], tiny_csv, tmp_path).spec.head_init == "fit"  # a user's file: a head
+    words = _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, task_type="CAUSAL_LM")
+    assert words.spec.head_init is None  # label words: no head
     with pytest.raises(SoftpromptError, match="--head-init starts a classification or regression head"):
-        _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, head_init="fit")
+        _trainer(tiny_dirs["llama"], tiny_csv, tmp_path, head_init="fit", task_type="CAUSAL_LM")
     with pytest.raises(SoftpromptError, match="--head-init cosine starts a siamese head"):
         _trainer(tiny_dirs["bert"], tiny_csv, tmp_path, head_init="cosine")
 

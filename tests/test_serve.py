@@ -38,7 +38,8 @@ def _train(tiny_dirs, root: Path, name: str, model: str = "llama", **extra) -> s
 
 @pytest.fixture(scope="module")
 def ckpts(tiny_dirs, tmp_path_factory):
-    """Prompts of one base model with different lengths, label sets and fields; one of another base."""
+    """Prompts of one base model with different lengths, label sets, fields and readouts (label words, a
+    user's file's default head); one of another base."""
     root = tmp_path_factory.mktemp("serve")
     words = {"good": "positive", "bad": "negative"}
     (root / "sentiment.csv").write_text("\n".join(
@@ -46,7 +47,7 @@ def ckpts(tiny_dirs, tmp_path_factory):
     (root / "pairs.csv").write_text("\n".join(
         ["first,second,label"] + [f"a cat number {i},a {w} dog,{label}" for i in range(30)
                                   for w, label in (("big", "same"), ("small", "other"))]))
-    return {"sentiment": _train(tiny_dirs, root, "sentiment"),
+    return {"sentiment": _train(tiny_dirs, root, "sentiment", task_type="CAUSAL_LM"),
             "sentiment_b": _train(tiny_dirs, root, "sentiment_b", prompt_length=6, seed=1),
             "pair": _train(tiny_dirs, root, "pair", prompt_length=5, data=str(root / "pairs.csv"),
                            text_columns=["first", "second"]),

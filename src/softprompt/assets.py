@@ -9,9 +9,10 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import TaskType
 from .errors import SoftpromptError
@@ -194,11 +195,29 @@ def load_backbone(model: ModelInfo, task_type: TaskType, num_labels: int = 2, re
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     try:
         # a head of another size (a checkpoint fine-tuned for other labels) is re-initialised: it trains anyway
-        base = auto.from_pretrained(model.path, config=config, trust_remote_code=model.trust_remote_code,
-                                    ignore_mismatched_sizes=task_type is TaskType.SEQ_CLS)
+        with _whole_on_every_rank():
+            base = auto.from_pretrained(model.path, config=config, trust_remote_code=model.trust_remote_code,
+                                        ignore_mismatched_sizes=task_type is TaskType.SEQ_CLS)
     except ValueError as err:
         raise SoftpromptError(f"model {model.name!r} ({config.model_type}) cannot be loaded for {task_type.value}: "
                               f"{str(err).splitlines()[0][:160]}") from None
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     return Backbone(base, tokenizer, model.name)
+
+
+@contextmanager
+def _whole_on_every_rank() -> Iterator[None]:
+    """Under an accelerate FSDP config, transformers loads weights for rank 0 only and leaves what the file
+    lacks (a new head) on the meta device elsewhere, for FSDP1 to broadcast; every rank here loads the whole
+    model itself (`Ranks.in_turns`) before sharding it, so that shortcut is switched off while loading."""
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    saved = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = saved

@@ -46,7 +46,8 @@ class TrainConfig:
                                         "such as glue/sst2")
     task: str | None = _opt(None, "built-in task spec (sst2, mrpc, rte, ...); inferred from the data when possible")
     task_type: str | None = _opt(None, "SEQ_CLS (head), CAUSAL_LM or SEQ_2_SEQ_LM (label words); default: a head "
-                                       "for encoders and regression, label words otherwise")
+                                       "for encoders, regression and a decoder on a user's file, label words "
+                                       "otherwise")
     text_columns: list[str] | None = _opt(None, "input column(s) of a file, in the task's field order (repeat)",
                                           flag="--text-column")
     label_column: str | None = _opt(None, "label column of a file")
@@ -80,8 +81,8 @@ class TrainConfig:
                                        "training labels) | fit (a ridge readout of the head's inputs on 512 "
                                        "training rows) | random (default: cosine for siamese heads, fit for "
                                        "decoder heads, else random)")
-    loss: str = _opt("rank", "text-to-text loss: rank (cross-entropy over the label strings' scores) | lm (LM "
-                             "loss on the label tokens, the paper's)")
+    loss: str | None = _opt(None, "text-to-text loss: rank (cross-entropy over the label strings' scores; the "
+                                  "default) | lm (LM loss on the label tokens, the paper's)")
     class_weights: str = _opt("auto", "none | balanced (each class's loss weighted by N / (classes * count)) | "
                                       "auto (balanced for tasks scored by MCC)")
     optimizer: str = _opt("adamw", "adamw | adafactor (the paper's)")
@@ -130,7 +131,7 @@ class TrainConfig:
             (self.method in (None, *METHODS), f"--method must be one of {', '.join(METHODS)}, not {self.method!r}"),
             (self.encoder_reparameterization_type.upper() in ENCODER_TYPES,
              f"--encoder-reparameterization-type must be MLP or LSTM, not {self.encoder_reparameterization_type!r}"),
-            (self.loss in LOSSES, f"loss must be lm or rank, not {self.loss!r}"),
+            (self.loss in (None, *LOSSES), f"--loss must be lm or rank, not {self.loss!r}"),
             (self.pooling in (None, *POOLINGS), f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}"),
             (self.head_init in (None, *HEAD_INITS), f"--head-init must be cosine, fit or random, not {self.head_init!r}"),
             (self.class_weights in CLASS_WEIGHTS,
@@ -250,9 +251,10 @@ def fast_bf16() -> bool:
     return bf16_pays()
 
 
-def default_task_type(family: str, task: TaskSpec) -> TaskType:
-    """Encoders classify with a head; decoders and encoder-decoders generate label words (regression: head)."""
-    if family == "encoder" or task.is_regression:
+def default_task_type(family: str, task: TaskSpec, user_labels: bool = False) -> TaskType:
+    """Encoders classify with a head; decoders and encoder-decoders generate label words (regression: head); a
+    decoder reads labels that are a user's names (`user_labels`) with a head."""
+    if family == "encoder" or task.is_regression or (user_labels and family == "decoder"):
         return TaskType.SEQ_CLS
     return TaskType.CAUSAL_LM if family == "decoder" else TaskType.SEQ_2_SEQ_LM
 
@@ -283,9 +285,14 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     custom = task.name not in TASKS  # data that brought no task spec of its own: a user's file
 
     task = resolve_task(task, cfg.template, cfg.verbalizer)
+    # a user's file brings label names, not words a model would say; asking for label words' own options
+    # (--verbalizer, --loss) keeps them
+    user_labels = custom and cfg.verbalizer is None and cfg.loss is None
     task_type = TaskType(cfg.task_type) if cfg.task_type else decide(
-        "task_type", default_task_type(model.family, task),
-        "a head for encoders and regression, label words (rank classification) for generative models")
+        "task_type", default_task_type(model.family, task, user_labels),
+        *(("a decoder reads a user's labels, names rather than words it would say, with a head, which beat label "
+           "words on both custom sets", CUSTOM) if user_labels and model.family == "decoder" else
+          ("a head for encoders and regression, label words (rank classification) for generative models",)))
     if model.config is not None:  # a checkpoint's record was checked when it was trained
         from .models import check_task_type
 
@@ -373,17 +380,19 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
                          "lower rate is its encoder's, not the head's")
 
     text_to_text = not head
+    loss = cfg.loss or (decide("loss", "rank", "the label strings' rank loss beat the paper's LM loss on the label "
+                               "token on SST-2 and Rotten Tomatoes") if text_to_text else "rank")
     weights = cfg.class_weights
     if weights == "auto":
         skewed = not task.is_regression and bool(label_counts) and min(label_counts or [0]) * SKEW < max(
             label_counts or [0])
-        balanced = (task.metrics[0] == "mcc" or skewed) and not (text_to_text and cfg.loss == "lm")
+        balanced = (task.metrics[0] == "mcc" or skewed) and not (text_to_text and loss == "lm")
         weights = decide("class_weights", "balanced" if balanced else "none",
                          f"tasks scored by MCC, and data whose largest class has {SKEW}x the smallest's rows, weight "
                          "classes, where unweighted training settled on the majority")
     elif weights == "balanced" and task.is_regression:
         raise SoftpromptError("--class-weights balanced needs a classification task; this one is regression")
-    elif weights == "balanced" and text_to_text and cfg.loss == "lm":
+    elif weights == "balanced" and text_to_text and loss == "lm":
         raise SoftpromptError("--class-weights balanced weights the rank loss or a head; use --loss rank")
 
     max_steps, max_time = cfg.max_steps, cfg.max_time
@@ -414,7 +423,7 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     same = {f.name: getattr(cfg, f.name) for f in fields(RunSpec) if f.name in TrainConfig.__dataclass_fields__}
     same.update(text_columns=tuple(cfg.text_columns) if cfg.text_columns else None, report_to=tuple(cfg.report_to))
     return RunSpec(**{**same, "family": model.family, "task": task, "prompt": prompt, "max_length": max_length,
-                      "residual_reparam": reparam, "head_init": head_init, "lr": lr, "head_lr": head_lr,
+                      "residual_reparam": reparam, "head_init": head_init, "lr": lr, "head_lr": head_lr, "loss": loss,
                       "class_weights": weights, "max_steps": max_steps, "max_time": max_time, "bf16": bf16,
                       "save_every": save_every,
                       "save_seconds": save_seconds, "decided": why})

@@ -265,7 +265,10 @@ class Trainer:
         spec = self.spec
         sample = sorted(random.Random(spec.seed).sample(features, min(len(features), 512)), key=len)
         cosine, seen = spec.head_init == "cosine", []
-        hook = None if cosine else self.model.readout.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        # a decoder's head off the shared-prefix engine runs at every position of the left-aligned concat and its
+        # model keeps the last column, each row's last real token: that is the row the head reads
+        hook = None if cosine else self.model.readout.register_forward_hook(
+            lambda m, args, out: seen.append(args[0][:, -1] if args[0].dim() == 3 else args[0]))
         self.model.eval()
         try:
             for i in range(0, len(sample), spec.eval_batch_size):
