@@ -38,7 +38,11 @@ def test_imbalanced_csv_is_weighted_read_by_a_head_and_budgeted_by_its_size():
     assert (spec.max_steps, spec.max_time) == (125, CUSTOM_SECONDS)  # one epoch of 2,000 rows in batches of 16
     assert {"task_type", "class_weights", "max_steps", "max_time"} <= set(spec.decided)
     assert "custom-data" in spec.decided["max_steps"] and "custom-data" in spec.decided["task_type"]
-    assert spec.bf16 is False  # the time cap is the default's, not a user's --max-time
+    # the default's time cap binds on such data, so bf16 buys steps where it is fast, as under a user's --max-time
+    fast = {f: resolve(TrainConfig(), DECODER, task, label_counts=counts, bf16_fast=f).bf16 for f in (True, False)}
+    assert fast == {True: True, False: False}
+    assert resolve(TrainConfig(max_steps=50), DECODER, task, label_counts=counts, bf16_fast=True).bf16 is False
+    assert resolve(TrainConfig(), ENCODER, task, label_counts=counts, bf16_fast=True).bf16 is False
 
 
 @pytest.mark.parametrize("asked", [{"task_type": "CAUSAL_LM"}, {"verbalizer": ["no", "yes"]}, {"loss": "rank"},

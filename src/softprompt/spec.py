@@ -307,7 +307,8 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
                              "a mean-pooling sentence-embedding model reads one text by its mean and a pair as two "
                              "texts compared, as it was trained")
         else:
-            pooling = decide("pooling", "cls", "the model's own pooled first token")
+            pooling = decide("pooling", "cls", "the model's own pooling: an encoder's pooled first token, a "
+                             "decoder's last real token")
     if not head and custom and task.labels and not task.instruction and not (cfg.init or cfg.init_text):
         task = replace(task, instruction=decide("instruction", label_instruction(task.labels),
                                                 "label words of data without an instruction start from one naming "
@@ -416,9 +417,10 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     bf16 = cfg.bf16
     if bf16 is None:
         fast = fast_bf16() if bf16_fast is None else bf16_fast
-        bf16 = decide("bf16", model.family == "decoder" and text_to_text and cfg.max_time is not None and fast,
-                      "bf16 frozen weights buy steps within a time budget where a timed probe finds bf16 fast; "
-                      "under a step budget they only cost accuracy")
+        bf16 = decide("bf16", model.family == "decoder" and (text_to_text or custom) and max_time is not None and fast,
+                      "bf16 frozen weights buy steps within a time budget (a user's, or a user's file's cap) where a "
+                      "timed probe finds bf16 fast: label words on SST-2, a head on a user's file; under a step budget "
+                      "they only cost accuracy")
 
     same = {f.name: getattr(cfg, f.name) for f in fields(RunSpec) if f.name in TrainConfig.__dataclass_fields__}
     same.update(text_columns=tuple(cfg.text_columns) if cfg.text_columns else None, report_to=tuple(cfg.report_to))
