@@ -11,6 +11,7 @@ from softprompt.assets import ModelInfo
 from softprompt.checkpoint import read_checkpoint
 from softprompt.cli import main
 from softprompt.config import PromptInit, TaskType
+from softprompt.errors import SoftpromptError
 from softprompt.spec import CUSTOM_SECONDS, CUSTOM_STEPS, TrainConfig, resolve
 from softprompt.tasks import TaskSpec, get_task, label_instruction
 from softprompt.training import prepare
@@ -128,3 +129,12 @@ def test_cli_defaults_on_an_imbalanced_csv(tiny_dirs, spam_csv, tmp_path, capsys
     spec = read_checkpoint(out_dir / "best").spec
     assert spec.task_type is TaskType.SEQ_CLS and spec.class_weights == "balanced" and spec.head_init == "fit"
     assert "head started as a ridge readout" in out
+
+
+@pytest.mark.parametrize("pooling", ["mean", "siamese"])
+def test_a_decoder_head_refuses_an_encoders_pooling(pooling):
+    """A decoder's head reads its last real token; an encoder's pooling asked of it is an error, not ignored."""
+    with pytest.raises(SoftpromptError, match=f"--pooling {pooling} reads an encoder's states"):
+        resolve(TrainConfig(pooling=pooling), DECODER, _custom("ham", "spam"), label_counts=[10, 10])
+    assert resolve(TrainConfig(pooling="cls"), DECODER, _custom("ham", "spam"), label_counts=[10, 10]).prompt.pooling \
+        == "cls"

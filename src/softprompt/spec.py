@@ -301,6 +301,9 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     decoder_head = head and model.family == "decoder"
 
     pooling = cfg.pooling
+    if pooling not in (None, "cls") and model.family != "encoder":
+        raise SoftpromptError(f"--pooling {pooling} reads an encoder's states; a {model.family}'s head reads its "
+                              "last real token: leave --pooling out")
     if pooling is None:
         if head and model.mean_pooling:
             pooling = decide("pooling", "mean" if len(task.fields) == 1 else "siamese",
