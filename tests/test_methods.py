@@ -22,7 +22,7 @@ from softprompt.hf_trainer import PromptTrainer
 from softprompt.methods import PREFIX_KEY, kv_layout
 from softprompt.models.prefix import PrefixDecoderModel
 from softprompt.peft_interop import export_peft
-from softprompt.spec import PTUNING_LR, resolve
+from softprompt.spec import PREFIX_LR, PTUNING_LR, resolve
 from softprompt.tasks import get_task
 
 ROWS = [[101, 2023, 3185, 2001, 2204], [101, 2023, 3185], [101, 2919, 2143, 2001]]
@@ -324,7 +324,7 @@ def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, t
     spec = resolve(TrainConfig(model=tiny_dirs["llama"], method="prefix", prefix_projection=True), llama,
                    get_task("sst2"))
     assert spec.method == "prefix" and spec.prompt.prefix_projection and spec.residual_reparam == 0
-    assert spec.lr == pytest.approx(3e-2)
+    assert spec.lr == PREFIX_LR and "prefix" in spec.decided["lr"]  # a decoder's prefix: 1e-2 beat 3e-2
     ptuning = resolve(TrainConfig(model=tiny_dirs["llama"], method="ptuning"), llama, get_task("sst2"))
     assert ptuning.lr == PTUNING_LR and "P-tuning" in ptuning.decided["lr"]  # its encoder collapsed at 3e-2
     assert resolve(TrainConfig(method="ptuning", lr=0.1), llama, get_task("sst2")).lr == pytest.approx(0.1)
@@ -332,6 +332,8 @@ def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, t
     heads = [resolve(TrainConfig(model=tiny_dirs["bert"], method=m), bert, get_task("sst2"))
              for m in ("prompt", "ptuning")]
     assert heads[1].lr == PTUNING_LR and heads[1].head_lr == heads[0].head_lr == heads[0].lr  # the head keeps its rate
+    assert resolve(TrainConfig(model=tiny_dirs["bert"], method="prefix"), bert, get_task("sst2")).lr == \
+        pytest.approx(3e-2)  # an encoder's prefix met its targets at the prompt's rate
     assert PromptTuningConfig.from_dict(spec.prompt.to_dict()) == spec.prompt
     old = {k: v for k, v in spec.prompt.to_dict().items() if k not in ("method", "prefix_projection")}
     assert PromptTuningConfig.from_dict(old).method == "prompt"  # a checkpoint from before methods
