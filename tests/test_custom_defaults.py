@@ -10,6 +10,7 @@ import torch
 from softprompt.assets import ModelInfo
 from softprompt.checkpoint import read_checkpoint
 from softprompt.cli import main
+from softprompt import PromptTuningConfig, get_prompt_model
 from softprompt.config import PromptInit, TaskType
 from softprompt.errors import SoftpromptError
 from softprompt.spec import CUSTOM_SECONDS, CUSTOM_STEPS, TrainConfig, resolve
@@ -132,9 +133,13 @@ def test_cli_defaults_on_an_imbalanced_csv(tiny_dirs, spam_csv, tmp_path, capsys
 
 
 @pytest.mark.parametrize("pooling", ["mean", "siamese"])
-def test_a_decoder_head_refuses_an_encoders_pooling(pooling):
-    """A decoder's head reads its last real token; an encoder's pooling asked of it is an error, not ignored."""
+def test_a_decoder_head_refuses_an_encoders_pooling(pooling, tiny_llama, tokenizer):
+    """A decoder's head reads its last real token; an encoder's pooling asked of it is an error, not ignored, from
+    the CLI's resolver and from the Python API alike."""
     with pytest.raises(SoftpromptError, match=f"--pooling {pooling} reads an encoder's states"):
         resolve(TrainConfig(pooling=pooling), DECODER, _custom("ham", "spam"), label_counts=[10, 10])
+    config = PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS", pooling=pooling)
+    with pytest.raises(SoftpromptError, match=f"--pooling {pooling} reads an encoder's states"):
+        get_prompt_model(tiny_llama, config, tokenizer)
     assert resolve(TrainConfig(pooling="cls"), DECODER, _custom("ham", "spam"), label_counts=[10, 10]).prompt.pooling \
         == "cls"

@@ -87,7 +87,8 @@ class TrainConfig:
     class_weights: str = _opt("auto", "none | balanced (each class's loss weighted by N / (classes * count)) | "
                                       "auto (balanced for tasks scored by MCC)")
     optimizer: str = _opt("adamw", "adamw | adafactor (the paper's)")
-    lr: float | None = _opt(None, "learning rate (default 3e-2 adamw, 1e-2 for a decoder's head; 0.3 adafactor)")
+    lr: float | None = _opt(None, "learning rate (default 3e-2 adamw, 1e-2 for a decoder's head or prefix, 1e-3 "
+                                  "through P-tuning's encoder; 0.3 adafactor)")
     head_lr: float | None = _opt(None, "a head's learning rate (default: --lr for encoders, --lr * 0.3 for "
                                        "decoders)")
     weight_decay: float = _opt(1e-5, "AdamW/Adafactor weight decay")
@@ -107,8 +108,9 @@ class TrainConfig:
     max_eval_examples: int | None = _opt(None, "evaluate on a seeded sample of this many examples")
     seed: int = _opt(0, "seed of the data order, sampling and prompt init")
     bf16: bool | None = _opt(None, "the frozen model's weights and activations in bf16 (prompt and head train in "
-                                   "fp32); default: bf16 under --max-time for decoders with label words where a "
-                                   "timed probe finds bf16 fast (GPUs that support it), else fp32",
+                                   "fp32); default: bf16 under --max-time for decoders with label words (and a "
+                                   "decoder on a user's file under its default time cap) where a timed probe finds "
+                                   "bf16 fast (GPUs that support it), else fp32",
                                 flag="--bf16/--fp32")
     output: str = _opt("runs/latest", "run folder: best/ and last/ checkpoints, metrics.jsonl")
     save_every: int | None = _opt(None, "also save last/ (for --resume) every N steps; by default every 50 steps "
@@ -302,9 +304,9 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     decoder_head = head and model.family == "decoder"
 
     pooling = cfg.pooling
-    if pooling not in (None, "cls") and model.family != "encoder":
-        raise SoftpromptError(f"--pooling {pooling} reads an encoder's states; a {model.family}'s head reads its "
-                              "last real token: leave --pooling out")
+    from .models import check_pooling
+
+    check_pooling(model.family, pooling)
     if pooling is None:
         if head and model.mean_pooling:
             pooling = decide("pooling", "mean" if len(task.fields) == 1 else "siamese",

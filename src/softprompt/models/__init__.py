@@ -3,7 +3,7 @@
 from .base import PromptModel
 from .decoder import DecoderPromptModel
 from .encoder import EncoderPromptModel
-from .factory import check_task_type, family_of, get_prompt_model
+from .factory import check_pooling, check_task_type, family_of, get_prompt_model
 from .seq2seq import Seq2SeqPromptModel
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "DecoderPromptModel",
     "Seq2SeqPromptModel",
     "family_of",
+    "check_pooling",
     "check_task_type",
     "get_prompt_model",
 ]

@@ -48,6 +48,14 @@ def check_task_type(family: str, task_type: TaskType, model_type: str) -> None:
         raise SoftpromptError(f"a {family} model ({model_type}) supports task type {names}, not {task_type.value}")
 
 
+def check_pooling(family: str, pooling: str | None) -> None:
+    """Mean and siamese pooling read an encoder's states; another family asked for them would quietly pool its
+    own way instead."""
+    if pooling not in (None, "cls") and family != "encoder":
+        raise SoftpromptError(f"--pooling {pooling} reads an encoder's states; a {family}'s head reads its last real "
+                              "token: leave --pooling out")
+
+
 def check_method(family: str, config: PromptTuningConfig, model_config) -> None:
     """Refuse a prompt that leaves the input no positions (prefix tuning's rows count theirs from k too)."""
     text = model_config.get_text_config()
@@ -74,6 +82,8 @@ def get_prompt_model(
     family = family_of(model.config)
     check_task_type(family, config.task_type, model.config.model_type)
     check_method(family, config, model.config)
+    if initialise:  # a checkpoint that recorded it anyway (before this check) trained on the last token; it loads
+        check_pooling(family, config.pooling)
     if family == "decoder" and config.task_type is TaskType.SEQ_CLS and model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0  # pooling needs one defined
     if tokenizer is None and config.tokenizer_name_or_path and initialise:
