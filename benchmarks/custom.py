@@ -118,8 +118,10 @@ def ours(model: str, train_rows: list[tuple[str, str]], test: list[tuple[str, st
     examples = [Example({"text": t}, labels.index(y)) for t, y in test]
     _, predicted = prompted.evaluate_with_predictions(examples, 64)
     spec = prompted.spec
-    decided = (f"{spec.task_type.value} init={spec.prompt.init.value} weights={spec.class_weights} "
-               f"{'bf16' if spec.bf16 else 'fp32'} max_length={spec.max_length} steps={result.step}")
+    decided = (f"{spec.task_type.value} pooling={spec.prompt.pooling} init={spec.prompt.init.value} "
+               f"weights={spec.class_weights} "
+               f"{'bf16' if spec.bf16 else 'fp32'} max_length={spec.max_length} truncation={spec.truncation} "
+               f"steps={result.step}")
     return (*scores([y for _, y in test], [labels[p] for p in predicted]), seconds, decided)
 
 
@@ -134,9 +136,12 @@ def main() -> None:
                         help="override the decided readout (head or label words), to compare against the default")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="override the decided precision")
     parser.add_argument("--max-length", type=int, help="override the decided input length")
+    parser.add_argument("--pooling", choices=["cls", "mean"], help="override how the head reads the model")
+    parser.add_argument("--truncation", choices=["head", "head_tail"], help="override what of a long text is kept")
     args = parser.parse_args()
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("task_type", args.task_type), ("bf16", args.bf16),
-                                   ("max_length", args.max_length)) if v is not None}
+                                   ("max_length", args.max_length), ("pooling", args.pooling),
+                                   ("truncation", args.truncation)) if v is not None}
     for name in args.sets:
         rows = LOADERS[name]()
         if args.limit:

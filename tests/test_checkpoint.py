@@ -77,6 +77,28 @@ def test_a_previous_format_decoder_checkpoint_scores_its_prompt_before_the_templ
     torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=0)
 
 
+def test_a_format_2_decoder_checkpoint_that_recorded_mean_pooling_loads_with_the_last_token(tiny_dirs, tmp_path):
+    """Format 2 recorded --pooling mean on a decoder but trained its head on the last token; it loads as trained,
+    and scores as a last-token checkpoint does. Format 3 keeps mean."""
+    model = describe_model(tiny_dirs["llama"])
+    spec = resolve(TrainConfig(model=tiny_dirs["llama"], prompt_length=3, task_type="SEQ_CLS"), model,
+                   get_task("sst2"))
+    last = PromptedTask.build(spec, model).save_pretrained(tmp_path / "last")
+    meta = json.loads((last / META_FILE).read_text())
+    assert meta["format"] == FORMAT == 3 and meta["prompt"]["pooling"] == "cls"
+    for fmt, pooling in ((2, "cls"), (3, "mean")):
+        folder = tmp_path / f"format{fmt}"
+        shutil.copytree(last, folder)
+        (folder / META_FILE).write_text(json.dumps({**meta, "format": fmt,
+                                                    "prompt": {**meta["prompt"], "pooling": "mean"}}))
+        loaded = read_checkpoint(folder)
+        assert loaded.prompt.pooling == loaded.spec.prompt.pooling == pooling
+    examples = [Example({"sentence": t}, None) for t in ("a fine film", "dull, thin and long")]
+    want = PromptedTask.from_pretrained(last).scores(examples)
+    torch.testing.assert_close(PromptedTask.from_pretrained(tmp_path / "format2").scores(examples), want)
+    assert not torch.allclose(PromptedTask.from_pretrained(tmp_path / "format3").scores(examples), want)
+
+
 def test_a_resolved_spec_round_trips_through_the_checkpoint(tiny_dirs, tmp_path):
     for name, task in (("bert", "mrpc"), ("llama", "rte")):
         model = describe_model(tiny_dirs[name])

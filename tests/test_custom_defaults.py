@@ -132,14 +132,34 @@ def test_cli_defaults_on_an_imbalanced_csv(tiny_dirs, spam_csv, tmp_path, capsys
     assert "head started as a ridge readout" in out
 
 
-@pytest.mark.parametrize("pooling", ["mean", "siamese"])
-def test_a_decoder_head_refuses_an_encoders_pooling(pooling, tiny_llama, tokenizer):
-    """A decoder's head reads its last real token; an encoder's pooling asked of it is an error, not ignored, from
-    the CLI's resolver and from the Python API alike."""
-    with pytest.raises(SoftpromptError, match=f"--pooling {pooling} reads an encoder's states"):
-        resolve(TrainConfig(pooling=pooling), DECODER, _custom("ham", "spam"), label_counts=[10, 10])
-    config = PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS", pooling=pooling)
-    with pytest.raises(SoftpromptError, match=f"--pooling {pooling} reads an encoder's states"):
-        get_prompt_model(tiny_llama, config, tokenizer)
-    assert resolve(TrainConfig(pooling="cls"), DECODER, _custom("ham", "spam"), label_counts=[10, 10]).prompt.pooling \
-        == "cls"
+def test_pooling_is_refused_where_it_would_be_ignored(tiny_llama, tokenizer):
+    """A decoder's head reads its last token or the text's mean; siamese pooling (an encoder's pairs), or any
+    pooling on label words, is an error from the CLI's resolver and from the Python API alike, not ignored."""
+    for pooling, task_type, message in (("siamese", "SEQ_CLS", "reads the states of an encoder;"),
+                                        ("mean", "CAUSAL_LM", "sets how a head reads the model; this run reads label words")):
+        with pytest.raises(SoftpromptError, match=f"--pooling {pooling} {message}"):
+            resolve(TrainConfig(pooling=pooling, task_type=task_type), DECODER, _custom("ham", "spam"),
+                    label_counts=[10, 10])
+        config = PromptTuningConfig(num_virtual_tokens=2, task_type=task_type, pooling=pooling)
+        with pytest.raises(SoftpromptError, match=f"--pooling {pooling} {message}"):
+            get_prompt_model(tiny_llama, config, tokenizer)
+    assert resolve(TrainConfig(pooling="mean"), DECODER, _custom("ham", "spam"), label_counts=[10, 10]).prompt.pooling \
+        == "mean"
+
+
+
+
+def test_a_users_file_keeps_a_long_texts_start_and_end_and_a_built_in_task_its_start():
+    from softprompt.spec import RunSpec
+
+    for model in (DECODER, ENCODER):
+        spec = resolve(TrainConfig(), model, _custom("ham", "spam"), label_counts=[10, 10])
+        assert spec.truncation == "head_tail" and "#custom-data" in spec.decided["truncation"]
+        assert resolve(TrainConfig(), model, get_task("rte")).truncation == "head"
+        assert resolve(TrainConfig(truncation="head"), model, _custom("ham", "spam"),
+                       label_counts=[10, 10]).truncation == "head"
+    saved = spec.to_dict()
+    del saved["truncation"]  # a spec written before the option: its run cut each text's end
+    assert RunSpec.from_dict(saved).truncation == "head"
+    with pytest.raises(SoftpromptError, match="--truncation must be one of head, head_tail, not 'middle'"):
+        TrainConfig(truncation="middle")

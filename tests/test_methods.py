@@ -59,7 +59,7 @@ def _prefix_model(base, tokenizer, k=3, task_type="CAUSAL_LM", **options) -> Pre
 
 def _by_hand(base, model: PrefixDecoderModel, row: list[int]):
     """The plain model over one unpadded row, with the prefix's keys/values as its cache."""
-    cache = DynamicCache(config=base.config)
+    cache = DynamicCache(config=model.base.config)
     for i, (keys, values) in enumerate(model.prompt.key_values()):
         cache.update(keys.detach().clone(), values.detach().clone(), i)
     k = model.prompt.num_tokens
@@ -137,13 +137,23 @@ def test_prefix_without_the_engine_takes_the_models_own_forward_with_the_cache(t
             model.generate(ids, mask, max_new_tokens=2)
 
 
-def test_prefix_head_equals_the_model_given_the_prefix_as_cache(tiny_llama_cls, tokenizer):
-    model = _prefix_model(tiny_llama_cls, tokenizer, task_type="SEQ_CLS")
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_prefix_head_equals_the_model_given_the_prefix_as_cache(tiny_llama_cls, tokenizer, pooling, shared):
+    """A head after the prefix reads what the plain model given the prefix as its cache gives: its own last-token
+    pooling, or the mean of the row's final states."""
+    model = _prefix_model(tiny_llama_cls, tokenizer, task_type="SEQ_CLS", pooling=pooling)
+    if not shared:
+        model.engine.force_off("forced off for the test")
     for side in ("left", "right"):
         ids, mask = _batch(side)
         with torch.no_grad():
             got = model(ids, mask).logits
-            want = torch.cat([_by_hand(tiny_llama_cls, model, row).logits for row in ROWS])
+            if pooling == "cls":
+                want = torch.cat([_by_hand(tiny_llama_cls, model, row).logits for row in ROWS])
+            else:
+                want = torch.stack([tiny_llama_cls.score(_by_hand(tiny_llama_cls.model, model, row)
+                                                         .last_hidden_state[0].mean(0)) for row in ROWS])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

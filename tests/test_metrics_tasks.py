@@ -114,3 +114,32 @@ def test_task_saved_before_detokenize_loads_without_it():
     assert TaskSpec.from_dict(saved).detokenize
     del saved["detokenize"]  # a checkpoint written before the field: scored on its text as it was trained
     assert not TaskSpec.from_dict(saved).detokenize
+
+
+@pytest.mark.parametrize("truncation", ["head", "head_tail"])
+def test_a_long_text_keeps_its_start_or_its_start_and_end(tokenizer, truncation):
+    """head keeps a too-long text's first tokens, head_tail its first and last halves; the template, the label
+    slot and a pair's short text are never cut, and a text that fits is untouched."""
+    from softprompt.config import TaskType
+    from softprompt.data import Example
+    from softprompt.encoding import TaskEncoder
+
+    words = [f"w{i}" for i in range(200)]
+    long = " ".join(words)
+    word_ids = tokenizer(long, add_special_tokens=False)["input_ids"]
+    short = tokenizer("tiny", add_special_tokens=False)["input_ids"]
+    rte = get_task("rte")
+    for task_type in (TaskType.SEQ_CLS, TaskType.CAUSAL_LM):
+        encoder = TaskEncoder(tokenizer, rte, task_type, 48, truncation=truncation)
+        feature = encoder.encode(Example({"sentence1": long, "sentence2": "tiny"}, 0))
+        ids = feature.input_ids
+        assert len(ids) + max(map(len, encoder.label_ids), default=0) <= 48 and encoder.truncated == 1
+        start = [i for i in range(len(ids)) if ids[i:i + 4] == word_ids[:4]]
+        assert len(start) == 1, tokenizer.decode(ids)
+        assert any(ids[i:i + len(short)] == short for i in range(len(ids)))
+        text = tokenizer.decode(ids)
+        assert ("w199" in text) == (truncation == "head_tail") and "w100" not in text, text
+        fits = encoder.encode(Example({"sentence1": "a short premise", "sentence2": "tiny"}, 0))
+        assert encoder.truncated == 1 and fits.input_ids == TaskEncoder(tokenizer, rte, task_type, 48).encode(
+            Example({"sentence1": "a short premise", "sentence2": "tiny"}, 0)).input_ids
+    assert TaskEncoder(tokenizer, rte, TaskType.SEQ_CLS, 48).truncation == "head"  # what specs before the option did

@@ -353,9 +353,12 @@ def test_grouped_attention_equals_transformers_sdpa_and_is_restored(tokenizer, t
 @pytest.mark.parametrize("num_labels", [3, 1])  # classes (cross-entropy) and a score (squared error)
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("path", ["packed", "cached"])
-def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num_labels, side, path, monkeypatch):
-    """A head over the last real token gives the same logits, loss, and prompt and head gradients through the
-    shared prompt prefix as the model's own pooling and loss on the concatenated sequence."""
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num_labels, side, path, pooling,
+                                                                  monkeypatch):
+    """A head over the last real token (or the text's mean) gives the same logits, loss, and prompt and head
+    gradients through the shared prompt prefix as over the concatenated sequence (with the last token, the model's
+    own pooling and loss)."""
     from transformers import LlamaForSequenceClassification
 
     from softprompt.models import attention, shared_prefix
@@ -364,7 +367,7 @@ def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num
 
     torch.manual_seed(0)
     model = wrap(LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=num_labels)).eval(), 5,
-                 "SEQ_CLS", tokenizer)
+                 "SEQ_CLS", tokenizer, pooling=pooling)
     assert model.shared_prefix_reason() is None
     if path == "cached":
         monkeypatch.setattr(shared_prefix, "can_pack", lambda model: False)
@@ -386,6 +389,27 @@ def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num
         model.engine.force_off(None)
         torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"]).logits, results[1][0],
                                    atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_decoder_mean_pooling_matches_hand_built_mean(tokenizer, tiny_llama_cls, side, shared):
+    """pooling='mean' on a decoder: the head reads the mean of the text's final states after the prompt (no
+    virtual tokens, no pads), through the shared prefix and through the concat alike."""
+    model = wrap(tiny_llama_cls, 4, "SEQ_CLS", tokenizer, pooling="mean").eval()
+    if not shared:
+        model.engine.force_off("forced off for the test")
+    enc = batch(tokenizer, side)
+    with torch.no_grad():
+        got = model(**enc).logits
+        for i, text in enumerate(TEXTS):
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            concat = torch.cat([model.prompt.weight[None], tiny_llama_cls.get_input_embeddings()(ids)], dim=1)
+            states = tiny_llama_cls.model(inputs_embeds=concat).last_hidden_state[0, 4:]
+            torch.testing.assert_close(got[i], tiny_llama_cls.score(states.mean(0)), atol=ATOL, rtol=0)
+        last = wrap(tiny_llama_cls, 4, "SEQ_CLS", tokenizer)
+        last.prompt.weight.copy_(model.prompt.weight)
+        assert not torch.allclose(got, last(**enc).logits)
 
 
 @pytest.mark.parametrize("loss", ["rank", "lm", "head"])

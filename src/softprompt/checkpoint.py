@@ -32,7 +32,7 @@ from .prompt import PROMPT_KEY
 from .spec import RunSpec, TrainConfig, resolve
 from .tasks import TaskSpec
 
-FORMAT = 2
+FORMAT = 3
 META_FILE = "softprompt.json"
 TENSOR_FILE = "prompt.safetensors"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -225,9 +225,20 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
         raise SoftpromptError(f"{directory} was written by a newer softprompt (checkpoint format {fmt}; this one "
                               f"reads up to {FORMAT}): pip install -U softprompt")
     try:
-        return _from_format_1(meta) if fmt == 1 else Checkpoint.from_dict(meta)
+        checkpoint = _from_format_1(meta) if fmt == 1 else Checkpoint.from_dict(meta)
     except (KeyError, TypeError, ValueError, AttributeError, SoftpromptError) as err:
         raise SoftpromptError(f"{path} is not a valid checkpoint ({err}); the checkpoint is damaged") from None
+    return _own_pooling_before_3(checkpoint) if fmt < 3 else checkpoint
+
+
+def _own_pooling_before_3(checkpoint: Checkpoint) -> Checkpoint:
+    """Before format 3 only an encoder's head honoured a recorded pooling; a decoder's (or a label-word prompt's)
+    read the model's own, so that is what it loads with."""
+    if checkpoint.family == "encoder" or checkpoint.prompt.pooling == "cls":
+        return checkpoint
+    prompt = replace(checkpoint.prompt, pooling="cls")
+    spec = None if checkpoint.spec is None else replace(checkpoint.spec, prompt=prompt)
+    return replace(checkpoint, prompt=prompt, spec=spec)
 
 
 def _verified(directory: Path, name: str, checkpoint: Checkpoint) -> Path:

@@ -26,6 +26,7 @@ class TaskType(str, Enum):
 
 
 POOLINGS = ("cls", "mean", "siamese")
+TRUNCATIONS = ("head", "head_tail")  # what of a too-long text is kept (encoding.TaskEncoder)
 
 
 class PromptInit(str, Enum):

@@ -24,14 +24,23 @@ class Feature:
         return len(self.input_ids) + len(self.target or ()) + len(self.pair_ids or ())
 
 
+def kept(tokens: list[int], keep: int, truncation: str) -> list[int]:
+    """The `keep` tokens of a too-long text that stay: its start (head), or its start and its end (head_tail: half
+    each, the middle cut; Sun et al. 2019 found that best for long reviews)."""
+    if truncation == "head" or keep <= 0:
+        return tokens[:max(keep, 0)]
+    return tokens[:keep - keep // 2] + tokens[len(tokens) - keep // 2:]
+
+
 class TaskEncoder:
     """Turns a task's examples into model inputs; the max length leaves room for the virtual tokens.
-    `separate`: a head's pair is encoded as two texts (siamese pooling) instead of one sequence."""
+    `separate`: a head's pair is encoded as two texts (siamese pooling) instead of one sequence. `truncation`:
+    what of a too-long text is kept (`kept`)."""
 
     def __init__(self, tokenizer, task: TaskSpec, task_type: TaskType, max_length: int,
-                 separate: bool = False) -> None:
+                 separate: bool = False, truncation: str = "head") -> None:
         self.tokenizer, self.task, self.task_type, self.max_length = tokenizer, task, task_type, max_length
-        self.separate = separate
+        self.separate, self.truncation = separate, truncation
         self.truncated = 0  # inputs cut to max_length so far (the template and the label slot are never cut)
         if max_length < 8:
             raise SoftpromptError(f"max input length {max_length} leaves no room for text; "
@@ -55,7 +64,7 @@ class TaskEncoder:
         return self.task_type is not TaskType.SEQ_CLS
 
     def _prefix_ids(self, fields: dict[str, str]) -> list[int]:
-        """The rendered template, with the longest field cut (by tokens) until it fits; the tail survives."""
+        """The rendered template, with the longest field cut (by tokens) until it fits; the template survives."""
         budget = self.max_length - max((len(i) for i in self.label_ids), default=0)
         fields = dict(fields)
         for attempt in range(8):
@@ -66,7 +75,7 @@ class TaskEncoder:
                 return ids
             longest = max(fields, key=lambda f: len(fields[f]))
             tokens = self.tokenizer(fields[longest], add_special_tokens=False)["input_ids"]
-            fields[longest] = self.tokenizer.decode(tokens[: max(0, len(tokens) - excess - 1)])
+            fields[longest] = self.tokenizer.decode(kept(tokens, len(tokens) - excess - 1, self.truncation))
         self.truncated += 1
         return ids[-budget:]
 
@@ -88,11 +97,21 @@ class TaskEncoder:
         return Feature(enc["input_ids"], example.label, enc.get("token_type_ids"))
 
     def _cut(self, *texts: str):
-        """The tokenizer's encoding cut to max_length, counted in `truncated` when it was cut."""
+        """The tokenizer's encoding cut to max_length, counted in `truncated` when it was cut. The tokenizer cuts
+        a text's end; head_tail first cuts the longest text's middle by the excess."""
         enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
-        if len(enc["input_ids"]) == self.max_length:
-            self.truncated += len(self.tokenizer(*texts)["input_ids"]) > self.max_length
-        return enc
+        if len(enc["input_ids"]) < self.max_length:
+            return enc
+        excess = len(self.tokenizer(*texts)["input_ids"]) - self.max_length
+        self.truncated += excess > 0
+        if excess <= 0 or self.truncation == "head":
+            return enc
+        cut = list(texts)
+        longest = max(range(len(cut)), key=lambda i: len(cut[i]))
+        tokens = self.tokenizer(cut[longest], add_special_tokens=False)["input_ids"]
+        cut[longest] = self.tokenizer.decode(kept(tokens, len(tokens) - excess, "head_tail"))
+        # decoding and re-encoding may shift a token or two: the tokenizer's own cut takes what still overflows
+        return self.tokenizer(*cut, truncation=True, max_length=self.max_length)
 
     def encode_all(self, examples: list[Example]) -> list[Feature]:
         return [self.encode(e) for e in examples]

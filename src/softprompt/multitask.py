@@ -31,7 +31,8 @@ from .errors import SoftpromptError
 from .metrics import compute_metrics
 from .models.base import insertion_index, splice
 from .models.decoder import DecoderPromptModel
-from .models.encoder import EncoderPromptModel, masked_mean
+from .models.base import masked_mean
+from .models.encoder import EncoderPromptModel
 from .models.shared_prefix import positions_from_mask, stack_prefixes
 from .pipeline import PromptedTask, decode_generated, read_task_checkpoint
 from .scoring import first_token_scores, head_scores, label_scores
@@ -339,8 +340,9 @@ class MultiTaskModel:
             prompted, model = rows[index[0]].prompt.prompted, _decoder(rows[index[0]].prompt)
             at = torch.tensor(index)
             last = hidden[at, -1]
-            if model.head is not None:
-                scores = head_scores(model.head(last), prompted.task.is_regression)
+            if model.head is not None:  # the rows' own columns of the mask over prompts + rows mark their text
+                features = model.pooled(hidden[at], mask[at, -hidden.shape[1]:])
+                scores = head_scores(model.head(features), prompted.task.is_regression)
             elif all(len(ids) == 1 for ids in prompted.encoder.label_ids):
                 scores = first_token_scores(model.engine.lm_logits(last), prompted.encoder.label_ids)
             else:

@@ -47,7 +47,7 @@ class PromptedTask:
         backbone = backbone or load_backbone(model, spec.task_type, num_labels=max(len(task.labels), 1),
                                              regression=task.is_regression)
         encoder = TaskEncoder(backbone.tokenizer, task, spec.task_type, spec.max_length,
-                              spec.prompt.pooling == "siamese")
+                              spec.prompt.pooling == "siamese", spec.truncation)
         generator = torch.Generator().manual_seed(spec.seed)
         prompted = get_prompt_model(backbone.model, spec.prompt, backbone.tokenizer, corpus, generator, initialise)
         if spec.bf16:

@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 from .assets import ModelInfo
-from .config import ENCODER_TYPES, METHODS, POOLINGS, PromptInit, PromptTuningConfig, TaskType
+from .config import ENCODER_TYPES, METHODS, POOLINGS, TRUNCATIONS, PromptInit, PromptTuningConfig, TaskType
 from .errors import SoftpromptError
 from .tasks import TASKS, TaskSpec, label_instruction
 from .tracking import parse_report_to
@@ -74,10 +74,11 @@ class TrainConfig:
                                   "as text for label words, vocab for heads, '.' for siamese heads)")
     init_text: str | None = _opt(None, "text whose token embeddings start the prompt")
     init_file: str | None = _opt(None, "checkpoint folder, peft adapter folder or prompt .safetensors to start from")
-    pooling: str | None = _opt(None, "encoder heads: cls (the model's pooled [CLS]) | mean (of the text's final "
-                                     "states) | siamese (pairs: each text mean-pooled apart, the head reads u, "
-                                     "v, |u-v| and u*v) (default with a mean-pooling sentence-embedding model: "
-                                     "mean for one text, siamese for a pair; else cls)")
+    pooling: str | None = _opt(None, "how a head reads the model: cls (the model's own: an encoder's pooled [CLS], "
+                                     "a decoder's last token) | mean (of the text's final states) | siamese "
+                                     "(encoder pairs: each text mean-pooled apart, the head reads u, v, |u-v| and "
+                                     "u*v) (default with a mean-pooling sentence-embedding model: mean for one text, "
+                                     "siamese for a pair; else cls)")
     head_init: str | None = _opt(None, "a head's start: cosine (siamese heads: the pair's cosine fitted to the "
                                        "training labels) | fit (a ridge readout of the head's inputs on 512 "
                                        "training rows) | random (default: cosine for siamese heads, fit for "
@@ -104,6 +105,9 @@ class TrainConfig:
     eval_every: int = _opt(40, "evaluate on dev every N steps")
     patience: int | None = _opt(None, "stop after N evaluations without dev improvement")
     max_length: int = _opt(128, "max input tokens (virtual tokens not counted)")
+    truncation: str | None = _opt(None, "how a text longer than --max-length is cut: head (keep its start) | "
+                                        "head_tail (keep its start and its end, cut the middle) (default: "
+                                        "head_tail for a user's file, head for a built-in task)")
     max_train_examples: int | None = _opt(None, "train on a seeded sample of this many examples")
     max_eval_examples: int | None = _opt(None, "evaluate on a seeded sample of this many examples")
     seed: int = _opt(0, "seed of the data order, sampling and prompt init")
@@ -136,6 +140,8 @@ class TrainConfig:
              f"--encoder-reparameterization-type must be MLP or LSTM, not {self.encoder_reparameterization_type!r}"),
             (self.loss in (None, *LOSSES), f"--loss must be lm or rank, not {self.loss!r}"),
             (self.pooling in (None, *POOLINGS), f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}"),
+            (self.truncation in (None, *TRUNCATIONS),
+             f"--truncation must be one of {', '.join(TRUNCATIONS)}, not {self.truncation!r}"),
             (self.head_init in (None, *HEAD_INITS), f"--head-init must be cosine, fit or random, not {self.head_init!r}"),
             (self.class_weights in CLASS_WEIGHTS,
              f"--class-weights must be auto, none or balanced, not {self.class_weights!r}"),
@@ -204,6 +210,7 @@ class RunSpec:
     progress: bool
     report_to: tuple[str, ...]
     fsdp: bool = False  # a default only for specs written before the field existed
+    truncation: str = "head"  # the same: runs before the field cut a long text's end
     decided: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -306,7 +313,7 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     pooling = cfg.pooling
     from .models import check_pooling
 
-    check_pooling(model.family, pooling)
+    check_pooling(model.family, pooling, head)
     if pooling is None:
         if head and model.mean_pooling:
             pooling = decide("pooling", "mean" if len(task.fields) == 1 else "siamese",
@@ -432,10 +439,16 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
                       "timed probe finds bf16 fast: label words on SST-2, a head on a user's file; under a step budget "
                       "they only cost accuracy")
 
+    truncation = cfg.truncation or (decide("truncation", "head_tail", "a user's texts may be documents whose end (a "
+                                           "signature, a verdict) tells as much as their start; on news-source, "
+                                           "keeping both beat keeping the start", CUSTOM) if custom else
+                                    decide("truncation", "head", "the tokenizer's own: a built-in task's texts "
+                                           "mostly fit, and its GLUE rows were measured so"))
+
     same = {f.name: getattr(cfg, f.name) for f in fields(RunSpec) if f.name in TrainConfig.__dataclass_fields__}
     same.update(text_columns=tuple(cfg.text_columns) if cfg.text_columns else None, report_to=tuple(cfg.report_to))
     return RunSpec(**{**same, "family": model.family, "task": task, "prompt": prompt, "max_length": max_length,
                       "residual_reparam": reparam, "head_init": head_init, "lr": lr, "head_lr": head_lr, "loss": loss,
                       "class_weights": weights, "max_steps": max_steps, "max_time": max_time, "bf16": bf16,
-                      "save_every": save_every,
-                      "save_seconds": save_seconds, "decided": why})
+                      "save_every": save_every, "save_seconds": save_seconds, "truncation": truncation,
+                      "decided": why})

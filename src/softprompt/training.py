@@ -316,8 +316,9 @@ class Trainer:
         for note in self.splits.notes:
             self.log(note)
         if self.encoder.truncated:
+            kept = "start and end" if spec.truncation == "head_tail" else "start"
             self.log(f"{self.encoder.truncated} training input(s) longer than --max-length {spec.max_length} were "
-                     "cut to fit (the template and label slot are kept)")
+                     f"cut to fit, keeping each text's {kept} (--truncation; the template and label slot are kept)")
         self.log(f"{self.splits.source}: {len(self.splits.train)} train / {len(self.splits.dev)} dev / "
                  f"{len(self.splits.test)} test; {self.model.family} model {spec.model}, "
                  f"{spec.task_type.value} in {'bf16' if spec.bf16 else 'fp32'}, "

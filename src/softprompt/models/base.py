@@ -49,6 +49,13 @@ def splice(tokens: torch.Tensor, fill: torch.Tensor, index: torch.Tensor) -> tor
     return src.gather(1, index)
 
 
+def masked_mean(hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(B, h): each row's mean final state over the columns `text` marks (its text: no virtual tokens, no pads),
+    summed in fp32 (bf16 would round away a long text's late tokens)."""
+    total = (hidden.float() * text.unsqueeze(-1).float()).sum(1) / text.sum(1, keepdim=True).float()
+    return total.to(hidden.dtype)
+
+
 def _inputs_in_own_dtype(module: nn.Module, args: tuple) -> tuple:
     """A head kept in fp32 over bf16 frozen weights (freeze_in) reads its features in fp32."""
     dtype = next(module.parameters()).dtype

@@ -5,7 +5,8 @@ pads p1..pk text. Position ids count real tokens only, so left and right padding
 results, the last column is always a real token (generation and last-token pooling rely on it), and the
 first real token's loss is predicted from the last virtual token, exactly as without padding.
 
-The label loss, rank classification, generation and a head over the last token go through the shared-prefix
+The label loss, rank classification, generation and a head (over the last token or the text's mean) go through the
+shared-prefix
 engine (shared_prefix.py, `model.engine`), which runs the prompt once per batch; where it cannot serve a call
 (a model whose cache or output head is not plain, a batch longer than a sliding window, a tail reaching into
 the prompt, sampling), this adapter takes the concatenated sequence, `forward`'s path.
@@ -20,7 +21,7 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from ..config import TaskType
-from .base import PromptModel, align_order
+from .base import PromptModel, align_order, masked_mean
 from .shared_prefix import SharedPrefix, positions_from_mask
 
 __all__ = ["DecoderPromptModel", "positions_from_mask"]
@@ -76,16 +77,38 @@ class DecoderPromptModel(PromptModel):
         return input_ids.gather(1, order), attention_mask.gather(1, order), order
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        """With a head, the last real token's state through the shared prefix, as the model's own
-        last-token pooling and loss on the concatenated sequence would give; other outputs take the concat."""
-        if self.config.task_type is not TaskType.SEQ_CLS or kwargs or not self._shares(input_ids.shape[1]):
+        """With a head, the pooled input states (the last real token's, or the mean of the text's) through the
+        shared prefix, as the model's own pooling and loss on the concatenated sequence would give; other outputs
+        take the concat."""
+        if self.config.task_type is not TaskType.SEQ_CLS or kwargs:
             return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
-        hidden = self.engine.states(*self._aligned(input_ids, attention_mask)[:2]).hidden
-        logits = self.head(hidden[:, -1])  # left-aligned: the last column is each row's last real token
+        if self._shares(input_ids.shape[1]):
+            ids, mask, _ = self._aligned(input_ids, attention_mask)
+            hidden = self.engine.states(ids, mask).hidden
+        elif self.config.pooling == "mean":
+            hidden, mask = self._text_states(input_ids, attention_mask)
+        else:  # the model's own last-token pooling over the concat
+            return super().forward(input_ids, attention_mask, token_type_ids, labels)
+        logits = self.head(self.pooled(hidden, mask))
         loss = None
         if labels is not None:
             loss = self.base.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.base.config)
         return SequenceClassifierOutputWithPast(loss=loss, logits=logits)
+
+    def pooled(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """What the head reads from left-aligned final states (B, n, d) whose text columns `text` (B, n) marks:
+        the last column (each row's last real token) or, with `pooling="mean"`, the mean over the text, which on a
+        long text keeps what its first and middle tokens said (docs/recipe.md, "Pooling a decoder's states")."""
+        return masked_mean(hidden, text) if self.config.pooling == "mean" else hidden[:, -1]
+
+    def _text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final states of the concat (no shared prefix) and its text columns (the prompt's left out)."""
+        inputs, _, offsets = self.prompted_inputs(input_ids, attention_mask)
+        text = inputs["attention_mask"].clone()
+        columns = torch.arange(text.shape[1], device=text.device).unsqueeze(0)
+        text[(columns >= offsets.unsqueeze(1)) & (columns < offsets.unsqueeze(1) + self.prompt.num_tokens)] = 0
+        return self.base.base_model(**inputs).last_hidden_state, text
 
     def continuation_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             continuations: list[list[int]]) -> list[torch.Tensor] | None:

@@ -19,12 +19,7 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import SoftpromptError
-from .base import PromptModel
-
-
-def masked_mean(hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """(B, h): each row's mean final state over the columns `text` marks (its text: no virtual tokens, no pads)."""
-    return (hidden * text.unsqueeze(-1).to(hidden.dtype)).sum(1) / text.sum(1, keepdim=True).to(hidden.dtype)
+from .base import PromptModel, masked_mean
 
 
 class EncoderPromptModel(PromptModel):

@@ -48,12 +48,18 @@ def check_task_type(family: str, task_type: TaskType, model_type: str) -> None:
         raise SoftpromptError(f"a {family} model ({model_type}) supports task type {names}, not {task_type.value}")
 
 
-def check_pooling(family: str, pooling: str | None) -> None:
-    """Mean and siamese pooling read an encoder's states; another family asked for them would quietly pool its
-    own way instead."""
-    if pooling not in (None, "cls") and family != "encoder":
-        raise SoftpromptError(f"--pooling {pooling} reads an encoder's states; a {family}'s head reads its last real "
-                              "token: leave --pooling out")
+def check_pooling(family: str, pooling: str | None, head: bool) -> None:
+    """Pooling is how a head reads the model's states: mean reads an encoder's or a decoder's, siamese an
+    encoder's only; asked for where it does not apply, it would be quietly ignored."""
+    if pooling in (None, "cls"):
+        return
+    if not head:
+        raise SoftpromptError(f"--pooling {pooling} sets how a head reads the model; this run reads label words "
+                              "(add --task-type SEQ_CLS for a head, or leave --pooling out)")
+    readers = {"mean": ("encoder", "decoder"), "siamese": ("encoder",)}[pooling]
+    if family not in readers:
+        raise SoftpromptError(f"--pooling {pooling} reads the states of an {' or a '.join(readers)}; a {family}'s "
+                              "head cannot take it: leave --pooling out")
 
 
 def check_method(family: str, config: PromptTuningConfig, model_config) -> None:
@@ -82,8 +88,7 @@ def get_prompt_model(
     family = family_of(model.config)
     check_task_type(family, config.task_type, model.config.model_type)
     check_method(family, config, model.config)
-    if initialise:  # a checkpoint that recorded it anyway (before this check) trained on the last token; it loads
-        check_pooling(family, config.pooling)
+    check_pooling(family, config.pooling, config.task_type is TaskType.SEQ_CLS)
     if family == "decoder" and config.task_type is TaskType.SEQ_CLS and model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0  # pooling needs one defined
     if tokenizer is None and config.tokenizer_name_or_path and initialise:

@@ -1,7 +1,7 @@
 """Prefix tuning: trainable keys and values at every layer (`PrefixKeyValues`, methods/prefix.py).
 
 Decoders run it through the shared-prefix engine as a `KeyValues` source: label words, the LM and rank losses,
-rank classification, a head over the last token and greedy generation run the rows once after one copy of it
+rank classification, a head (over the last token or the text's mean) and greedy generation run the rows once after one copy of it
 per batch. A call the engine cannot share (a model whose cache or head it does not model, a batch past a
 sliding window) runs the model's own forward with the prefix as its cache instead; sampling is refused.
 Encoders (BERT, RoBERTa, MiniLM) take it as every layer's cache, as peft does: each row attends to the prefix
@@ -91,9 +91,15 @@ class PrefixDecoderModel(DecoderPromptModel):
         return out
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        if self.config.task_type is TaskType.SEQ_CLS and not kwargs and self._shares(input_ids.shape[1]):
+        if self.config.task_type is TaskType.SEQ_CLS and not kwargs and (
+                self._shares(input_ids.shape[1]) or self.config.pooling == "mean"):
             return super().forward(input_ids, attention_mask, labels=labels)
         return self._cached(input_ids, attention_mask, labels, **kwargs)
+
+    def _text_states(self, input_ids, attention_mask):
+        """The rows' final states with the prefix as the backbone's cache (no virtual columns: all are text)."""
+        ids, mask, _ = self._aligned(input_ids, attention_mask)
+        return self.engine.cache_forward(ids, mask, model=self.base.base_model).last_hidden_state, mask
 
     def tail_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
         ids, mask, _ = self._aligned(input_ids, attention_mask)
