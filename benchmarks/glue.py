@@ -62,12 +62,12 @@ def task_type(model: str, task) -> TaskType:
 
 
 def ours(method: str, model: str, task_name: str, budget: float, prompt_length: int, dev_limit: int | None,
-         out: Path, lr: float | None = None) -> dict:
+         out: Path, lr: float | None = None, seed: int = 0) -> dict:
     task = get_task(task_name)
     cfg = TrainConfig(model=model, data=str(GLUE / task.glue_folder), task=task_name, method=method,
                       task_type=task_type(model, task).value, prompt_length=prompt_length, max_time=budget,
                       eval_every=10**9, eval_test=False, max_eval_examples=dev_limit, progress=False,
-                      output=str(out), lr=lr)
+                      output=str(out), lr=lr, seed=seed)
     result = train(cfg, log=lambda _: None)
     bf16 = read_checkpoint(out / "best").spec.bf16  # default: bf16 for label words on CPUs with AMX
     return {"metrics": result.dev, "steps": result.step, "seconds": result.seconds,
@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--dev-limit", type=int, help="score only the first N dev examples")
     parser.add_argument("--lr", type=float, help="our methods' learning rate instead of the decided one (trials: "
                                                    "write them to another --results file)")
+    parser.add_argument("--seed", type=int, default=0, help="our methods' seed (data order, prompt init); trials of "
+                                                             "another seed go to another --results file")
     parser.add_argument("--quick", action="store_true", help="SST-2, both models, 30 s each, 200 dev examples")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results.json"),
                         help="rows are merged into this file and docs/results.md is rewritten (not with --quick)")
@@ -249,7 +251,7 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     if side == "ours":
                         row = ours(method, model, task, budget, args.prompt_length, args.dev_limit, Path(tmp),
-                                   args.lr)
+                                   args.lr, args.seed)
                     else:
                         try:
                             row = peft_run(method, model, task, budget, args.prompt_length, args.dev_limit)
