@@ -136,7 +136,7 @@ def main() -> None:
                         help="override the decided readout (head or label words), to compare against the default")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="override the decided precision")
     parser.add_argument("--max-length", type=int, help="override the decided input length")
-    parser.add_argument("--pooling", choices=["cls", "mean"], help="override how the head reads the model")
+    parser.add_argument("--pooling", choices=["cls", "mean", "last_mean"], help="override how the head reads the model")
     parser.add_argument("--truncation", choices=["head", "head_tail"], help="override what of a long text is kept")
     args = parser.parse_args()
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("task_type", args.task_type), ("bf16", args.bf16),

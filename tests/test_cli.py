@@ -261,7 +261,7 @@ def test_mean_pooling_is_kept_in_the_checkpoint(tiny_dirs, tiny_csv, tmp_path, c
     _reloads_with_pooling(out_dir, "mean", capsys)
     code, _, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--output", tmp_path / "x",
                                 "--pooling", "max"], capsys)
-    assert code == 2 and "--pooling must be one of cls, mean, siamese, not 'max'" in err
+    assert code == 2 and "--pooling must be one of cls, mean, siamese, last_mean, not 'max'" in err
     code, _, err = run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--output", tmp_path / "y",
                                 "--pooling", "siamese"], capsys)
     assert code == 2 and "siamese pooling compares the two texts of a pair" in err and "1 input field" in err

@@ -135,7 +135,7 @@ def test_cli_defaults_on_an_imbalanced_csv(tiny_dirs, spam_csv, tmp_path, capsys
 def test_pooling_is_refused_where_it_would_be_ignored(tiny_llama, tokenizer):
     """A decoder's head reads its last token or the text's mean; siamese pooling (an encoder's pairs), or any
     pooling on label words, is an error from the CLI's resolver and from the Python API alike, not ignored."""
-    for pooling, task_type, message in (("siamese", "SEQ_CLS", "reads the states of an encoder;"),
+    for pooling, task_type, message in (("siamese", "SEQ_CLS", "is for encoders' heads; this decoder's head cannot"),
                                         ("mean", "CAUSAL_LM", "sets how a head reads the model; this run reads label words")):
         with pytest.raises(SoftpromptError, match=f"--pooling {pooling} {message}"):
             resolve(TrainConfig(pooling=pooling, task_type=task_type), DECODER, _custom("ham", "spam"),
@@ -143,6 +143,8 @@ def test_pooling_is_refused_where_it_would_be_ignored(tiny_llama, tokenizer):
         config = PromptTuningConfig(num_virtual_tokens=2, task_type=task_type, pooling=pooling)
         with pytest.raises(SoftpromptError, match=f"--pooling {pooling} {message}"):
             get_prompt_model(tiny_llama, config, tokenizer)
+    with pytest.raises(SoftpromptError, match="--pooling last_mean is for decoders' heads; this encoder's head cannot"):
+        resolve(TrainConfig(pooling="last_mean"), ENCODER, _custom("ham", "spam"), label_counts=[10, 10])
     assert resolve(TrainConfig(pooling="mean"), DECODER, _custom("ham", "spam"), label_counts=[10, 10]).prompt.pooling \
         == "mean"
 

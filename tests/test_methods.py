@@ -137,11 +137,11 @@ def test_prefix_without_the_engine_takes_the_models_own_forward_with_the_cache(t
             model.generate(ids, mask, max_new_tokens=2)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last_mean"])
 @pytest.mark.parametrize("shared", [True, False])
 def test_prefix_head_equals_the_model_given_the_prefix_as_cache(tiny_llama_cls, tokenizer, pooling, shared):
     """A head after the prefix reads what the plain model given the prefix as its cache gives: its own last-token
-    pooling, or the mean of the row's final states."""
+    pooling, the mean of the row's final states, or both side by side."""
     model = _prefix_model(tiny_llama_cls, tokenizer, task_type="SEQ_CLS", pooling=pooling)
     if not shared:
         model.engine.force_off("forced off for the test")
@@ -152,8 +152,9 @@ def test_prefix_head_equals_the_model_given_the_prefix_as_cache(tiny_llama_cls, 
             if pooling == "cls":
                 want = torch.cat([_by_hand(tiny_llama_cls, model, row).logits for row in ROWS])
             else:
-                want = torch.stack([tiny_llama_cls.score(_by_hand(tiny_llama_cls.model, model, row)
-                                                         .last_hidden_state[0].mean(0)) for row in ROWS])
+                states = [_by_hand(tiny_llama_cls.model, model, row).last_hidden_state[0] for row in ROWS]
+                pooled = [h.mean(0) if pooling == "mean" else torch.cat([h[-1], h.mean(0)]) for h in states]
+                want = torch.stack([model.head(p) for p in pooled])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

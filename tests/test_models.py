@@ -353,7 +353,7 @@ def test_grouped_attention_equals_transformers_sdpa_and_is_restored(tokenizer, t
 @pytest.mark.parametrize("num_labels", [3, 1])  # classes (cross-entropy) and a score (squared error)
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("path", ["packed", "cached"])
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last_mean"])
 def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num_labels, side, path, pooling,
                                                                   monkeypatch):
     """A head over the last real token (or the text's mean) gives the same logits, loss, and prompt and head
@@ -393,10 +393,14 @@ def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_decoder_mean_pooling_matches_hand_built_mean(tokenizer, tiny_llama_cls, side, shared):
+@pytest.mark.parametrize("pooling", ["mean", "last_mean"])
+def test_decoder_mean_pooling_matches_hand_built_mean(tokenizer, tiny_llama_cls, side, shared, pooling):
     """pooling='mean' on a decoder: the head reads the mean of the text's final states after the prompt (no
-    virtual tokens, no pads), through the shared prefix and through the concat alike."""
-    model = wrap(tiny_llama_cls, 4, "SEQ_CLS", tokenizer, pooling="mean").eval()
+    virtual tokens, no pads); 'last_mean': a new linear head reads the last token's state beside that mean;
+    through the shared prefix and through the concat alike."""
+    model = wrap(tiny_llama_cls, 4, "SEQ_CLS", tokenizer, pooling=pooling).eval()
+    head = model.head
+    assert head.in_features == (2 if pooling == "last_mean" else 1) * tiny_llama_cls.config.hidden_size
     if not shared:
         model.engine.force_off("forced off for the test")
     enc = batch(tokenizer, side)
@@ -406,10 +410,12 @@ def test_decoder_mean_pooling_matches_hand_built_mean(tokenizer, tiny_llama_cls,
             ids = tokenizer(text, return_tensors="pt")["input_ids"]
             concat = torch.cat([model.prompt.weight[None], tiny_llama_cls.get_input_embeddings()(ids)], dim=1)
             states = tiny_llama_cls.model(inputs_embeds=concat).last_hidden_state[0, 4:]
-            torch.testing.assert_close(got[i], tiny_llama_cls.score(states.mean(0)), atol=ATOL, rtol=0)
-        last = wrap(tiny_llama_cls, 4, "SEQ_CLS", tokenizer)
-        last.prompt.weight.copy_(model.prompt.weight)
-        assert not torch.allclose(got, last(**enc).logits)
+            features = states.mean(0) if pooling == "mean" else torch.cat([states[-1], states.mean(0)])
+            torch.testing.assert_close(got[i], head(features), atol=ATOL, rtol=0)
+        if pooling == "mean":
+            last = wrap(tiny_llama_cls, 4, "SEQ_CLS", tokenizer)
+            last.prompt.weight.copy_(model.prompt.weight)
+            assert not torch.allclose(got, last(**enc).logits)
 
 
 @pytest.mark.parametrize("loss", ["rank", "lm", "head"])

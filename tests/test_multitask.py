@@ -55,7 +55,8 @@ def decoder_prompts(tiny_dirs, tmp_path_factory):
             "toy": _checkpoint(root / "b", llama, MULTI_TOKEN, 7, "CAUSAL_LM", 2),
             "head": _checkpoint(root / "c", llama, get_task("rotten_tomatoes"), 5, "SEQ_CLS", 3),
             "similarity": _checkpoint(root / "d", llama, get_task("stsb"), 3, "SEQ_CLS", 4),
-            "mean": _checkpoint(root / "e", llama, get_task("rotten_tomatoes"), 2, "SEQ_CLS", 5, "mean")}
+            "mean": _checkpoint(root / "e", llama, get_task("rotten_tomatoes"), 2, "SEQ_CLS", 5, "mean"),
+            "last_mean": _checkpoint(root / "f", llama, get_task("rotten_tomatoes"), 3, "SEQ_CLS", 6, "last_mean")}
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ class TaskType(str, Enum):
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"  # encoder-decoder; prompt on the encoder input only
 
 
-POOLINGS = ("cls", "mean", "siamese")
+POOLINGS = ("cls", "mean", "siamese", "last_mean")
 TRUNCATIONS = ("head", "head_tail")  # what of a too-long text is kept (encoding.TaskEncoder)
 
 

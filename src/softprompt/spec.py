@@ -77,8 +77,9 @@ class TrainConfig:
     pooling: str | None = _opt(None, "how a head reads the model: cls (the model's own: an encoder's pooled [CLS], "
                                      "a decoder's last token) | mean (of the text's final states) | siamese "
                                      "(encoder pairs: each text mean-pooled apart, the head reads u, v, |u-v| and "
-                                     "u*v) (default with a mean-pooling sentence-embedding model: mean for one text, "
-                                     "siamese for a pair; else cls)")
+                                     "u*v) | last_mean (decoders: the last token's state and the mean, side by "
+                                     "side) (default with a mean-pooling sentence-embedding model: mean for one "
+                                     "text, siamese for a pair; else cls)")
     head_init: str | None = _opt(None, "a head's start: cosine (siamese heads: the pair's cosine fitted to the "
                                        "training labels) | fit (a ridge readout of the head's inputs on 512 "
                                        "training rows) | random (default: cosine for siamese heads, fit for "

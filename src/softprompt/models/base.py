@@ -97,6 +97,13 @@ class PromptModel(nn.Module):
     def head(self) -> nn.Module | None:
         return getattr(self.base, self.head_name) if self.head_name else None
 
+    def _new_head(self, width: int) -> None:
+        """Replace the model's head by a fresh linear one over `width` features: a pooling that reads more than
+        the model's own pooled state."""
+        old = self.readout
+        head = nn.Linear(width, old.out_features, bias=old.bias is not None)
+        setattr(self.base, str(self.head_name), head.to(old.weight.device, old.weight.dtype))
+
     def embedding_matrix(self) -> torch.Tensor:
         """The frozen input-embedding matrix (vocab, dim): the space the prompt lives in."""
         return cast(nn.Embedding, self.base.get_input_embeddings()).weight

@@ -34,6 +34,8 @@ class DecoderPromptModel(PromptModel):
     def __init__(self, base, config, tokenizer=None) -> None:
         super().__init__(base, config, tokenizer)
         self.engine = SharedPrefix(base, self.prompt, reads_logits=config.task_type is TaskType.CAUSAL_LM)
+        if config.pooling == "last_mean":  # a fresh linear head reads [last state, mean state]
+            self._new_head(2 * self.embedding_matrix().shape[1])
 
     def __setattr__(self, name, value) -> None:
         super().__setattr__(name, value)
@@ -85,7 +87,7 @@ class DecoderPromptModel(PromptModel):
         if self._shares(input_ids.shape[1]):
             ids, mask, _ = self._aligned(input_ids, attention_mask)
             hidden = self.engine.states(ids, mask).hidden
-        elif self.config.pooling == "mean":
+        elif self.config.pooling != "cls":
             hidden, mask = self._text_states(input_ids, attention_mask)
         else:  # the model's own last-token pooling over the concat
             return super().forward(input_ids, attention_mask, token_type_ids, labels)
@@ -97,9 +99,14 @@ class DecoderPromptModel(PromptModel):
 
     def pooled(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """What the head reads from left-aligned final states (B, n, d) whose text columns `text` (B, n) marks:
-        the last column (each row's last real token) or, with `pooling="mean"`, the mean over the text, which on a
-        long text keeps what its first and middle tokens said (docs/recipe.md, "Pooling a decoder's states")."""
-        return masked_mean(hidden, text) if self.config.pooling == "mean" else hidden[:, -1]
+        the last column (each row's last real token), the mean over the text (`pooling="mean"`), or both side by
+        side (`"last_mean"`): the last state sits at the text's end, the mean hears all of it (docs/recipe.md,
+        "Custom data")."""
+        if self.config.pooling == "mean":
+            return masked_mean(hidden, text)
+        if self.config.pooling == "last_mean":
+            return torch.cat([hidden[:, -1], masked_mean(hidden, text)], dim=-1)
+        return hidden[:, -1]
 
     def _text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:

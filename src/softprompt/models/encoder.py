@@ -29,9 +29,7 @@ class EncoderPromptModel(PromptModel):
     def __init__(self, base, config, tokenizer=None) -> None:
         super().__init__(base, config, tokenizer)
         if config.pooling == "siamese":  # a fresh linear head reads [u, v, |u - v|, u * v]
-            old = next(self.head.parameters())
-            head = torch.nn.Linear(4 * int(self.base.config.hidden_size), self.readout.out_features)
-            setattr(self.base, str(self.head_name), head.to(old.device, old.dtype))
+            self._new_head(4 * int(self.base.config.hidden_size))
 
     @property
     def head(self) -> torch.nn.Module:

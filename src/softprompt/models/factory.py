@@ -50,16 +50,16 @@ def check_task_type(family: str, task_type: TaskType, model_type: str) -> None:
 
 def check_pooling(family: str, pooling: str | None, head: bool) -> None:
     """Pooling is how a head reads the model's states: mean reads an encoder's or a decoder's, siamese an
-    encoder's only; asked for where it does not apply, it would be quietly ignored."""
+    encoder's only, last_mean a decoder's; asked for where it does not apply, it would be quietly ignored."""
     if pooling in (None, "cls"):
         return
     if not head:
         raise SoftpromptError(f"--pooling {pooling} sets how a head reads the model; this run reads label words "
                               "(add --task-type SEQ_CLS for a head, or leave --pooling out)")
-    readers = {"mean": ("encoder", "decoder"), "siamese": ("encoder",)}[pooling]
+    readers = {"mean": ("encoder", "decoder"), "siamese": ("encoder",), "last_mean": ("decoder",)}[pooling]
     if family not in readers:
-        raise SoftpromptError(f"--pooling {pooling} reads the states of an {' or a '.join(readers)}; a {family}'s "
-                              "head cannot take it: leave --pooling out")
+        raise SoftpromptError(f"--pooling {pooling} is for {' and '.join(r + 's' for r in readers)}' heads; "
+                              f"this {family}'s head cannot take it: leave --pooling out")
 
 
 def check_method(family: str, config: PromptTuningConfig, model_config) -> None:

@@ -92,7 +92,7 @@ class PrefixDecoderModel(DecoderPromptModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         if self.config.task_type is TaskType.SEQ_CLS and not kwargs and (
-                self._shares(input_ids.shape[1]) or self.config.pooling == "mean"):
+                self._shares(input_ids.shape[1]) or self.config.pooling != "cls"):
             return super().forward(input_ids, attention_mask, labels=labels)
         return self._cached(input_ids, attention_mask, labels, **kwargs)
 
