@@ -149,6 +149,14 @@ def test_pooling_is_refused_where_it_would_be_ignored(tiny_llama, tokenizer):
         == "mean"
 
 
+def test_a_decoder_head_on_a_users_file_reads_its_last_state_and_the_mean():
+    spec = resolve(TrainConfig(), DECODER, _custom("ham", "spam"), label_counts=[10, 10])
+    assert spec.prompt.pooling == "last_mean" and "#custom-data" in spec.decided["pooling"]
+    assert resolve(TrainConfig(task_type="SEQ_CLS"), DECODER, get_task("sst2")).prompt.pooling == "cls"
+    assert resolve(TrainConfig(task_type="CAUSAL_LM"), DECODER, _custom("ham", "spam"),
+                   label_counts=[10, 10]).prompt.pooling == "cls"  # label words: no head to pool for
+
+
 
 
 def test_a_users_file_keeps_a_long_texts_start_and_end_and_a_built_in_task_its_start():

@@ -79,7 +79,8 @@ class TrainConfig:
                                      "(encoder pairs: each text mean-pooled apart, the head reads u, v, |u-v| and "
                                      "u*v) | last_mean (decoders: the last token's state and the mean, side by "
                                      "side) (default with a mean-pooling sentence-embedding model: mean for one "
-                                     "text, siamese for a pair; else cls)")
+                                     "text, siamese for a pair; a decoder's head on a user's file: last_mean; "
+                                     "else cls)")
     head_init: str | None = _opt(None, "a head's start: cosine (siamese heads: the pair's cosine fitted to the "
                                        "training labels) | fit (a ridge readout of the head's inputs on 512 "
                                        "training rows) | random (default: cosine for siamese heads, fit for "
@@ -320,6 +321,10 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
             pooling = decide("pooling", "mean" if len(task.fields) == 1 else "siamese",
                              "a mean-pooling sentence-embedding model reads one text by its mean and a pair as two "
                              "texts compared, as it was trained")
+        elif decoder_head and custom:
+            pooling = decide("pooling", "last_mean", "a decoder's head on a user's file reads its last state beside "
+                             "the text's mean: at least the last state's accuracy on both sets, where the mean alone "
+                             "won one and lost the other", CUSTOM)
         else:
             pooling = decide("pooling", "cls", "the model's own pooling: an encoder's pooled first token, a "
                              "decoder's last real token")
