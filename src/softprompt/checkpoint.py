@@ -305,6 +305,6 @@ def _from_format_1(meta: dict[str, Any]) -> Checkpoint:
     cfg = TrainConfig(**{k: v for k, v in training.items() if k in TrainConfig.__dataclass_fields__})
     model = ModelInfo(meta["base_model"], meta["base_model"], None, meta["family"])
     spec = resolve(cfg, model, TaskSpec.from_dict(meta["task"]), bf16_fast=False)
-    spec = replace(spec, prompt=prompt, decided={})
+    spec = replace(spec, prompt=prompt, truncation="head", decided={})  # 0.1.0 cut every text's end
     return Checkpoint(prompt, meta["family"], meta["base_model"], meta["base_fingerprint"], spec, meta.get("step"),
                       meta.get("metrics") or {}, {}, {}, format=1)

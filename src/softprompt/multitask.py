@@ -29,9 +29,8 @@ from .data import Example, to_examples
 from .encoding import Feature, pad
 from .errors import SoftpromptError
 from .metrics import compute_metrics
-from .models.base import insertion_index, splice
+from .models.base import insertion_index, masked_mean, splice
 from .models.decoder import DecoderPromptModel
-from .models.base import masked_mean
 from .models.encoder import EncoderPromptModel
 from .models.shared_prefix import positions_from_mask, stack_prefixes
 from .pipeline import PromptedTask, decode_generated, read_task_checkpoint

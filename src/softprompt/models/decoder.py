@@ -5,11 +5,10 @@ pads p1..pk text. Position ids count real tokens only, so left and right padding
 results, the last column is always a real token (generation and last-token pooling rely on it), and the
 first real token's loss is predicted from the last virtual token, exactly as without padding.
 
-The label loss, rank classification, generation and a head (over the last token or the text's mean) go through the
-shared-prefix
-engine (shared_prefix.py, `model.engine`), which runs the prompt once per batch; where it cannot serve a call
-(a model whose cache or output head is not plain, a batch longer than a sliding window, a tail reaching into
-the prompt, sampling), this adapter takes the concatenated sequence, `forward`'s path.
+The label loss, rank classification, generation and a head (over the last token, the text's mean, or both) go
+through the shared-prefix engine (shared_prefix.py, `model.engine`), which runs the prompt once per batch; where
+it cannot serve a call (a model whose cache or output head is not plain, a batch longer than a sliding window, a
+tail reaching into the prompt, sampling), this adapter takes the concatenated sequence, `forward`'s path.
 """
 
 from __future__ import annotations
@@ -79,9 +78,9 @@ class DecoderPromptModel(PromptModel):
         return input_ids.gather(1, order), attention_mask.gather(1, order), order
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        """With a head, the pooled input states (the last real token's, or the mean of the text's) through the
-        shared prefix, as the model's own pooling and loss on the concatenated sequence would give; other outputs
-        take the concat."""
+        """With a head, the pooled input states (`pooled`) through the shared prefix, as the same pooling (for the
+        last token, the model's own) and loss on the concatenated sequence would give; other outputs take the
+        concat."""
         if self.config.task_type is not TaskType.SEQ_CLS or kwargs:
             return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
         if self._shares(input_ids.shape[1]):

@@ -1,9 +1,10 @@
 """Prefix tuning: trainable keys and values at every layer (`PrefixKeyValues`, methods/prefix.py).
 
 Decoders run it through the shared-prefix engine as a `KeyValues` source: label words, the LM and rank losses,
-rank classification, a head (over the last token or the text's mean) and greedy generation run the rows once after one copy of it
-per batch. A call the engine cannot share (a model whose cache or head it does not model, a batch past a
-sliding window) runs the model's own forward with the prefix as its cache instead; sampling is refused.
+rank classification, a head (over the last token, the text's mean, or both) and greedy generation run the rows
+once after one copy of it per batch. A call the engine cannot share (a model whose cache or head it does not
+model, a batch past a sliding window) runs the model's own forward with the prefix as its cache instead (a
+pooling of its own over the backbone's states); sampling is refused.
 Encoders (BERT, RoBERTa, MiniLM) take it as every layer's cache, as peft does: each row attends to the prefix
 and to its own tokens, whose positions count from k. T5 takes it in its encoder's self-attention layers (their
 relative position bias then counts the rows' tokens from k); the decoder is untouched, as with a prompt. There
