@@ -50,6 +50,7 @@ def test_a_checkpoint_of_the_previous_format_scores_as_it_did(tmp_path):
     expected = json.loads((LEGACY / "expected.json").read_text())
     loaded = PromptedTask.from_pretrained(LEGACY / "minilm_best")
     assert loaded.spec.prompt.pooling == "mean" and loaded.spec.max_length == 128 and loaded.spec.bf16 is False
+    assert loaded.spec.truncation == "head"  # it cut each text's end, whatever today's default for its data
     scores = loaded.scores([Example({"text": t}, None) for t in expected["texts"]])
     torch.testing.assert_close(scores, torch.tensor(expected["minilm_scores"]), atol=1e-5, rtol=0)
 
