@@ -149,6 +149,7 @@ def test_prefix_head_equals_the_model_given_the_prefix_as_cache(tiny_llama_cls, 
         ids, mask = _batch(side)
         with torch.no_grad():
             got = model(ids, mask).logits
+            torch.testing.assert_close(model(ids, mask, num_items_in_batch=torch.tensor(9)).logits, got)
             if pooling == "cls":
                 want = torch.cat([_by_hand(tiny_llama_cls, model, row).logits for row in ROWS])
             else:

@@ -406,6 +406,8 @@ def test_decoder_mean_pooling_matches_hand_built_mean(tokenizer, tiny_llama_cls,
     enc = batch(tokenizer, side)
     with torch.no_grad():
         got = model(**enc).logits
+        # Trainer passes its token count to a model that takes **kwargs; a head's pooling must not change for it
+        torch.testing.assert_close(model(**enc, num_items_in_batch=torch.tensor(9)).logits, got)
         for i, text in enumerate(TEXTS):
             ids = tokenizer(text, return_tensors="pt")["input_ids"]
             concat = torch.cat([model.prompt.weight[None], tiny_llama_cls.get_input_embeddings()(ids)], dim=1)

@@ -81,15 +81,16 @@ class DecoderPromptModel(PromptModel):
         """With a head, the pooled input states (`pooled`) through the shared prefix, as the same pooling (for the
         last token, the model's own) and loss on the concatenated sequence would give; other outputs take the
         concat."""
-        if self.config.task_type is not TaskType.SEQ_CLS or kwargs:
+        if self.config.task_type is not TaskType.SEQ_CLS:
             return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
-        if self._shares(input_ids.shape[1]):
+        kwargs.pop("num_items_in_batch", None)  # Trainer's token count for token losses; a head's loss is per row
+        if not kwargs and self._shares(input_ids.shape[1]):
             ids, mask, _ = self._aligned(input_ids, attention_mask)
             hidden = self.engine.states(ids, mask).hidden
         elif self.config.pooling != "cls":
-            hidden, mask = self._text_states(input_ids, attention_mask)
+            hidden, mask = self._text_states(input_ids, attention_mask, **kwargs)
         else:  # the model's own last-token pooling over the concat
-            return super().forward(input_ids, attention_mask, token_type_ids, labels)
+            return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
         logits = self.head(self.pooled(hidden, mask))
         loss = None
         if labels is not None:
@@ -107,14 +108,14 @@ class DecoderPromptModel(PromptModel):
             return torch.cat([hidden[:, -1], masked_mean(hidden, text)], dim=-1)
         return hidden[:, -1]
 
-    def _text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    def _text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final states of the concat (no shared prefix) and its text columns (the prompt's left out)."""
         inputs, _, offsets = self.prompted_inputs(input_ids, attention_mask)
         text = inputs["attention_mask"].clone()
         columns = torch.arange(text.shape[1], device=text.device).unsqueeze(0)
         text[(columns >= offsets.unsqueeze(1)) & (columns < offsets.unsqueeze(1) + self.prompt.num_tokens)] = 0
-        return self.base.base_model(**inputs).last_hidden_state, text
+        return self.base.base_model(**inputs, **kwargs).last_hidden_state, text
 
     def continuation_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             continuations: list[list[int]]) -> list[torch.Tensor] | None:

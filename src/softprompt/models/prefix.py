@@ -92,15 +92,16 @@ class PrefixDecoderModel(DecoderPromptModel):
         return out
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        if self.config.task_type is TaskType.SEQ_CLS and not kwargs and (
-                self._shares(input_ids.shape[1]) or self.config.pooling != "cls"):
-            return super().forward(input_ids, attention_mask, labels=labels)
+        if self.config.task_type is TaskType.SEQ_CLS:
+            kwargs.pop("num_items_in_batch", None)  # as the parent's: a head's loss is per row
+            if self.config.pooling != "cls" or (not kwargs and self._shares(input_ids.shape[1])):
+                return super().forward(input_ids, attention_mask, labels=labels, **kwargs)
         return self._cached(input_ids, attention_mask, labels, **kwargs)
 
-    def _text_states(self, input_ids, attention_mask):
+    def _text_states(self, input_ids, attention_mask, **kwargs):
         """The rows' final states with the prefix as the backbone's cache (no virtual columns: all are text)."""
         ids, mask, _ = self._aligned(input_ids, attention_mask)
-        return self.engine.cache_forward(ids, mask, model=self.base.base_model).last_hidden_state, mask
+        return self.engine.cache_forward(ids, mask, model=self.base.base_model, **kwargs).last_hidden_state, mask
 
     def tail_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
         ids, mask, _ = self._aligned(input_ids, attention_mask)
