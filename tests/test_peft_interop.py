@@ -109,9 +109,11 @@ def test_encoder_tensors_and_head_reach_peft_though_its_layout_differs(tiny_dirs
 
 
 def test_trained_checkpoint_round_trip_is_bit_identical(tiny_dirs, tiny_csv, tmp_path, capsys):
+    """A decoder head on a user's file, pooled by its last token as peft's model pools (the default there,
+    last_mean, has no peft equivalent and is refused: test_refusals_are_one_line)."""
     args = ["train", "--max-steps", "2", "--batch-size", "8", "--prompt-length", "3", "--no-progress",
             "--max-length", "24", "--no-baselines", "--model", tiny_dirs["llama"], "--data", tiny_csv,
-            "--output", tmp_path / "run"]
+            "--pooling", "cls", "--output", tmp_path / "run"]
     assert main([str(a) for a in args]) == 0
     best = tmp_path / "run" / "best"
     assert main(["export", str(best), str(tmp_path / "peft"), "--format", "peft"]) == 0
@@ -165,6 +167,13 @@ def test_refusals_are_one_line(tiny_dirs, tokenizer, tmp_path, capsys):
     assert main(["export", str(tmp_path / "mean"), str(tmp_path / "y")]) == 2
     assert "no peft equivalent" in capsys.readouterr().err and not (tmp_path / "y").exists()
     assert main(["export", str(tmp_path / "mean"), str(tmp_path / "y"), "--format", "gguf"]) == 2
+    capsys.readouterr()
+    both = get_prompt_model(AutoModelForSequenceClassification.from_pretrained(tiny_dirs["llama"]),
+                            PromptTuningConfig(num_virtual_tokens=K, task_type="SEQ_CLS", pooling="last_mean"),
+                            tokenizer)
+    both.save_pretrained(tmp_path / "both")
+    assert main(["export", str(tmp_path / "both"), str(tmp_path / "y")]) == 2
+    assert "'last_mean'" in capsys.readouterr().err and not (tmp_path / "y").exists()
     with pytest.raises(SoftpromptError, match="peft adapter with no task"):
         PromptedTask.from_pretrained(tmp_path / "lora")
     with pytest.raises(SoftpromptError, match="which base model"):

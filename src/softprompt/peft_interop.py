@@ -118,8 +118,9 @@ def export_peft(checkpoint_dir: str | Path, output: str | Path) -> tuple[Path, s
 
     meta = read_checkpoint(checkpoint_dir)
     if meta.prompt.pooling != "cls":
-        raise SoftpromptError(f"{checkpoint_dir} pools the text by {meta.prompt.pooling!r}; peft's models pool their "
-                              "own first token, so this prompt has no peft equivalent")
+        raise SoftpromptError(f"{checkpoint_dir} pools the text by {meta.prompt.pooling!r}; peft's models pool as the "
+                              "model does (an encoder's first token, a decoder's last), so this prompt has no peft "
+                              "equivalent: train with --pooling cls to export one")
     if meta.base_model is None:
         raise SoftpromptError(f"{checkpoint_dir} does not record its base model; peft needs one")
     if meta.prompt.method == "prefix" and meta.family != "decoder":
