@@ -133,10 +133,11 @@ def test_cli_defaults_on_an_imbalanced_csv(tiny_dirs, spam_csv, tmp_path, capsys
 
 
 def test_pooling_is_refused_where_it_would_be_ignored(tiny_llama, tokenizer):
-    """A decoder's head reads its last token or the text's mean; siamese pooling (an encoder's pairs), or any
+    """A decoder's head reads its last token, the text's mean or both; siamese pooling (an encoder's pairs), or any
     pooling on label words, is an error from the CLI's resolver and from the Python API alike, not ignored."""
-    for pooling, task_type, message in (("siamese", "SEQ_CLS", "is for encoders' heads; this decoder's head cannot"),
-                                        ("mean", "CAUSAL_LM", "sets how a head reads the model; this run reads label words")):
+    refusals = (("siamese", "SEQ_CLS", "is for encoders' heads; this decoder's head cannot"),
+                ("mean", "CAUSAL_LM", "sets how a head reads the model; this run reads label words"))
+    for pooling, task_type, message in refusals:
         with pytest.raises(SoftpromptError, match=f"--pooling {pooling} {message}"):
             resolve(TrainConfig(pooling=pooling, task_type=task_type), DECODER, _custom("ham", "spam"),
                     label_counts=[10, 10])
@@ -155,8 +156,6 @@ def test_a_decoder_head_on_a_users_file_reads_its_last_state_and_the_mean():
     assert resolve(TrainConfig(task_type="SEQ_CLS"), DECODER, get_task("sst2")).prompt.pooling == "cls"
     assert resolve(TrainConfig(task_type="CAUSAL_LM"), DECODER, _custom("ham", "spam"),
                    label_counts=[10, 10]).prompt.pooling == "cls"  # label words: no head to pool for
-
-
 
 
 def test_a_users_file_keeps_a_long_texts_start_and_end_and_a_built_in_task_its_start():
