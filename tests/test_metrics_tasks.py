@@ -143,3 +143,8 @@ def test_a_long_text_keeps_its_start_or_its_start_and_end(tokenizer, truncation)
         assert encoder.truncated == 1 and fits.input_ids == TaskEncoder(tokenizer, rte, task_type, 48).encode(
             Example({"sentence1": "a short premise", "sentence2": "tiny"}, 0)).input_ids
     assert TaskEncoder(tokenizer, rte, TaskType.SEQ_CLS, 48).truncation == "head"  # what specs before the option did
+    two_long = TaskEncoder(tokenizer, rte, TaskType.SEQ_CLS, 48, truncation=truncation).encode(
+        Example({"sentence1": long, "sentence2": " ".join(f"v{i}" for i in range(150))}, 0))
+    first, second = tokenizer.decode(two_long.input_ids).split("[SEP]")[:2]
+    assert 44 <= len(two_long.input_ids) <= 48 and "w0" in first and "v0" in second  # a long pair keeps both
+    assert ("w199" in first and "v149" in second) == (truncation == "head_tail")

@@ -98,7 +98,7 @@ class TaskEncoder:
 
     def _cut(self, *texts: str):
         """The tokenizer's encoding cut to max_length, counted in `truncated` when it was cut. The tokenizer cuts
-        a text's end; head_tail first cuts the longest text's middle by the excess."""
+        a text's end; head_tail first cuts the middle of the text (or of a pair's longer texts) by the excess."""
         enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
         if len(enc["input_ids"]) < self.max_length:
             return enc
@@ -106,10 +106,12 @@ class TaskEncoder:
         self.truncated += excess > 0
         if excess <= 0 or self.truncation == "head":
             return enc
-        cut = list(texts)
-        longest = max(range(len(cut)), key=lambda i: len(cut[i]))
-        tokens = self.tokenizer(cut[longest], add_special_tokens=False)["input_ids"]
-        cut[longest] = self.tokenizer.decode(kept(tokens, len(tokens) - excess, "head_tail"))
+        tokens = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        keep = [len(t) for t in tokens]
+        for _ in range(excess):  # as the tokenizer's longest_first: each token cut from the longer text of a pair
+            keep[keep.index(max(keep))] -= 1
+        cut = [t if k == len(ids) else self.tokenizer.decode(kept(ids, k, "head_tail"))
+               for t, ids, k in zip(texts, tokens, keep)]
         # decoding and re-encoding may shift a token or two: the tokenizer's own cut takes what still overflows
         return self.tokenizer(*cut, truncation=True, max_length=self.max_length)
 
