@@ -132,7 +132,7 @@ def serve_process(kind: str, prompts_file: str, port: int) -> None:
     torch.set_num_threads(2)
     prompts = json.loads(Path(prompts_file).read_text())
     if kind == "softprompt":
-        model = MultiTaskModel.from_pretrained(prompts, bf16=False)
+        model = MultiTaskModel.from_pretrained(prompts, dtype="fp32")
     else:
         model = PeftBackend(prompts, Path(tempfile.mkdtemp(prefix="peft-adapters-")))
     uvicorn.run(create_app(model, max_batch=32, max_wait_ms=5, max_inputs=64), host="127.0.0.1", port=port,

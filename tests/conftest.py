@@ -85,7 +85,25 @@ def _save(model, tokenizer, path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_dirs(tokenizer, tmp_path_factory):
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer that, as SmolLM2's, adds no special tokens: an empty text has no tokens at all
+    (the WordPiece one always has [CLS] and [SEP]). Trained here in milliseconds on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["the film was good", "the film was bad", "a gorgeous, moving film", "positive negative entailment",
+              "very good, very bad indeed, fine", "Sentence 1: Sentence 2: Review: Sentiment:"] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tokenizer, bpe_tokenizer, tmp_path_factory):
     """Tiny random models saved as local folders, so they load by path like any hub model."""
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
@@ -100,7 +118,9 @@ def tiny_dirs(tokenizer, tmp_path_factory):
                                              num_heads=4, pad_token_id=tokenizer.pad_token_id,
                                              decoder_start_token_id=tokenizer.pad_token_id,
                                              eos_token_id=tokenizer.sep_token_id))
+    llama_bpe = LlamaForCausalLM(_llama_config(bpe_tokenizer))
     return {"llama": _save(llama, tokenizer, root / "llama"), "llama48": _save(llama48, tokenizer, root / "llama48"),
+            "llama_bpe": _save(llama_bpe, bpe_tokenizer, root / "llama_bpe"),
             "bert": _save(bert, tokenizer, root / "bert"), "t5": _save(t5, tokenizer, root / "t5")}
 
 
@@ -119,3 +139,22 @@ def tiny_csv(tmp_path) -> str:
     path = tmp_path / "tiny.csv"
     path.write_text("\n".join(rows))
     return str(path)
+
+
+def random_checkpoint(path: Path, model_dir: str, task, k: int, task_type: str, seed: int, pooling: str | None = None,
+                      **settings) -> str:
+    """A prompt (and head) of random values, saved as a training run would save it (`settings`: more TrainConfig
+    fields, e.g. method or bf16): tests that compare paths need no learning."""
+    from softprompt import PromptedTask, TrainConfig, describe_model, resolve
+
+    info = describe_model(model_dir)
+    spec = resolve(TrainConfig(model=model_dir, prompt_length=k, task_type=task_type, init="random", max_length=32,
+                               seed=seed, pooling=pooling, **settings), info, task)
+    prompted = PromptedTask.build(spec, info)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        prompted.model.prompt.weight.add_(torch.randn_like(prompted.model.prompt.weight) * 0.3)
+        if prompted.model.head is not None:
+            for p in prompted.model.head.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    return str(prompted.save_pretrained(path))

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from softprompt import PromptedTask, PromptModel, PromptTuningConfig, TrainConfig, describe_model, get_prompt_model
+from softprompt import (PromptedTask, PromptModel, PromptTuningConfig, TrainConfig, describe_model, get_prompt_model,
+                        to_examples)
 from softprompt.cli import main
 from softprompt.errors import SoftpromptError
 from softprompt.peft_interop import export_peft
@@ -66,7 +67,8 @@ def test_prompted_task_pushes_and_loads_by_repo_id(tiny_dirs, hub):
     loaded = PromptedTask.from_pretrained("user/sst2-prompt")
     texts = ["a gorgeous, moving film", "dull"]
     assert loaded.spec == prompted.spec
-    assert torch.equal(loaded.scores(loaded._examples(texts)), prompted.scores(prompted._examples(texts)))
+    examples = to_examples(texts, prompted.task.fields)
+    assert torch.equal(loaded.scores(examples), prompted.scores(examples))
 
 
 def test_prompt_model_pushes_and_loads_by_repo_id(tiny_dirs, tokenizer, hub):

@@ -7,31 +7,18 @@ import json
 import pytest
 import torch
 
-from softprompt import PromptedTask, TrainConfig, describe_model, resolve
+from softprompt import PromptedTask
 from softprompt.data import Example
 from softprompt.multitask import BaseMismatch, MultiTaskModel, UnknownTask, majority_vote
 from softprompt.tasks import TaskSpec, get_task
+
+from .conftest import random_checkpoint
 
 MULTI_TOKEN = TaskSpec("toy", ("text",), ("a", "b", "c"), ("accuracy",), "{text} =",
                        (" very good", " very bad indeed", " fine"))
 TEXTS = ["good film", "awful", "fine cast, thin plot", "a long and winding sentence about nothing much at all", "ok"]
 PAIRS = [{"sentence1": "a cat sat", "sentence2": "the cat was sitting"}, {"sentence1": "rain", "sentence2": "no sun"},
          {"sentence1": "it is a long day today", "sentence2": "short"}]
-
-
-def _checkpoint(path, model_dir, task, k, task_type, seed, pooling=None):
-    """A prompt (and head) of random values, saved: the tests compare paths, not learning."""
-    info = describe_model(model_dir)
-    spec = resolve(TrainConfig(model=model_dir, prompt_length=k, task_type=task_type, init="random", max_length=32,
-                               seed=seed, pooling=pooling), info, task)
-    prompted = PromptedTask.build(spec, info)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        prompted.model.prompt.weight.add_(torch.randn_like(prompted.model.prompt.weight) * 0.3)
-        if prompted.model.head is not None:
-            for p in prompted.model.head.parameters():
-                p.add_(torch.randn_like(p) * 0.3)
-    return str(prompted.save_pretrained(path))
 
 
 def _alone(checkpoint, inputs):
@@ -51,22 +38,22 @@ def _assert_same(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def decoder_prompts(tiny_dirs, tmp_path_factory):
     root, llama = tmp_path_factory.mktemp("decoder"), tiny_dirs["llama"]
-    return {"sentiment": _checkpoint(root / "a", llama, get_task("rotten_tomatoes"), 4, "CAUSAL_LM", 1),
-            "toy": _checkpoint(root / "b", llama, MULTI_TOKEN, 7, "CAUSAL_LM", 2),
-            "head": _checkpoint(root / "c", llama, get_task("rotten_tomatoes"), 5, "SEQ_CLS", 3),
-            "similarity": _checkpoint(root / "d", llama, get_task("stsb"), 3, "SEQ_CLS", 4),
-            "mean": _checkpoint(root / "e", llama, get_task("rotten_tomatoes"), 2, "SEQ_CLS", 5, "mean"),
-            "last_mean": _checkpoint(root / "f", llama, get_task("rotten_tomatoes"), 3, "SEQ_CLS", 6, "last_mean")}
+    return {"sentiment": random_checkpoint(root / "a", llama, get_task("rotten_tomatoes"), 4, "CAUSAL_LM", 1),
+            "toy": random_checkpoint(root / "b", llama, MULTI_TOKEN, 7, "CAUSAL_LM", 2),
+            "head": random_checkpoint(root / "c", llama, get_task("rotten_tomatoes"), 5, "SEQ_CLS", 3),
+            "similarity": random_checkpoint(root / "d", llama, get_task("stsb"), 3, "SEQ_CLS", 4),
+            "mean": random_checkpoint(root / "e", llama, get_task("rotten_tomatoes"), 2, "SEQ_CLS", 5, "mean"),
+            "last_mean": random_checkpoint(root / "f", llama, get_task("rotten_tomatoes"), 3, "SEQ_CLS", 6, "last_mean")}
 
 
 @pytest.fixture(scope="module")
 def encoder_prompts(tiny_dirs, tmp_path_factory):
     root, bert = tmp_path_factory.mktemp("encoder"), tiny_dirs["bert"]
-    return {"cls": _checkpoint(root / "a", bert, get_task("rotten_tomatoes"), 4, "SEQ_CLS", 1),
-            "mean": _checkpoint(root / "b", bert, get_task("rotten_tomatoes"), 6, "SEQ_CLS", 2, "mean"),
-            "siamese": _checkpoint(root / "c", bert, get_task("mrpc"), 3, "SEQ_CLS", 3, "siamese"),
-            "pair_cls": _checkpoint(root / "d", bert, get_task("mrpc"), 2, "SEQ_CLS", 5),
-            "similarity": _checkpoint(root / "e", bert, get_task("stsb"), 5, "SEQ_CLS", 4, "mean")}
+    return {"cls": random_checkpoint(root / "a", bert, get_task("rotten_tomatoes"), 4, "SEQ_CLS", 1),
+            "mean": random_checkpoint(root / "b", bert, get_task("rotten_tomatoes"), 6, "SEQ_CLS", 2, "mean"),
+            "siamese": random_checkpoint(root / "c", bert, get_task("mrpc"), 3, "SEQ_CLS", 3, "siamese"),
+            "pair_cls": random_checkpoint(root / "d", bert, get_task("mrpc"), 2, "SEQ_CLS", 5),
+            "similarity": random_checkpoint(root / "e", bert, get_task("stsb"), 5, "SEQ_CLS", 4, "mean")}
 
 
 def _inputs_for(task: str) -> list:
@@ -104,7 +91,7 @@ def test_tasks_that_cannot_share_run_alone_with_the_same_results(decoder_prompts
 def test_the_backbone_is_loaded_once_and_shared(decoder_prompts):
     model = MultiTaskModel.from_pretrained(decoder_prompts)
     backbones = {id(p.prompted.model.base.base_model) for members in model._registry.values() for p in members.values()}
-    assert backbones == {id(model._shared.base_model)}
+    assert backbones == {id(model._backbones[False].base_model)} and len(model._backbones) == 1
     heads = [p.prompted.model.head for p in model._registry["head"].values()]
     assert heads[0] is not model._registry["similarity"][decoder_prompts["similarity"]].prompted.model.head
 
@@ -129,7 +116,7 @@ def test_majority_vote_and_mean_on_a_constructed_case():
 
 def test_an_ensemble_averages_its_members_in_one_forward(tiny_dirs, tmp_path):
     llama, task = tiny_dirs["llama"], get_task("rotten_tomatoes")
-    members = [_checkpoint(tmp_path / f"m{i}", llama, task, k, "CAUSAL_LM", 10 + i) for i, k in enumerate((3, 4, 6))]
+    members = [random_checkpoint(tmp_path / f"m{i}", llama, task, k, "CAUSAL_LM", 10 + i) for i, k in enumerate((3, 4, 6))]
     model = MultiTaskModel.from_pretrained({"sentiment": members})
     assert model.tasks()["sentiment"].members == tuple(members)
     results = model.predict([("sentiment", t) for t in TEXTS])
@@ -162,7 +149,7 @@ def test_adding_and_removing_prompts_and_what_is_refused(tiny_dirs, decoder_prom
         model.remove("toy")
     with pytest.raises(Exception, match="labels"):  # one task's members must share its labels
         model.add(model.load(decoder_prompts["toy"], task="sentiment"))
-    other = _checkpoint(tmp_path / "other", tiny_dirs["llama48"], get_task("rotten_tomatoes"), 4, "CAUSAL_LM", 1)
+    other = random_checkpoint(tmp_path / "other", tiny_dirs["llama48"], get_task("rotten_tomatoes"), 4, "CAUSAL_LM", 1)
     with pytest.raises(BaseMismatch, match="does not match"):
         model.load(other)
     with pytest.raises(Exception, match="lacks field"):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-from softprompt import PromptedTask, PromptModel, PromptTuningConfig, get_prompt_model
+from softprompt import PromptedTask, PromptModel, PromptTuningConfig, get_prompt_model, to_examples
 from softprompt.checkpoint import read_checkpoint
 from softprompt.cli import main
 from softprompt.errors import SoftpromptError
@@ -122,9 +122,8 @@ def test_trained_checkpoint_round_trip_is_bit_identical(tiny_dirs, tiny_csv, tmp
     before, after = load_file(str(best / "prompt.safetensors")), load_file(str(tmp_path / "back" / "prompt.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert read_checkpoint(best).spec == read_checkpoint(tmp_path / "back").spec
-    examples = [{"text": t} for t in TEXTS]
-    scores = [PromptedTask.from_pretrained(p).scores(PromptedTask.from_pretrained(p)._examples(examples))
-              for p in (best, tmp_path / "peft", tmp_path / "back")]
+    examples = to_examples([{"text": t} for t in TEXTS], ("text",))
+    scores = [PromptedTask.from_pretrained(p).scores(examples) for p in (best, tmp_path / "peft", tmp_path / "back")]
     assert torch.equal(scores[0], scores[1]) and torch.equal(scores[0], scores[2])
 
 

@@ -96,7 +96,8 @@ def train(**options: Any) -> None:
     result = run_training(cfg, resume=bool(resume), log=typer.echo)
     if not Ranks.from_env().is_main:
         return  # under a launcher the main rank reports
-    typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s")
+    typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s ({result.eval_seconds:.0f} s of them on dev "
+               "evaluation)")
     for name, metrics in result.baselines.items():
         typer.echo(f"baseline {name:<16}  {result.baseline_split:<5} {_fmt(metrics)}")
     typer.echo(f"trained prompt             dev   {_fmt(result.dev)}")
@@ -106,13 +107,15 @@ def train(**options: Any) -> None:
 
 TRUST = typer.Option(False, "--trust-remote-code", help="let the base model run the code in its repository "
                                                          "(only for one you trust)")
+DTYPE = typer.Option(None, "--dtype", help="the frozen model's precision: bf16 | fp32 (default: each checkpoint's "
+                                           "own, as it was trained and evaluated)")
 
 
-def _load(checkpoint: str, model: Optional[str], trust_remote_code: bool = False):
+def _load(checkpoint: str, model: Optional[str], trust_remote_code: bool = False, dtype: Optional[str] = None):
     from .pipeline import PromptedTask
 
     _quiet_libraries()
-    return PromptedTask.from_pretrained(checkpoint, model, trust_remote_code)
+    return PromptedTask.from_pretrained(checkpoint, model, trust_remote_code, dtype)
 
 
 @app.command("eval")
@@ -124,6 +127,7 @@ def evaluate(
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
     trust_remote_code: bool = TRUST,
     batch_size: int = typer.Option(64),
+    dtype: Optional[str] = DTYPE,
 ) -> None:
     """Score a checkpoint on a labelled split and print its metrics as JSON; with several, each member's and
     the ensemble's (mean probability, majority vote), all in one batched pass."""
@@ -132,13 +136,13 @@ def evaluate(
     if split not in ("dev", "test"):
         raise SoftpromptError(f"--split must be dev or test, not {split!r}")
     if len(checkpoints) == 1:
-        prompted = _load(checkpoints[0], model, trust_remote_code)
+        prompted = _load(checkpoints[0], model, trust_remote_code, dtype)
         spec, score = prompted.spec, prompted.evaluate
     else:
         from .multitask import MultiTaskModel
 
         _quiet_libraries()
-        ensemble = MultiTaskModel.from_pretrained({"ensemble": checkpoints}, trust_remote_code, base_model=model)
+        ensemble = MultiTaskModel.from_pretrained({"ensemble": checkpoints}, trust_remote_code, dtype, base_model=model)
         spec = ensemble.prompts("ensemble")[0].prompted.spec
 
         def score(examples, batch_size):
@@ -164,7 +168,8 @@ def _stdin_lines() -> list[str]:
 
 def _read_inputs(texts: list[str], file: Optional[str]) -> list[str | dict]:
     """Inputs in order: the arguments, then the lines of --file, then lines piped to stdin; a line is a text,
-    tab-separated fields, or a JSON object."""
+    tab-separated fields, or a JSON object. A blank line is an empty input, which the model refuses by its
+    number (so the output's lines stay the input's)."""
     lines = list(texts)
     if file:
         try:
@@ -173,12 +178,12 @@ def _read_inputs(texts: list[str], file: Optional[str]) -> list[str | dict]:
             raise SoftpromptError(f"cannot read {file}: {getattr(err, 'strerror', None) or err}") from None
     lines += _stdin_lines()
     items: list[str | dict] = []
-    for line in filter(str.strip, lines):
+    for i, line in enumerate(lines):
         if line.lstrip().startswith("{"):
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError:
-                raise SoftpromptError(f"input line is not valid JSON: {line[:60]}") from None
+                raise SoftpromptError(f"input {i} is not valid JSON: {line[:60]}") from None
         else:
             items.append(line)
     if not items:
@@ -197,11 +202,12 @@ def predict(
     generate: bool = typer.Option(False, "--generate", help="print free text generated after the template "
                                                             "instead of a label (decoder checkpoints)"),
     max_new_tokens: int = typer.Option(20, help="with --generate: tokens to generate at most"),
+    dtype: Optional[str] = DTYPE,
 ) -> None:
     """Classify texts; prints one JSON line per input with the label and per-label scores."""
     from .data import to_examples
 
-    prompted = _load(checkpoint, model, trust_remote_code)
+    prompted = _load(checkpoint, model, trust_remote_code, dtype)
     fields = prompted.task.fields
     items = [dict(zip(fields, i.split("\t"))) if isinstance(i, str) and len(fields) > 1 else i
              for i in _read_inputs(texts or [], file)]
@@ -228,6 +234,7 @@ def info(checkpoint: Optional[str] = typer.Argument(None, help="checkpoint folde
         size = sum(f.stat().st_size for f in Path(checkpoint).iterdir() if f.suffix == ".safetensors")
         spec = meta.spec
         typer.echo(json.dumps({"base_model": meta.base_model, "family": meta.family, "prompt": meta.prompt.to_dict(),
+                               "precision": spec and ("bf16" if spec.bf16 else "fp32"),
                                "task": spec and spec.task.name, "template": spec and spec.task.template,
                                "verbalizer": spec and spec.task.verbalizer, "step": meta.step,
                                "metrics": meta.metrics, "decided": spec and spec.decided, "format": meta.format,
@@ -393,13 +400,15 @@ def serve(
                                                                   "DIR/<task>/<member>/), following changes"),
     workers: int = typer.Option(1, help="worker processes, each with its own copy of the model"),
     trust_remote_code: bool = TRUST,
+    dtype: Optional[str] = DTYPE,
 ) -> None:
     """Serve prompts over HTTP: a JSON API (/docs), a playground page at /, mixed-task dynamic batching."""
+    from .precision import check_dtype
     from .serve import serve as run_server
 
     _quiet_libraries()
     run_server(checkpoints or [], host=host, port=port, workers=workers, watch=watch,
-               trust_remote_code=trust_remote_code, api_key=api_key, read_only=read_only, max_batch=max_batch,
+               trust_remote_code=trust_remote_code, dtype=check_dtype(dtype), api_key=api_key, read_only=read_only, max_batch=max_batch,
                max_wait_ms=max_wait_ms, max_inputs=max_inputs, max_input_chars=max_input_chars,
                max_body_bytes=max_body_bytes)
 

@@ -149,13 +149,29 @@ def _pick(row: dict, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _to_examples(rows: list[dict], task: TaskSpec, fields_cols: dict[str, str], label_col: str | None,
-                 where: str) -> list[Example]:
-    out = []
+def check_value_types(rows: list[dict], texts: Iterable[str], label: str | None, where: str) -> None:
+    """A text is a string or a number, a label that or a boolean (either may be missing); an object or a list would
+    be read as its Python repr, so it is refused, naming the row (counted from 1 in the file's order) and the
+    column."""
+    wanted = [(c, False) for c in texts] + ([(label, True)] if label is not None else [])
     for i, row in enumerate(rows):
+        for column, is_label in wanted:
+            value = row.get(column)
+            if value is not None and ((isinstance(value, bool) and not is_label)
+                                      or not isinstance(value, (str, int, float))):
+                kind = {dict: "an object", list: "a list", bool: "a boolean"}.get(type(value), type(value).__name__)
+                raise SoftpromptError(f"{where} row {i + 1}, column {column!r}: {kind} where a text or number belongs "
+                                      f"({repr(value)[:40]}); flatten it into a string")
+
+
+def _to_examples(rows: list[tuple[int, dict]], task: TaskSpec, fields_cols: dict[str, str], label_col: str | None,
+                 where: str) -> list[Example]:
+    """Examples of (row number, row) pairs, the number naming a row whose label is refused."""
+    out = []
+    for number, row in rows:
         raw = row.get(label_col) if label_col else None
         fields = {f: "" if row.get(c) is None else str(row[c]) for f, c in fields_cols.items()}
-        out.append(Example(fields, _label_index(raw, task, f"{where} row {i + 1}")))
+        out.append(Example(fields, _label_index(raw, task, f"{where} row {number}")))
     return out
 
 
@@ -229,8 +245,10 @@ def from_file(path: Path, task: TaskSpec | None, seed: int, text_columns=None, l
         raise SoftpromptError(f"{path} has {len(rows)} data row(s); one file is split 80/10/10 into train/dev/test, "
                               f"so it needs at least {math.ceil(1 / SPLIT_FRACTIONS[1])} (or give a folder with "
                               "train and dev files)")
-    train, dev, test = _seeded_split(rows, seed)
-    task = task or _infer_task(train, {"dev": dev, "test": test}, probe.fields, label_col)
+    check_value_types(rows, cols.values(), label_col, str(path))
+    train, dev, test = _seeded_split(list(enumerate(rows, 1)), seed)
+    task = task or _infer_task([r for _, r in train], {"dev": [r for _, r in dev], "test": [r for _, r in test]},
+                               probe.fields, label_col)
     train_x, dev_x, test_x = (_to_examples(r, task, cols, label_col, f"{path}") for r in (train, dev, test))
     return Splits(task, train_x, dev_x, test_x, source=str(path))
 
@@ -264,7 +282,8 @@ def from_folder(folder: Path, task: TaskSpec | None, text_columns=None, label_co
             splits.append([])
             continue
         c, lc = _columns_for(r, task, str(f), text_columns, label_column, need_label=name != "test")
-        splits.append(_to_examples(r, task, c, lc, str(f)))
+        check_value_types(r, c.values(), lc, str(f))
+        splits.append(_to_examples(list(enumerate(r, 1)), task, c, lc, str(f)))
     return Splits(task, splits[0], splits[1], splits[2], source=str(folder))
 
 
@@ -311,24 +330,43 @@ def from_hub(name: str, task: TaskSpec | None, text_columns=None, label_column=N
             splits.append([])
             continue
         cols, label_col = _columns_for(rows, task, f"{name}[{split}]", text_columns, label_column, need_label=i < 2)
-        splits.append(_to_examples(rows, task, cols, label_col, f"{name}[{split}]"))
+        check_value_types(rows, cols.values(), label_col, f"{name}[{split}]")
+        splits.append(_to_examples(list(enumerate(rows, 1)), task, cols, label_col, f"{name}[{split}]"))
     return Splits(task, splits[0], splits[1], splits[2], source=name)
 
 
-def to_examples(items: Iterable[str | dict[str, Any]], fields: tuple[str, ...]) -> list[Example]:
-    """Unlabelled examples from plain strings (single-field tasks) or dicts keyed by field name."""
+def to_examples(items: Iterable[str | dict[str, Any] | Example], fields: tuple[str, ...]) -> list[Example]:
+    """Unlabelled examples from plain strings (single-field tasks), dicts keyed by field name, or Examples (kept);
+    a refused input is named by its position."""
     out = []
-    for item in items:
-        if isinstance(item, str):
-            if len(fields) != 1:
-                raise SoftpromptError(f"this task takes {len(fields)} fields ({', '.join(fields)}): "
-                                      "give each input as a dict (a JSON object on the command line)")
-            item = {fields[0]: item}
-        missing = [f for f in fields if f not in item]
-        if missing:
-            raise SoftpromptError(f"input lacks field(s) {', '.join(missing)}; this task needs {', '.join(fields)}")
-        out.append(Example({f: str(item[f]) for f in fields}, None))
+    for i, item in enumerate(items):
+        try:
+            out.append(to_example(item, fields))
+        except SoftpromptError as err:
+            raise SoftpromptError(f"input {i}: {err}") from None
     return out
+
+
+def to_example(item: str | dict[str, Any] | Example, fields: tuple[str, ...]) -> Example:
+    """One unlabelled example (an Example as it is), or an error saying what is wrong with the input."""
+    if isinstance(item, Example):
+        return item
+    if isinstance(item, str):
+        if len(fields) != 1:
+            raise SoftpromptError(f"this task takes {len(fields)} fields ({', '.join(fields)}): "
+                                  "give each input as a dict (a JSON object on the command line)")
+        item = {fields[0]: item}
+    if not isinstance(item, dict):
+        raise SoftpromptError(f"an input is a text or an object with a text for each field ({', '.join(fields)}), "
+                              f"not {type(item).__name__}")
+    missing = [f for f in fields if f not in item]
+    if missing:
+        raise SoftpromptError(f"input lacks field(s) {', '.join(missing)}; this task needs {', '.join(fields)}")
+    for name in fields:
+        value = item[name]
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise SoftpromptError(f"field {name!r} holds {repr(value)[:40]}, where a text or number belongs")
+    return Example({f: str(item[f]) for f in fields}, None)
 
 
 def load_data(source: str, task: TaskSpec | str | None = None, *, seed: int = 0,

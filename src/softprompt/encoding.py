@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -22,6 +23,14 @@ class Feature:
 
     def __len__(self) -> int:
         return len(self.input_ids) + len(self.target or ()) + len(self.pair_ids or ())
+
+
+BLANK = "empty or blank input; give it some text"
+
+
+def is_blank(texts: Iterable[str]) -> bool:
+    """Whether an input has no text in any field: refused everywhere (docs/reliability.md)."""
+    return not any(str(t).strip() for t in texts)
 
 
 def kept(tokens: list[int], keep: int, truncation: str) -> list[int]:
@@ -80,9 +89,14 @@ class TaskEncoder:
         return ids[-budget:]
 
     def encode(self, example: Example) -> Feature:
+        """Token ids of one example. An input with no text (every field empty or blank), or one of whose texts
+        leaves a head nothing to read, is refused: a mean over no tokens has no value, and a label read off
+        nothing would be arbitrary (docs/reliability.md)."""
         missing = [f for f in self.task.fields if f not in example.fields]
         if missing:
             raise SoftpromptError(f"example lacks field(s) {', '.join(missing)} that task {self.task.name} needs")
+        if is_blank(example.fields[f] for f in self.task.fields):
+            raise SoftpromptError(BLANK)
         fields = self.task.input_fields(example.fields)
         if self.text_to_text:
             prefix = self._prefix_ids(fields)
@@ -92,9 +106,14 @@ class TaskEncoder:
         pair = (texts[0], " ".join(texts[1:])) if len(texts) > 1 else (texts[0],)
         if self.separate:
             first, second = (self._cut(t) for t in pair)
-            return Feature(first["input_ids"], example.label, pair_ids=second["input_ids"])
-        enc = self._cut(*pair)
-        return Feature(enc["input_ids"], example.label, enc.get("token_type_ids"))
+            feature = Feature(first["input_ids"], example.label, pair_ids=second["input_ids"])
+        else:
+            enc = self._cut(*pair)
+            feature = Feature(enc["input_ids"], example.label, enc.get("token_type_ids"))
+        if not feature.input_ids or feature.pair_ids == []:
+            raise SoftpromptError("no token this model reads in the input (only characters its tokenizer drops); "
+                                  "give it some text")
+        return feature
 
     def _cut(self, *texts: str):
         """The tokenizer's encoding cut to max_length, counted in `truncated` when it was cut. The tokenizer cuts
@@ -116,7 +135,14 @@ class TaskEncoder:
         return self.tokenizer(*cut, truncation=True, max_length=self.max_length)
 
     def encode_all(self, examples: list[Example]) -> list[Feature]:
-        return [self.encode(e) for e in examples]
+        """`encode` of each example; a refused one is named by its position."""
+        features = []
+        for i, example in enumerate(examples):
+            try:
+                features.append(self.encode(example))
+            except SoftpromptError as err:
+                raise SoftpromptError(f"input {i}: {err}") from None
+        return features
 
 
 def pad(rows: list[list[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

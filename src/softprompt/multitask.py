@@ -21,11 +21,12 @@ from typing import Any, Iterator, Mapping, Sequence, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .assets import Backbone, describe_model, load_backbone
 from .checkpoint import checkpoint_folder, load_tensors
 from .config import TaskType
-from .data import Example, to_examples
+from .data import Example, to_example
 from .encoding import Feature, pad
 from .errors import SoftpromptError
 from .metrics import compute_metrics
@@ -34,7 +35,8 @@ from .models.decoder import DecoderPromptModel
 from .models.encoder import EncoderPromptModel
 from .models.shared_prefix import positions_from_mask, stack_prefixes
 from .pipeline import PromptedTask, decode_generated, read_task_checkpoint
-from .scoring import first_token_scores, head_scores, label_scores
+from .precision import check_dtype
+from .scoring import check_finite, first_token_scores, head_scores, label_scores
 
 Input = str | dict[str, Any]
 
@@ -55,6 +57,7 @@ class TaskInfo:
     fields: tuple[str, ...]  # the input fields; a one-field task takes plain strings
     members: tuple[str, ...]  # one per prompt; more than one: an ensemble
     can_generate: bool
+    precision: tuple[str, ...]  # each member's: bf16 or fp32, as it runs (and was trained, unless dtype said)
 
 
 @dataclass(frozen=True)
@@ -107,35 +110,53 @@ class MultiTaskModel:
     """Many prompted tasks over one frozen base model, predicted together in mixed batches.
 
     `predict` and `generate` run one batch at a time (call them from one thread); `load`, `add`, `remove` and
-    `tasks` may be called from any thread while they run: a batch keeps the prompts it started with. The frozen
-    weights run in one precision for every prompt (`bf16`).
+    `tasks` may be called from any thread while they run: a batch keeps the prompts it started with. Each prompt
+    runs in the precision it was trained and evaluated in (`dtype=None`), so its answers equal
+    `PromptedTask.from_pretrained(checkpoint).predict`'s: the frozen weights are held once per precision in use,
+    and rows of each precision share their own forward. `dtype="bf16"` or `"fp32"` runs every prompt in that one.
     """
 
-    def __init__(self, base_model: str, trust_remote_code: bool = False, bf16: bool = False) -> None:
+    def __init__(self, base_model: str, trust_remote_code: bool = False, dtype: str | None = None) -> None:
+        check_dtype(dtype)
         self.info = describe_model(base_model, trust_remote_code)
         self.base_name = base_model
-        self.trust_remote_code, self.bf16 = trust_remote_code, bf16
-        shared_type = {"decoder": TaskType.CAUSAL_LM, "encoder": TaskType.SEQ_CLS,
-                       "seq2seq": TaskType.SEQ_2_SEQ_LM}[self.info.family]
-        loaded = load_backbone(self.info, shared_type)
+        self.trust_remote_code, self.dtype = trust_remote_code, dtype
+        loaded = self._load_shared()
         # decoders and encoder-decoders: the model with its LM head, which text-to-text prompts share whole;
         # encoders: only the backbone is shared (every task has its own head)
-        self._shared, self.tokenizer = loaded.model.eval(), loaded.tokenizer
-        self._head_dtype = next(self._shared.parameters()).dtype
-        if bf16:
-            for param in self._shared.parameters():
-                param.data = param.data.to(torch.bfloat16)
+        self._spare: nn.Module | None = loaded.model.eval()  # loaded, not yet held for a precision
+        self.tokenizer = loaded.tokenizer
+        self._head_dtype = next(loaded.model.parameters()).dtype
+        self._backbones: dict[bool, nn.Module] = {}  # bf16 or not -> the frozen weights in that precision
         self._build_lock = threading.Lock()  # builds share the backbone: one at a time
         self._edit_lock = threading.Lock()
         self._registry: dict[str, dict[str, LoadedPrompt]] = {}  # replaced on every change, never mutated
 
+    def _load_shared(self) -> Backbone:
+        shared_type = {"decoder": TaskType.CAUSAL_LM, "encoder": TaskType.SEQ_CLS,
+                       "seq2seq": TaskType.SEQ_2_SEQ_LM}[self.info.family]
+        return load_backbone(self.info, shared_type)
+
+    def _backbone(self, bf16: bool) -> nn.Module:
+        """The frozen weights in one precision: the loaded copy for the first precision asked for, cast in place;
+        a second precision loads them once more (memory for two copies, only where prompts of both are loaded)."""
+        if bf16 not in self._backbones:
+            model = self._spare if self._spare is not None else self._load_shared().model.eval()
+            self._spare = None
+            if bf16:
+                for param in model.parameters():
+                    param.data = param.data.to(torch.bfloat16)
+            self._backbones[bf16] = model
+        return self._backbones[bf16]
+
     @classmethod
     def from_pretrained(cls, checkpoints: Sequence[str | Path] | Mapping[str, str | Path | Sequence[str | Path]],
-                        trust_remote_code: bool = False, bf16: bool | None = None,
+                        trust_remote_code: bool = False, dtype: str | None = None,
                         base_model: str | None = None) -> "MultiTaskModel":
         """Checkpoints of one base model: a list (each named by its task; several of one task make an ensemble)
         or {task: checkpoint or [checkpoints]}. The base model (unless `base_model` points at another copy of it)
-        and the precision (unless given) come from the first checkpoint."""
+        comes from the first checkpoint; each prompt runs in its own checkpoint's precision unless `dtype` says
+        bf16 or fp32 for all."""
         entries: list[tuple[str | Path, str | None]]
         if isinstance(checkpoints, Mapping):
             entries = [(path, task) for task, paths in checkpoints.items()
@@ -145,7 +166,7 @@ class MultiTaskModel:
         if not entries:
             raise SoftpromptError("no checkpoints given")
         _, _, first = read_task_checkpoint(_checkpoint_or_run(Path(entries[0][0])), trust_remote_code)
-        model = cls(base_model or first.model, trust_remote_code, first.bf16 if bf16 is None else bf16)
+        model = cls(base_model or first.model, trust_remote_code, dtype)
         for path, task in entries:
             model.add(model.load(path, task))
         return model
@@ -161,7 +182,8 @@ class MultiTaskModel:
             meta.check_base(self.info.config, self.base_name)
         except SoftpromptError as err:
             raise BaseMismatch(str(err)) from None
-        spec = replace(spec, trust_remote_code=self.trust_remote_code, bf16=self.bf16)
+        bf16 = spec.bf16 if self.dtype is None else self.dtype == "bf16"
+        spec = replace(spec, trust_remote_code=self.trust_remote_code, bf16=bf16)
         tensors = load_tensors(directory, meta)
         with self._build_lock:
             prompted = PromptedTask.build(spec, self.info, initialise=False, backbone=self._backbone_for(spec))
@@ -172,8 +194,9 @@ class MultiTaskModel:
     def _backbone_for(self, spec) -> Backbone:
         """The shared model itself for text-to-text prompts; for a head, a model of the task's head class whose
         backbone is the shared one (only the head is new: built empty, then filled from the checkpoint)."""
+        shared = self._backbone(spec.bf16)
         if spec.task_type is not TaskType.SEQ_CLS:
-            return Backbone(self._shared, self.tokenizer, self.base_name)
+            return Backbone(shared, self.tokenizer, self.base_name)
         from transformers import AutoModelForSequenceClassification
 
         config = copy.deepcopy(self.info.config)
@@ -185,8 +208,8 @@ class MultiTaskModel:
             wrapper = AutoModelForSequenceClassification.from_config(
                 config, trust_remote_code=self.trust_remote_code, dtype=self._head_dtype)
         prefix = wrapper.base_model_prefix
-        setattr(wrapper, prefix, self._shared.base_model)
-        device = next(self._shared.parameters()).device
+        setattr(wrapper, prefix, shared.base_model)
+        device = next(shared.parameters()).device
         for name, child in wrapper.named_children():
             if name != prefix:
                 child.to_empty(device=device)
@@ -232,28 +255,43 @@ class MultiTaskModel:
               registry: dict[str, dict[str, LoadedPrompt]]) -> list[list[_Row]]:
         """Each item's rows: one per member of its task, encoded with that member's own template."""
         out = []
-        for task, given in items:
+        for i, (task, given) in enumerate(items):
             if task not in registry:
                 raise UnknownTask(f"no task {task!r}; this model serves {', '.join(sorted(registry)) or 'none'}")
             members = list(registry[task].values())
-            example = given if isinstance(given, Example) else to_examples([given], members[0].prompted.task.fields)[0]
-            out.append([_Row(m, m.prompted.encoder.encode(example), example) for m in members])
+            try:
+                example = to_example(given, members[0].prompted.task.fields)
+                out.append([_Row(m, m.prompted.encoder.encode(example), example) for m in members])
+            except SoftpromptError as err:
+                raise SoftpromptError(f"input {i}: {err}") from None
         return out
+
+    def check(self, items: Sequence[tuple[str, Input]]) -> None:
+        """Refuse what `predict` would refuse before any forward (an unknown task, a missing field, an empty input),
+        naming the item by its place in `items`: a server checks a request so, before it joins a batch."""
+        self._rows(items, self._registry)
+
+    def _item_scores(self, grouped: list[list[_Row]], batch_size: int) -> list[list[torch.Tensor]]:
+        """Each item's scores, one per member, all finite (or an error naming the item)."""
+        flat = iter(self._scores([row for rows in grouped for row in rows], batch_size))
+        per_item = [[next(flat) for _ in rows] for rows in grouped]
+        for i, scores in enumerate(per_item):
+            check_finite(torch.stack(scores)[None], [f"input {i} (task {grouped[i][0].prompt.task!r})"])
+        return per_item
 
     def predict(self, items: Sequence[tuple[str, Input]], batch_size: int = 64) -> list[dict[str, Any]]:
         """One result per (task, input): {"task", "label", "scores"} (probability per label), or {"task",
         "value"} for regression; an ensemble adds each member's and the majority "vote"."""
         grouped = self._rows(items, self._registry)
-        scores = iter(self._scores([row for rows in grouped for row in rows], batch_size))
-        return [_combine(rows[0].prompt.task, [(row.prompt, next(scores)) for row in rows]) for rows in grouped]
+        return [_combine(rows[0].prompt.task, list(zip((row.prompt for row in rows), scores)))
+                for rows, scores in zip(grouped, self._item_scores(grouped, batch_size))]
 
     def evaluate(self, task: str, examples: list[Example], batch_size: int = 64) -> dict[str, Any]:
         """Each member's metrics on labelled `examples` and the ensemble's (mean probability, majority vote)."""
         if not examples or any(e.label is None for e in examples):
             raise SoftpromptError("evaluation needs labelled examples")
         grouped = self._rows([(task, e) for e in examples], self._registry)
-        flat = iter(self._scores([row for rows in grouped for row in rows], batch_size))
-        per_item = [[next(flat) for _ in rows] for rows in grouped]
+        per_item = self._item_scores(grouped, batch_size)
         members = [row.prompt for row in grouped[0]]
         spec, gold = members[0].prompted.task, [e.label for e in examples]
 
@@ -283,19 +321,22 @@ class MultiTaskModel:
         return out
 
     def _forward(self, rows: list[_Row]) -> list[torch.Tensor]:
-        """Rows that can go together in one mixed forward, and the rest one sub-batch per prompt: on decoders the
-        rows of prompts the engine shares; on encoders the rows of input-vector prompts (a prefix is each layer's
-        cache, not spliced vectors); on encoder-decoders none."""
+        """Rows of each precision apart (each runs on its own copy of the frozen weights); within one, the rows that
+        can go together in one mixed forward, and the rest one sub-batch per prompt: on decoders the rows of
+        prompts the engine shares; on encoders the rows of input-vector prompts (a prefix is each layer's cache,
+        not spliced vectors); on encoder-decoders none."""
         if self.info.family == "decoder":
-            together, mixed = [self._shares(r) for r in rows], self._decoder_scores
+            mixed = self._decoder_scores
+            group = [(r.prompt.prompted.spec.bf16, self._shares(r)) for r in rows]
         elif self.info.family == "encoder":
-            together, mixed = [r.prompt.prompted.spec.method != "prefix" for r in rows], self._encoder_scores
+            mixed = self._encoder_scores
+            group = [(r.prompt.prompted.spec.bf16, r.prompt.prompted.spec.method != "prefix") for r in rows]
         else:
             return self._each_prompt_alone(rows)
         out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
-        for run, wanted in ((mixed, True), (self._each_prompt_alone, False)):
-            index = [i for i, t in enumerate(together) if t is wanted]
-            for i, s in zip(index, run([rows[i] for i in index]) if index else []):
+        for key in dict.fromkeys(group):
+            index = [i for i, g in enumerate(group) if g == key]
+            for i, s in zip(index, (mixed if key[1] else self._each_prompt_alone)([rows[i] for i in index])):
                 out[i] = s
         return out
 
@@ -359,12 +400,20 @@ class MultiTaskModel:
             if row.prompt.prompted.spec.task_type is not TaskType.CAUSAL_LM:
                 raise SoftpromptError(f"task {row.prompt.task!r} cannot generate: it needs a decoder prompt trained "
                                       "with label words (CAUSAL_LM)")
+        out: list[str] = [""] * len(rows)
         with torch.inference_mode():
-            if all(_decoder(r.prompt)._shares(len(r.feature.input_ids) + max_new_tokens) for r in rows):
-                hidden, cache, _ = self._decoder_run(rows)
-                new = _decoder(rows[0].prompt).engine.greedy_after(hidden[:, -1], cache, max_new_tokens)
-                return [decode_generated(self.tokenizer, row) for row in new.tolist()]
-            return [row.prompt.prompted.generate([row.example], max_new_tokens)[0] for row in rows]
+            for bf16 in dict.fromkeys(r.prompt.prompted.spec.bf16 for r in rows):  # each precision on its weights
+                index = [i for i, r in enumerate(rows) if r.prompt.prompted.spec.bf16 == bf16]
+                group = [rows[i] for i in index]
+                if all(_decoder(r.prompt)._shares(len(r.feature.input_ids) + max_new_tokens) for r in group):
+                    hidden, cache, _ = self._decoder_run(group)
+                    new = _decoder(group[0].prompt).engine.greedy_after(hidden[:, -1], cache, max_new_tokens)
+                    texts = [decode_generated(self.tokenizer, row) for row in new.tolist()]
+                else:
+                    texts = [row.prompt.prompted.generate([row.example], max_new_tokens)[0] for row in group]
+                for i, text in zip(index, texts):
+                    out[i] = text
+        return out
 
     # -- encoders: each row's prompt spliced after its [CLS] -------------------------------------------------
     def _encoder_scores(self, rows: list[_Row]) -> list[torch.Tensor]:
@@ -384,13 +433,14 @@ class MultiTaskModel:
         lengths = torch.tensor([m.prompt.num_tokens for m in models])
         index = insertion_index(torch.ones(len(sequences), dtype=torch.long), ids.shape[1], lengths)
         prompts = nn.utils.rnn.pad_sequence([m.prompt.embeddings() for m in models], batch_first=True)
-        embeds = self._shared.get_input_embeddings()(ids)
+        backbone = cast(PreTrainedModel, models[0].base.base_model)  # the frozen weights of these rows' precision
+        embeds = backbone.get_input_embeddings()(ids)
         columns = torch.arange(index.shape[1]).unsqueeze(0)
         full_mask = (columns < (mask.sum(1) + lengths).unsqueeze(1)).long()
         inputs = {"inputs_embeds": splice(embeds, prompts.to(embeds.dtype), index), "attention_mask": full_mask}
         if types is not None:
             inputs["token_type_ids"] = splice(types, types.new_zeros(len(sequences), prompts.shape[1]), index) * full_mask
-        output = self._shared.base_model(**inputs)
+        output = backbone(**inputs)
         text = full_mask * ((columns < 1) | (columns >= 1 + lengths.unsqueeze(1)))  # the prompt follows [CLS]
         out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
         for index_rows in _by_prompt(rows).values():
@@ -444,7 +494,8 @@ def _info(name: str, members: dict[str, LoadedPrompt]) -> TaskInfo:
     first = next(iter(members.values()))
     task = first.prompted.task
     return TaskInfo(name, () if task.is_regression else tuple(task.labels), task.is_regression, tuple(task.fields),
-                    tuple(members), all(m.prompted.spec.task_type is TaskType.CAUSAL_LM for m in members.values()))
+                    tuple(members), all(m.prompted.spec.task_type is TaskType.CAUSAL_LM for m in members.values()),
+                    tuple("bf16" if m.prompted.spec.bf16 else "fp32" for m in members.values()))
 
 
 def _prediction(scores: torch.Tensor, regression: bool) -> float | int:

@@ -17,7 +17,8 @@ from .errors import SoftpromptError
 from .hub import local_folder, push_saved
 from .metrics import compute_metrics
 from .models import DecoderPromptModel, PromptModel, get_prompt_model
-from .scoring import predictions, score
+from .precision import check_dtype
+from .scoring import check_finite, predictions, score
 from .spec import RunSpec
 from .tasks import TaskSpec
 
@@ -56,14 +57,17 @@ class PromptedTask:
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, model: str | None = None,
-                        trust_remote_code: bool = False) -> "PromptedTask":
+                        trust_remote_code: bool = False, dtype: str | None = None) -> "PromptedTask":
         """Everything comes from the checkpoint folder (or a hub repo holding one); `model` only points at
-        another copy of the same base. Code from the base model's repository runs only when the caller says
-        so, whatever the checkpoint recorded."""
+        another copy of the same base. The frozen weights run in the precision the prompt was trained and
+        evaluated in, unless `dtype` ("bf16" or "fp32") says otherwise. Code from the base model's repository
+        runs only when the caller says so, whatever the checkpoint recorded."""
+        check_dtype(dtype)
         directory, meta, spec = read_task_checkpoint(checkpoint, trust_remote_code)
         info = describe_model(model or spec.model, trust_remote_code)
         meta.check_base(info.config, info.name)
-        prompted = cls.build(replace(spec, trust_remote_code=trust_remote_code), info, initialise=False)
+        bf16 = spec.bf16 if dtype is None else dtype == "bf16"
+        prompted = cls.build(replace(spec, trust_remote_code=trust_remote_code, bf16=bf16), info, initialise=False)
         prompted.model.load_tensors(load_tensors(directory, meta))
         prompted.model.eval()
         return prompted
@@ -85,11 +89,9 @@ class PromptedTask:
         `from_pretrained(repo_id)` then reads; returns the commit's URL."""
         return push_saved(self.save_pretrained, repo_id, private, token, commit_message)
 
-    def _examples(self, inputs: list[str | dict[str, Any] | Example]) -> list[Example]:
-        return [i if isinstance(i, Example) else to_examples([i], self.task.fields)[0] for i in inputs]
 
     def scores(self, examples: list[Example], batch_size: int = 32, progress=None) -> torch.Tensor:
-        return score(self.model, self.encoder, self.encoder.encode_all(examples), batch_size, progress)
+        return check_finite(score(self.model, self.encoder, self.encoder.encode_all(examples), batch_size, progress))
 
     def evaluate(self, examples: list[Example], batch_size: int = 32, progress=None) -> dict[str, float]:
         return self.evaluate_with_predictions(examples, batch_size, progress)[0]
@@ -107,7 +109,7 @@ class PromptedTask:
         """Free text after prompt + template (decoders trained with label words), greedy, cut at end-of-text."""
         if self.encoder.task_type is not TaskType.CAUSAL_LM:
             raise SoftpromptError("generation needs a decoder checkpoint trained with label words (CAUSAL_LM)")
-        features, tokenizer = self.encoder.encode_all(self._examples(inputs)), self.encoder.tokenizer
+        features, tokenizer = self.encoder.encode_all(to_examples(inputs, self.task.fields)), self.encoder.tokenizer
         texts: list[str] = []
         for start in range(0, len(features), batch_size):
             ids, mask = pad([f.input_ids for f in features[start:start + batch_size]], tokenizer.pad_token_id)
@@ -121,7 +123,7 @@ class PromptedTask:
 
         Inputs are plain strings (single-text tasks), dicts keyed by the task's fields, or Examples.
         """
-        scores = self.scores(self._examples(inputs), batch_size)
+        scores = self.scores(to_examples(inputs, self.task.fields), batch_size)
         if self.task.is_regression:
             return [{"value": float(v)} for v in scores]
         probs = torch.softmax(scores, dim=-1)

@@ -23,12 +23,23 @@ from typing import Any
 import torch
 
 from .assets import cache_dir
+from .errors import SoftpromptError
 
 # a step is more than matrix products (CPU attention stays fp32, norms, casts): a 2.4x product gave 1.4-1.8x steps,
 # so under 1.3x bf16 would buy few steps for its accuracy cost (docs/recipe.md, Precision)
 MIN_SPEEDUP = 1.3
 PROBE_SHAPE = (512, 576, 1536)  # tokens x hidden @ hidden x MLP width: SmolLM2's up projection, batch 8 of 64
 PROBE_REPEATS = 5
+
+
+PRECISIONS = ("bf16", "fp32")  # what `dtype` (a frozen model's precision, for predict and serve) may say
+
+
+def check_dtype(dtype: str | None) -> str | None:
+    """`dtype` if it names a precision; None means each checkpoint's own."""
+    if dtype not in (None, *PRECISIONS):
+        raise SoftpromptError(f"--dtype must be bf16 or fp32 (or left out: the checkpoint's own), not {dtype!r}")
+    return dtype
 
 
 def cache_file() -> Path:

@@ -13,6 +13,7 @@ import torch
 
 from .config import TaskType
 from .encoding import Feature, TaskEncoder, collate, pad
+from .errors import SoftpromptError
 from .models import DecoderPromptModel, PromptModel
 
 
@@ -93,6 +94,17 @@ def score(model: PromptModel, encoder: TaskEncoder, features: list[Feature], bat
             progress(len(chunk))
     model.train(was_training)
     return torch.stack(out)
+
+
+def check_finite(scores: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
+    """`scores` (one row per input), or an error naming the first input whose scores are not all finite: a label
+    picked from NaN would be arbitrary, so no such number leaves softprompt (docs/reliability.md)."""
+    finite = torch.isfinite(scores.float()).reshape(len(scores), -1).all(1)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise SoftpromptError(f"{names[i] if names else f'input {i}'}: the model's scores are not finite "
+                              f"({scores[i].tolist()}), so it has no answer; please report this input")
+    return scores
 
 
 def predictions(scores: torch.Tensor) -> list:

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .batcher import Batcher
 from .checkpoint import checkpoint_folder
+from .encoding import BLANK, is_blank
 from .errors import SoftpromptError
 from .multitask import BaseMismatch, MultiTaskModel, TaskInfo, UnknownTask
 from .pipeline import read_task_checkpoint
@@ -92,12 +93,24 @@ def _validation_line(err: RequestValidationError) -> str:
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return "the body is not valid JSON"
+    if not loc and first.get("type") == "missing":
+        return "the body is empty; send a JSON object, with Content-Type: application/json"
     if not loc and first.get("type") == "model_attributes_type":
         return "the body must be a JSON object, sent with Content-Type: application/json"
     if any(p in UNION_TAGS for p in loc):  # pydantic names the union branch it tried: say what an input is
         loc, message = loc[:min(loc.index(p) for p in UNION_TAGS if p in loc)], INPUT_IS
     where = ".".join(loc)
     return f"{where}: {message}" if where else message
+
+
+def _unparsable(cause: BaseException) -> str:
+    """Why a body FastAPI could not even decode is refused, in one line."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not UTF-8 text (byte {cause.object[cause.start:cause.start + 1]!r} at offset " \
+               f"{cause.start}); send UTF-8 JSON"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON nests too deeply to read; send a flatter object"
+    return f"the body could not be read as JSON ({type(cause).__name__}); send a UTF-8 JSON object"
 
 
 class Guard:
@@ -213,6 +226,8 @@ def create_app(model: MultiTaskModel, *, api_key: str | None = None, read_only: 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 400 and err.__cause__ is not None:  # FastAPI could not decode the body at all
+            return _error(422, _unparsable(err.__cause__))
         return _error(err.status_code, str(err.detail))
 
     @app.exception_handler(UnknownTask)
@@ -249,6 +264,7 @@ def create_app(model: MultiTaskModel, *, api_key: str | None = None, read_only: 
             if generate and not info.can_generate:
                 raise HTTPException(422, f"task {name!r} cannot generate text (it needs a decoder prompt trained "
                                          "with label words)")
+        model.check(pairs)  # what only the tokenizer can tell (an input of characters it drops), by request index
         return pairs
 
     async def batched(request: Request, key: tuple[str, int], pairs: list[tuple[str, Input]]) -> Any:
@@ -312,11 +328,15 @@ def _check_fields(info: TaskInfo, value: Input, index: int) -> None:
         if len(info.fields) != 1:
             raise HTTPException(422, f"input {index}: task {info.name!r} takes the fields {', '.join(info.fields)}; "
                                      "give the input as an object")
-        return
-    missing = [f for f in info.fields if f not in value]
-    if missing:
-        raise HTTPException(422, f"input {index} lacks {', '.join(missing)}; task {info.name!r} takes "
-                                 f"{', '.join(info.fields)}")
+        texts = [value]
+    else:
+        missing = [f for f in info.fields if f not in value]
+        if missing:
+            raise HTTPException(422, f"input {index} lacks {', '.join(missing)}; task {info.name!r} takes "
+                                     f"{', '.join(info.fields)}")
+        texts = [value[f] for f in info.fields]
+    if is_blank(texts):
+        raise HTTPException(422, f"input {index}: {BLANK}")
 
 
 def _local(path: str) -> str:
@@ -351,22 +371,24 @@ def resolve_sources(sources: Sequence[str]) -> list[Entry]:
     return entries
 
 
-def load_model(sources: Sequence[str], watch: str | None = None, trust_remote_code: bool = False) -> MultiTaskModel:
+def load_model(sources: Sequence[str], watch: str | None = None, trust_remote_code: bool = False,
+               dtype: str | None = None) -> MultiTaskModel:
     """The base model of the first checkpoint (of `sources`, else of the watched folder) with every source's
-    prompts added; the watched folder's own prompts are added by its watcher when the app starts."""
+    prompts added, each in its own precision unless `dtype` says one for all; the watched folder's own prompts
+    are added by its watcher when the app starts."""
     entries = resolve_sources(sources)
     first = entries[0][0] if entries else next(iter(scan(watch).values()), None) if watch else None
     if first is None:
         raise SoftpromptError("nothing to serve: give a checkpoint, or a --watch folder that holds one")
     _, _, spec = read_task_checkpoint(first, trust_remote_code)
-    model = MultiTaskModel(spec.model, trust_remote_code, spec.bf16)
+    model = MultiTaskModel(spec.model, trust_remote_code, dtype)
     for path, task, member in entries:
         model.add(model.load(path, task, member))
     return model
 
 
 def _app(settings: dict[str, Any]) -> FastAPI:
-    model = load_model(settings["sources"], settings["watch"], settings["trust_remote_code"])
+    model = load_model(settings["sources"], settings["watch"], settings["trust_remote_code"], settings.get("dtype"))
     return create_app(model, watch=settings["watch"], **settings["options"])
 
 
@@ -376,13 +398,15 @@ def app_from_env() -> FastAPI:
 
 
 def serve(sources: Sequence[str], *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          watch: str | None = None, trust_remote_code: bool = False, **options: Any) -> None:
+          watch: str | None = None, trust_remote_code: bool = False, dtype: str | None = None,
+          **options: Any) -> None:
     """Load the model and serve it under uvicorn until interrupted; `workers` processes each load their own."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1") and not options.get("api_key"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    settings = {"sources": list(sources), "watch": watch, "trust_remote_code": trust_remote_code, "options": options}
+    settings = {"sources": list(sources), "watch": watch, "trust_remote_code": trust_remote_code, "dtype": dtype,
+                "options": options}
     if workers == 1:
         uvicorn.run(_app(settings), host=host, port=port)
         return

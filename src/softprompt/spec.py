@@ -28,6 +28,7 @@ PREFIX_LR = 1e-2  # a decoder prefix's AdamW rate: above 3e-2 on SST-2 and RTE (
 CUSTOM_STEPS, CUSTOM_SECONDS = (80, 400), 300.0  # the default budget for a user's data: one epoch within these
 LOSSES, CLASS_WEIGHTS, HEAD_INITS = ("rank", "lm"), ("auto", "none", "balanced"), ("cosine", "fit", "random")
 OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("linear", "cosine", "constant")
+EVAL_SHARE = 0.1  # under --max-time, dev evaluations take about this share of it (docs/recipe.md#defaults)
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -102,7 +103,9 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     eval_batch_size: int = _opt(64, "evaluation batch size")
     max_steps: int | None = _opt(None, "optimizer-step budget (80 when no budget is given)")
-    max_time: float | None = _opt(None, "training-time budget in seconds (evaluation not counted)")
+    max_time: float | None = _opt(None, "wall-clock budget in seconds for training and dev evaluation (evaluations "
+                                        "paced to about 10% of it); the test scoring after it is announced with "
+                                        "its time")
     epochs: float | None = _opt(None, "epoch budget")
     eval_every: int = _opt(40, "evaluate on dev every N steps")
     patience: int | None = _opt(None, "stop after N evaluations without dev improvement")

@@ -28,7 +28,7 @@ from .metrics import compute_metrics, confusion_matrix
 from .models import EncoderPromptModel
 from .pipeline import PromptedTask
 from .scoring import label_scores, predictions
-from .spec import RunSpec, TrainConfig, resolve
+from .spec import EVAL_SHARE, RunSpec, TrainConfig, resolve
 from .tasks import TaskSpec, get_task
 from .tracking import NullLog, RunLog, require_trackers, truncate_metrics
 
@@ -46,6 +46,11 @@ class TrainResult:
     trained_parameters: int = 0  # what the optimizer updated (a residual MLP included; the checkpoint is smaller)
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     baseline_split: str = "test"
+    eval_seconds: float = 0.0  # of `seconds`, those spent on dev evaluation
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def _silent(message: str) -> None:
@@ -153,9 +158,11 @@ class Trainer:
         self.factor = _lr_factor(spec.schedule, spec.warmup)
         self.class_weights = class_weights(splits.train, task.labels) if spec.class_weights == "balanced" else None
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        # elapsed: the run's seconds so far, dev evaluations included (what --max-time bounds); eval_seconds: theirs
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed": 0.0,
-                                      "best_metric": None, "best_step": None, "stale_evals": 0,
+                                      "eval_seconds": 0.0, "best_metric": None, "best_step": None, "stale_evals": 0,
                                       "last_eval_step": None, "skipped_steps": 0}
+        self.eval_cost: float | None = None  # seconds one dev evaluation takes (a timed sample, then the last one)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The prompt (and its residual MLP) at --lr, a head at --head-lr."""
@@ -197,12 +204,13 @@ class Trainer:
         self.log(f"resumed from {last} at step {self.state['step']}")
 
     def _progress(self) -> float:
-        """The share of the budget spent: the largest over the budgets given (whichever ends first)."""
+        """The share of the budget spent: the largest over the budgets given (whichever ends first). A time budget
+        keeps back what the last dev evaluation will take, so that the run ends within it."""
         spec, parts = self.spec, []
         if spec.max_steps:
             parts.append(self.state["step"] / spec.max_steps)
         if spec.max_time:
-            parts.append(self.state["elapsed"] / spec.max_time)
+            parts.append((self.state["elapsed"] + (self.eval_cost or 0.0)) / spec.max_time)
         if spec.epochs:
             parts.append(self.state["step"] / self.total_steps_per_epochs)
         return max(parts)
@@ -227,7 +235,48 @@ class Trainer:
         preds = predictions(self.ranks.gather_rows(part, len(examples)))
         return compute_metrics(self.splits.task.metrics, preds, [e.label for e in examples]), preds
 
+    def plan_evaluation(self) -> None:
+        """Under a time budget, how long one dev evaluation takes (a timed sample of dev rows, scaled by tokens,
+        counted in the budget), so that evaluations can be paced and the test scoring announced; said once."""
+        if self.eval_cost is not None or not self.spec.max_time:
+            return
+        start = time.perf_counter()
+        rows = random.Random(self.spec.seed).sample(self.splits.dev, min(len(self.splits.dev),
+                                                                          2 * self.spec.eval_batch_size))
+        self.prompted.scores(rows, self.spec.eval_batch_size)
+        seconds = time.perf_counter() - start
+        per_token = seconds / max(1, sum(len(f) for f in self.encoder.encode_all(rows)))
+
+        def cost(examples: list[Example]) -> float:
+            return per_token * sum(len(f) for f in self.encoder.encode_all(examples)) / self.ranks.world
+
+        self.eval_cost = self.ranks.agree_max(cost(self.splits.dev))
+        self.state["elapsed"] = self.ranks.agree_max(self.state["elapsed"] + seconds)
+        test = (f"; then the test split ({len(self.splits.test)} rows) is scored, about {_secs(cost(self.splits.test))}"
+                if self.spec.eval_test and self.splits.labelled("test") else "")
+        self.log(f"time budget: {self.spec.max_time:.0f} s of wall clock, dev evaluation included (one takes about "
+                 f"{_secs(self.eval_cost)}; paced to about {EVAL_SHARE:.0%} of the time){test}")
+
+    def _eval_due(self) -> bool:
+        """Every --eval-every steps; under a time budget only while evaluations stay within their share of the
+        time so far, this one included."""
+        if self.state["step"] % self.spec.eval_every:
+            return False
+        if not self.spec.max_time or self.eval_cost is None:
+            return True
+        return self.state["eval_seconds"] + self.eval_cost <= EVAL_SHARE * (self.state["elapsed"] + self.eval_cost)
+
     def _eval_and_keep_best(self, run_log: RunLog | NullLog) -> dict[str, float]:
+        """Score dev, keep best/ when it improved; its seconds count in the budget and set the next estimate."""
+        start = time.perf_counter()
+        metrics = self._score_dev(run_log)
+        seconds = self.ranks.agree_max(time.perf_counter() - start)
+        self.eval_cost = seconds
+        self.state["eval_seconds"] += seconds
+        self.state["elapsed"] = self.ranks.agree_max(self.state["elapsed"] + seconds)
+        return metrics
+
+    def _score_dev(self, run_log: RunLog | NullLog) -> dict[str, float]:
         metrics, preds = self.evaluate_with_predictions(self.splits.dev)
         self.state["last_eval_step"] = self.state["step"]
         key = self.splits.task.metrics[0]
@@ -329,6 +378,7 @@ class Trainer:
                    unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         batches = self._micro_batches(features)
+        self.plan_evaluation()
         if self.state["step"] == 0 and spec.head_init in ("cosine", "fit"):
             self._start_head(features)
         self.model.train()
@@ -377,7 +427,7 @@ class Trainer:
                         spec.save_seconds is not None and time.monotonic() - saved_at >= spec.save_seconds):
                     self._save(LAST)  # a killed run resumes from here
                     saved_at = time.monotonic()
-                if self.state["step"] % spec.eval_every == 0:
+                if self._eval_due():
                     last_metrics = self._eval_and_keep_best(run_log)
                     if spec.patience is not None and self.state["stale_evals"] >= spec.patience:
                         self.log(f"early stop: dev {key} has not improved for {spec.patience} evaluations")
@@ -414,11 +464,13 @@ class Trainer:
         dev = meta.metrics["dev"]  # scored when it became best; dev does not change
         test = self.evaluate(self.splits.test) if self.spec.eval_test and self.splits.labelled("test") else None
         summary = {"best_step": self.state["best_step"], "steps": self.state["step"],
-                   "train_seconds": round(self.state["elapsed"], 1), "trained_parameters": trained, "dev": dev,
+                   "train_seconds": round(self.state["elapsed"], 1),
+                   "eval_seconds": round(self.state["eval_seconds"], 1), "trained_parameters": trained, "dev": dev,
                    "test": test, "dev_confusion": meta.metrics.get("dev_confusion")}
         if self.ranks.is_main:
             (self.output / RESULTS).write_text(json.dumps(summary, indent=2))
-        return TrainResult(self.output, best, self.state["step"], self.state["elapsed"], dev, test, trained)
+        return TrainResult(self.output, best, self.state["step"], self.state["elapsed"], dev, test, trained,
+                           eval_seconds=self.state["eval_seconds"])
 
     @property
     def baseline_split(self) -> str:
@@ -494,6 +546,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         baselines = {}
     else:
         trainer = prepare(cfg, log)
+        trainer.plan_evaluation()  # said before the baselines' scoring, which the budget does not count
         baselines = trainer.baselines() if trainer.spec.baselines else {}
     result = trainer.train()
     result.baselines, result.baseline_split = baselines, trainer.baseline_split
