@@ -136,4 +136,4 @@ def test_a_prompt_trained_in_bf16_serves_in_bf16_beside_fp32_ones(user_file_prom
     assert code == 0 and json.loads(out)["precision"] == "bf16"
     with pytest.raises(SoftpromptError, match="--dtype must be bf16 or fp32"):
         MultiTaskModel.from_pretrained({"words": user_file_prompts["words"]}, dtype="fp16")
-    assert torch.bfloat16 in {p.dtype for b in model._backbones.values() for p in b.parameters()}
+    assert torch.bfloat16 in {p.dtype for b in model.backbones.held.values() for p in b.parameters()}

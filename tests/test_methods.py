@@ -19,10 +19,12 @@ from softprompt.assets import describe_model
 from softprompt.checkpoint import load_tensors
 from softprompt.cli import main
 from softprompt.hf_trainer import PromptTrainer
-from softprompt.methods import PREFIX_KEY, kv_layout
-from softprompt.models.prefix import PrefixDecoderModel
+from softprompt.methods.prefix.model import PREFIX_KEY, kv_layout
+from softprompt.methods.prefix.adapters import PrefixDecoderModel
 from softprompt.peft_interop import export_peft
-from softprompt.spec import PREFIX_LR, PTUNING_LR, resolve
+from softprompt.methods.prefix.method import LR as PREFIX_LR
+from softprompt.methods.ptuning.method import LR as PTUNING_LR
+from softprompt.spec import resolve
 from softprompt.tasks import get_task
 
 ROWS = [[101, 2023, 3185, 2001, 2204], [101, 2023, 3185], [101, 2919, 2143, 2001]]

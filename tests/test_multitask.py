@@ -70,7 +70,7 @@ def _mixed(prompts) -> list[tuple[str, object]]:
 def test_a_mixed_batch_equals_each_task_alone(family, decoder_prompts, encoder_prompts, monkeypatch):
     prompts = decoder_prompts if family == "decoder" else encoder_prompts
     model = MultiTaskModel.from_pretrained(prompts)
-    monkeypatch.setattr(MultiTaskModel, "_each_prompt_alone", lambda *a: pytest.fail("took the one-prompt path"))
+    monkeypatch.setattr("softprompt.multitask.forward.each_prompt_alone", lambda *a: pytest.fail("took the one-prompt path"))
     items = _mixed(prompts)
     got = model.predict(items, batch_size=64)  # one forward for every row
     want = {task: iter(_alone(path, _inputs_for(task))) for task, path in prompts.items()}
@@ -83,17 +83,16 @@ def test_tasks_that_cannot_share_run_alone_with_the_same_results(decoder_prompts
     model = MultiTaskModel.from_pretrained(decoder_prompts)
     items = _mixed(decoder_prompts)
     before = model.predict(items)
-    model._registry["toy"][decoder_prompts["toy"]].prompted.model.engine.force_off("test")
+    model.prompts("toy")[0].prompted.model.engine.force_off("test")
     for got, want in zip(model.predict(items), before):
         _assert_same(got, want)
 
 
 def test_the_backbone_is_loaded_once_and_shared(decoder_prompts):
     model = MultiTaskModel.from_pretrained(decoder_prompts)
-    backbones = {id(p.prompted.model.base.base_model) for members in model._registry.values() for p in members.values()}
-    assert backbones == {id(model._backbones[False].base_model)} and len(model._backbones) == 1
-    heads = [p.prompted.model.head for p in model._registry["head"].values()]
-    assert heads[0] is not model._registry["similarity"][decoder_prompts["similarity"]].prompted.model.head
+    backbones = {id(p.prompted.model.base.base_model) for task in model.tasks() for p in model.prompts(task)}
+    assert backbones == {id(model.backbones.held[False].base_model)} and len(model.backbones.held) == 1
+    assert model.prompts("head")[0].prompted.model.head is not model.prompts("similarity")[0].prompted.model.head
 
 
 def test_generation_in_a_mixed_batch_equals_each_alone(decoder_prompts):

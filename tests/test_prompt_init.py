@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from softprompt import PromptModel, PromptTuningConfig, SoftpromptError, get_prompt_model
-from softprompt.prompt import frequent_token_ids
+from softprompt.methods.prompt.init import frequent_token_ids
 
 
 def _wrap(model, tokenizer, **kw):

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from softprompt.errors import SoftpromptError
 from softprompt.models.shared_prefix import InputVectors, KeyValues, SharedPrefix
-from softprompt.prompt import SoftPrompt
+from softprompt.methods.prompt.model import SoftPrompt
 
 from .test_models import ATOL, batch, faulty_states, wrap
 

@@ -26,8 +26,6 @@ Several runs and a report::
     write_report(["runs/sweep"], "runs/sweep/report.html")
 """
 
-__version__ = "0.2.0"
-
 from .assets import ModelInfo, describe_model
 from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from .config import PromptInit, PromptTuningConfig, TaskType
@@ -44,6 +42,12 @@ from .sweep import sweep
 from .tasks import TASKS, TaskSpec, get_task
 from .tracking import RunLog, read_metrics
 from .training import Trainer, TrainingInterrupted, TrainResult, train
+from .version import __version__
+
+# the built-in prompt methods register themselves (methods/__init__.py) when imported
+from .methods.prompt import method as _prompt  # noqa: E402,F401  isort: skip
+from .methods.ptuning import method as _ptuning  # noqa: E402,F401  isort: skip
+from .methods.prefix import method as _prefix  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "PromptTuningConfig", "TaskType", "PromptInit", "get_prompt_model", "PromptModel", "EncoderPromptModel",

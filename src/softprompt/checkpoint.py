@@ -22,15 +22,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from .assets import ModelInfo
-from .config import PEFT_CONFIG_FILE, PromptTuningConfig
+from .config import PromptTuningConfig
 from .errors import SoftpromptError
-from .methods import PREFIX_KEY
-from .prompt import PROMPT_KEY
+from .families import hidden_size, text_config
+from .methods import get_method, methods
 from .spec import RunSpec, TrainConfig, resolve
 from .tasks import TaskSpec
+from .tensor_names import (PEFT_CONFIG_FILE, PEFT_TENSOR_FILE, from_peft_tensors, is_peft_adapter,
+                           read_peft_tensors)
+from .version import __version__
 
 FORMAT = 3
 META_FILE = "softprompt.json"
@@ -43,20 +47,16 @@ BEST, LAST, RESULTS = "best", "last", "results.json"
 
 def fingerprint(model_config) -> dict[str, Any]:
     """What must match between the model a prompt was trained on and the one it is loaded into."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text = text_config(model_config)
     return {
         "model_type": model_config.model_type,
-        "hidden_size": getattr(text, "hidden_size", None) or getattr(text, "d_model", None),
+        "hidden_size": hidden_size(model_config),
         "vocab_size": getattr(text, "vocab_size", None),
         "num_layers": getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None),
     }
 
 
 def versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
     return {"softprompt": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -255,20 +255,38 @@ def _verified(directory: Path, name: str, checkpoint: Checkpoint) -> Path:
 def load_tensors(directory: str | Path, checkpoint: Checkpoint | None = None) -> dict[str, torch.Tensor]:
     """The prompt (and head) tensors of a checkpoint, checked against the checksum it recorded; a checkpoint
     exported as a peft adapter (`softprompt export --format peft`) gives them under softprompt's names too."""
-    from .peft_interop import PEFT_TENSOR_FILE, from_peft_tensors
-
     directory = Path(directory)
     checkpoint = checkpoint or read_checkpoint(directory)
     peft = PEFT_TENSOR_FILE in checkpoint.files and TENSOR_FILE not in checkpoint.files
     tensor_file = PEFT_TENSOR_FILE if peft else TENSOR_FILE
     try:
         tensors = load_file(str(_verified(directory, tensor_file, checkpoint)))
-        return from_peft_tensors(tensors, PREFIX_KEY if checkpoint.prompt.method == "prefix" else PROMPT_KEY) \
-            if peft else tensors
+        return from_peft_tensors(tensors, get_method(checkpoint.prompt.method).tensor_key) if peft else tensors
     except Exception as err:  # safetensors raises its own error types for damaged headers
         if isinstance(err, SoftpromptError):
             raise
         raise SoftpromptError(f"{directory / tensor_file} cannot be read ({err}); the checkpoint is damaged") from None
+
+
+def load_prompt_file(path: str | Path, key: str) -> torch.Tensor:
+    """The stored tensor `key` (a method's `tensor_key`) of a checkpoint folder (checked against its checksum), of a
+    peft adapter folder, or of a bare .safetensors file: where a run starts its prompt from (`--init-file`)."""
+    path = Path(path)
+    if path.is_dir() and is_peft_adapter(path) and not (path / META_FILE).is_file():
+        tensors = from_peft_tensors(read_peft_tensors(path), key)
+    elif path.is_dir():
+        tensors = load_tensors(path)
+    elif path.is_file():
+        tensors = load_file(str(path))
+    else:
+        raise SoftpromptError(f"no prompt at {path}: give a checkpoint folder or a .safetensors prompt file")
+    if key not in tensors:
+        held = [m.name for m in methods() if m.tensor_key in tensors]
+        if held:
+            raise SoftpromptError(f"{path} holds the tensor of method {' or '.join(held)}; start a run of the same "
+                                  "method from it")
+        raise SoftpromptError(f"{path} holds no '{key}' tensor; is it a softprompt checkpoint?")
+    return tensors[key]
 
 
 def read_trainer_state(directory: str | Path, checkpoint: Checkpoint | None = None) -> TrainerState | None:

@@ -12,19 +12,32 @@ import typing
 from pathlib import Path
 from typing import Any, List, Optional
 
+import datasets
+import transformers
 import typer
 
+from .assets import BUILTIN_MODELS
+from .checkpoint import read_checkpoint
+from .data import BUILTIN_DATASETS, to_examples
+from .distributed import Ranks
 from .errors import SoftpromptError
+from .hub import push_folder
+from .interpret import view
+from .multitask import MultiTaskModel
+from .peft_interop import export_peft, import_peft
+from .pipeline import PromptedTask
+from .report import write_report
 from .spec import TrainConfig
+from .sweep import sweep as run_sweep
+from .tasks import TASKS
+from .training import TrainingInterrupted, load_splits
+from .training import train as run_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prompt tuning for frozen transformers: train only k soft-prompt vectors.")
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import transformers
-
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -58,7 +71,8 @@ def _config_parameters(defaults: dict[str, Any] | None = None) -> list[Parameter
         default = meta.get("cli_default", None if f.default is dataclasses.MISSING else f.default)
         default = (defaults or {}).get(f.name, default)
         flags = [meta["flag"]] if "flag" in meta else []
-        option = typer.Option(default, *flags, help=meta["help"])
+        text = meta["help"]() if callable(meta["help"]) else meta["help"]  # callable: read at startup (a registry)
+        option = typer.Option(default, *flags, help=text)
         annotation = _cli_type(meta.get("cli_type", hints[f.name]), default)
         params.append(Parameter(f.name, Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
@@ -87,9 +101,6 @@ RESUME = Parameter("resume", Parameter.KEYWORD_ONLY, annotation=Optional[str], d
 @_with_config_options([RESUME])
 def train(**options: Any) -> None:
     """Train a soft prompt. With no arguments: SmolLM2-135M on the embedded Rotten Tomatoes data."""
-    from .distributed import Ranks
-    from .training import train as run_training
-
     _quiet_libraries()
     resume = options["resume"]
     cfg = _train_config({**options, "output": resume} if resume else options)
@@ -112,8 +123,6 @@ DTYPE = typer.Option(None, "--dtype", help="the frozen model's precision: bf16 |
 
 
 def _load(checkpoint: str, model: Optional[str], trust_remote_code: bool = False, dtype: Optional[str] = None):
-    from .pipeline import PromptedTask
-
     _quiet_libraries()
     return PromptedTask.from_pretrained(checkpoint, model, trust_remote_code, dtype)
 
@@ -131,16 +140,12 @@ def evaluate(
 ) -> None:
     """Score a checkpoint on a labelled split and print its metrics as JSON; with several, each member's and
     the ensemble's (mean probability, majority vote), all in one batched pass."""
-    from .training import load_splits
-
     if split not in ("dev", "test"):
         raise SoftpromptError(f"--split must be dev or test, not {split!r}")
     if len(checkpoints) == 1:
         prompted = _load(checkpoints[0], model, trust_remote_code, dtype)
         spec, score = prompted.spec, prompted.evaluate
     else:
-        from .multitask import MultiTaskModel
-
         _quiet_libraries()
         ensemble = MultiTaskModel.from_pretrained({"ensemble": checkpoints}, trust_remote_code, dtype, base_model=model)
         spec = ensemble.prompts("ensemble")[0].prompted.spec
@@ -205,8 +210,6 @@ def predict(
     dtype: Optional[str] = DTYPE,
 ) -> None:
     """Classify texts; prints one JSON line per input with the label and per-label scores."""
-    from .data import to_examples
-
     prompted = _load(checkpoint, model, trust_remote_code, dtype)
     fields = prompted.task.fields
     items = [dict(zip(fields, i.split("\t"))) if isinstance(i, str) and len(fields) > 1 else i
@@ -223,13 +226,7 @@ def predict(
 @app.command()
 def info(checkpoint: Optional[str] = typer.Argument(None, help="checkpoint folder to describe")) -> None:
     """Built-in models, datasets and tasks; or what a checkpoint holds."""
-    from .assets import BUILTIN_MODELS
-    from .data import BUILTIN_DATASETS
-    from .tasks import TASKS
-
     if checkpoint:
-        from .checkpoint import read_checkpoint
-
         meta = read_checkpoint(checkpoint)
         size = sum(f.stat().st_size for f in Path(checkpoint).iterdir() if f.suffix == ".safetensors")
         spec = meta.spec
@@ -260,8 +257,6 @@ def report(
     model: Optional[str] = typer.Option(None, help="another copy of the runs' base model"),
 ) -> None:
     """Write one self-contained interactive HTML report (works offline) for one or more runs."""
-    from .report import write_report
-
     _quiet_libraries()
     path = write_report(runs, output or Path(runs[0]) / "report.html", top=top, model=model)
     typer.echo(f"report: {path}")
@@ -276,23 +271,18 @@ def inspect(
 ) -> None:
     """The nearest vocabulary tokens (cosine) of each virtual token of a trained prompt; per-layer norms of a
     prefix."""
-    from .interpret import layer_norms, nearest_tokens
-    from .methods import PrefixKeyValues
-
     if top < 1:
         raise SoftpromptError("--top must be at least 1")
     prompted = _load(checkpoint, model, trust_remote_code)
-    prefix = prompted.model.prompt
-    if isinstance(prefix, PrefixKeyValues):
-        typer.echo(f"{checkpoint}: a prefix of {prefix.num_tokens} virtual tokens of {prompted.base_name}; mean norm "
-                   "of a virtual token's keys and values per layer")
-        for i, (keys, values) in enumerate(layer_norms(prefix.key_values())):
+    shown, k = view(prompted.model, prompted.encoder.tokenizer, top), prompted.model.prompt.num_tokens
+    if shown.norms is not None:
+        typer.echo(f"{checkpoint}: a prefix of {k} virtual tokens of {prompted.base_name}; mean norm of a virtual "
+                   "token's keys and values per layer")
+        for i, (keys, values) in enumerate(shown.norms):
             typer.echo(f"{i:>4}  keys {keys:.3f}  values {values:.3f}")
         return
-    weight = prompted.model.prompt.weight
-    rows = nearest_tokens(weight, prompted.model.base.get_input_embeddings().weight, prompted.encoder.tokenizer, top)
-    typer.echo(f"{checkpoint}: {weight.shape[0]} virtual tokens of {prompted.base_name}, nearest tokens by cosine")
-    for i, row in enumerate(rows):
+    typer.echo(f"{checkpoint}: {k} virtual tokens of {prompted.base_name}, nearest tokens by cosine")
+    for i, row in enumerate(shown.neighbours or []):
         typer.echo(f"{i:>4}  " + "  ".join(f"{n.token!r:>14} {n.cosine:.3f}" for n in row))
 
 
@@ -304,8 +294,6 @@ def export(
                                                         "loads"),
 ) -> None:
     """Write a checkpoint in another library's format (peft: adapter_config.json + adapter_model.safetensors)."""
-    from .peft_interop import export_peft
-
     if format != "peft":
         raise SoftpromptError(f"--format must be peft, not {format!r}")
     _quiet_libraries()
@@ -321,8 +309,6 @@ def import_(
     model: Optional[str] = typer.Option(None, help="its base model (default: the adapter's base_model_name_or_path)"),
 ) -> None:
     """Make a softprompt checkpoint of a peft prompt-tuning adapter."""
-    from .peft_interop import import_peft
-
     _quiet_libraries()
     typer.echo(f"checkpoint: {import_peft(adapter, output, model)}")
 
@@ -334,8 +320,6 @@ def push(
     private: bool = typer.Option(False, "--private", help="create the repo private"),
 ) -> None:
     """Upload a checkpoint to the Hugging Face hub; `from_pretrained("user/name")` and every command read it back."""
-    from .hub import push_folder
-
     typer.echo(f"pushed: {push_folder(checkpoint, repo_id, private=private or None)}")
 
 
@@ -368,8 +352,6 @@ def sweep(**options: Any) -> None:
     """Train a small grid (prompt length x init x lr) one run after another and report them together.
 
     Every other option is a `train` option and applies to every run; --output is the sweep's folder."""
-    from .sweep import sweep as run_sweep
-
     _quiet_libraries()
     grid = {"prompt_length": _values(options["prompt_lengths"], int), "init": _values(options["inits"], str),
             "lr": _values(options["lrs"], float)}
@@ -415,8 +397,6 @@ def serve(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors become one line on stderr and exit code 2, never a traceback."""
-    from .training import TrainingInterrupted
-
     try:
         app(args=argv, prog_name="softprompt", standalone_mode=False)
         return 0

@@ -1,9 +1,9 @@
-"""What a prompt is: its length, how it starts, and which kind of model output it trains against.
+"""What a prompt is: its length, how it starts, its method, and which kind of model output it trains against.
 
 Field names are ours, but peft's spellings are accepted too (`prompt_tuning_init`, `prompt_tuning_init_text`,
 `tokenizer_name_or_path`, ...), so a peft `adapter_config.json` for prompt tuning builds the same config. The
-`method` picks prompt tuning's relatives (methods/): P-tuning's prompt encoder and prefix tuning's keys/values,
-set by the fields peft's PromptEncoderConfig and PrefixTuningConfig name the same way.
+`method` is one registered in methods/; the settings only a method reads are declared in its folder
+(methods/<name>/config.py, under peft's names) and validated when that method is chosen.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SoftpromptError
+from .methods import by_peft_type, get_method
+from .methods.prefix.config import PrefixFields
+from .methods.ptuning.config import PromptEncoderFields
+from .tensor_names import PEFT_CONFIG_FILE
 
 
 class TaskType(str, Enum):
@@ -37,23 +41,17 @@ class PromptInit(str, Enum):
     FILE = "file"  # an existing prompt (prompt transfer from another task)
 
 
-METHODS = ("prompt", "ptuning", "prefix")
-ENCODER_TYPES = ("MLP", "LSTM")
-
 PEFT_INITS = {"RANDOM": PromptInit.RANDOM, "TEXT": PromptInit.TEXT, "SAMPLE_VOCAB": PromptInit.VOCAB}
 # peft fields that say nothing a softprompt prompt needs: the model's shape is read off the model itself
-# peft's prompt-learning types and the method each is here: P-tuning and prefix adapters store what their encoder
-# produced, the plain vectors or keys/values a softprompt checkpoint of that method holds
-PEFT_METHODS = {"PROMPT_TUNING": "prompt", "P_TUNING": "ptuning", "PREFIX_TUNING": "prefix"}
 PEFT_IGNORED = ("peft_type", "init_weights", "auto_mapping", "peft_version", "revision", "inference_mode", "token_dim",
                 "num_transformer_submodules", "num_attention_heads", "num_layers", "modules_to_save",
                 "tokenizer_kwargs")
-PEFT_CONFIG_FILE = "adapter_config.json"
 
 
 @dataclass
-class PromptTuningConfig:
-    """The soft prompt's settings; saved beside the prompt so a checkpoint rebuilds itself."""
+class PromptTuningConfig(PromptEncoderFields, PrefixFields):
+    """The soft prompt's settings; saved beside the prompt so a checkpoint rebuilds itself. Method settings
+    (P-tuning's encoder, a prefix projection) come from the methods' own folders, keyword-only."""
 
     num_virtual_tokens: int = 20
     task_type: TaskType = TaskType.CAUSAL_LM
@@ -67,14 +65,9 @@ class PromptTuningConfig:
     pooling: str = "cls"
     tokenizer_name_or_path: str | None = None  # where `text`/`vocab` inits find a tokenizer when none is passed
     base_model_name_or_path: str | None = None
-    # prompt: input vectors; ptuning: input vectors produced by a prompt encoder while training; prefix: keys and
-    # values at every layer, optionally through an MLP while training. Both reparameterisations fold away at save
+    # a registered method (methods/): prompt, ptuning (input vectors out of a prompt encoder while training),
+    # prefix (keys and values at every layer); a training reparameterisation folds away at save
     method: str = "prompt"
-    encoder_reparameterization_type: str = "MLP"  # ptuning: MLP | LSTM (peft's names from here on)
-    encoder_hidden_size: int | None = None  # ptuning, prefix with projection: default the model's width, as peft
-    encoder_num_layers: int = 2  # ptuning LSTM layers (peft's MLP always has 3 linear layers)
-    encoder_dropout: float = 0.0  # ptuning LSTM dropout between layers
-    prefix_projection: bool = False  # prefix: train through Embedding -> Linear-Tanh-Linear
     # peft's names for init and init_text: RANDOM, TEXT or SAMPLE_VOCAB, and the text
     prompt_tuning_init: InitVar[str | None] = None
     prompt_tuning_init_text: InitVar[str | None] = None
@@ -103,17 +96,8 @@ class PromptTuningConfig:
             raise SoftpromptError("init='file' needs init_file: a checkpoint folder or a .safetensors prompt file")
         if self.pooling not in POOLINGS:
             raise SoftpromptError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
-        if self.method not in METHODS:
-            raise SoftpromptError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        self.encoder_reparameterization_type = str(getattr(self.encoder_reparameterization_type, "value",
-                                                           self.encoder_reparameterization_type)).upper()
-        if self.encoder_reparameterization_type not in ENCODER_TYPES:
-            raise SoftpromptError(f"encoder_reparameterization_type must be MLP or LSTM, not "
-                                  f"{self.encoder_reparameterization_type!r}")
-        if (self.encoder_hidden_size is not None and self.encoder_hidden_size < 1) or self.encoder_num_layers < 1:
-            raise SoftpromptError("encoder_hidden_size and encoder_num_layers must be >= 1")
-        if not 0 <= self.encoder_dropout < 1:
-            raise SoftpromptError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
+        get_method(self.method)  # a registered one
+        self.check_prompt_encoder()
         if self.init is PromptInit.CLASS_LABELS and not self.label_words:
             raise SoftpromptError("init='class_labels' needs label_words (the verbalizer of the task)")
 
@@ -129,10 +113,8 @@ class PromptTuningConfig:
         d = dict(d)
         if d.get("peft_type") is not None:
             peft_type = str(d["peft_type"]).split(".")[-1].upper()
-            if peft_type not in PEFT_METHODS:
-                raise SoftpromptError(f"this is a peft {peft_type} config; PromptTuningConfig reads "
-                                      f"{', '.join(PEFT_METHODS)} ones")
-            if d.setdefault("method", PEFT_METHODS[peft_type]) != PEFT_METHODS[peft_type]:
+            method = by_peft_type(peft_type)
+            if get_method(d.setdefault("method", method.name)).peft_type != peft_type:
                 raise SoftpromptError(f"method {d['method']!r} and peft_type {peft_type} disagree; give one of them")
         for name in PEFT_IGNORED:
             d.pop(name, None)

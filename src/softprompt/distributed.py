@@ -21,7 +21,11 @@ from typing import Callable, Sequence, TypeVar, cast
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from .errors import SoftpromptError
 
@@ -43,8 +47,6 @@ class Ranks:
         backbone is sharded with `fsdp` or when `accelerate launch` runs an FSDP config (ACCELERATE_USE_FSDP)."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
-        from accelerate import PartialState
-
         state = PartialState(cpu=True, backend="gloo")  # the loop's tensors live on CPU
         sharded = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
         return cls(state.process_index, state.num_processes, state.local_process_index,
@@ -130,10 +132,6 @@ class Ranks:
         (None: not sharded)."""
         if not self.sharded:
             return None
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor
-
         stacks = layer_stacks(backbone)
         if not stacks:
             raise SoftpromptError(f"--fsdp: {type(backbone).__name__} has no list of frozen layers to shard")
@@ -155,8 +153,6 @@ def _first_gather_outside_inference(holder: nn.Module, layers: nn.ModuleList) ->
     """Before the stack's first forward (which all ranks run together), gather and free each layer once outside
     inference mode: FSDP allocates the buffers it gathers into at the first gather, and buffers made under
     `torch.inference_mode` (scoring's, e.g. the baselines before step 1) cannot be written by a training step."""
-    from torch.distributed.fsdp import FSDPModule
-
     def gather_once(module: nn.Module, args: tuple) -> None:
         handle.remove()
         with torch.inference_mode(False):

@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import huggingface_hub
+
+from .assets import hub_unreachable
 from .checkpoint import read_checkpoint
 from .errors import SoftpromptError
 
@@ -21,14 +24,10 @@ def local_folder(checkpoint: str | Path) -> Path:
     path = Path(checkpoint).expanduser()
     if path.exists() or str(checkpoint).count("/") != 1:
         return path
-    from huggingface_hub import snapshot_download
-
-    from .assets import hub_unreachable
-
     reason = hub_unreachable()
     if reason is None:
         try:
-            return Path(snapshot_download(str(checkpoint)))
+            return Path(huggingface_hub.snapshot_download(str(checkpoint)))
         except Exception as err:  # the hub client raises many types; all mean the same to the user
             reason = _hub_reason(err)
     raise SoftpromptError(f"{checkpoint} is neither a checkpoint folder nor a hub repo reachable now ({reason})")
@@ -38,15 +37,11 @@ def push_folder(folder: str | Path, repo_id: str, private: bool | None = None, t
                 commit_message: str = "softprompt checkpoint") -> str:
     """Upload a checkpoint folder (checked first) to the hub model repo `repo_id`, created if need be; returns the
     commit's URL."""
-    from huggingface_hub import HfApi
-
-    from .assets import hub_unreachable
-
     read_checkpoint(folder)
     reason = hub_unreachable()
     if reason is not None:
         raise SoftpromptError(f"cannot push to {repo_id}: the hub is not reachable now ({reason})")
-    api = HfApi(token=token)
+    api = huggingface_hub.HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message))

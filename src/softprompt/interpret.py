@@ -9,8 +9,13 @@ input vectors to compare; its per-layer norms show where it grew.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
+
+from .methods import KEY_VALUES
+from .models import PromptModel
+from .models.shared_prefix import KeyValues
 
 
 @dataclass
@@ -43,3 +48,20 @@ def prompt_similarity(prompts: list[torch.Tensor]) -> list[list[float | None]]:
     sizes differ: prompts of different base models share no space)."""
     means = [torch.nn.functional.normalize(p.detach().float().mean(0), dim=0) for p in prompts]
     return [[round(float(a @ b), 4) if a.shape == b.shape else None for b in means] for a in means]
+
+
+@dataclass
+class PromptView:
+    """What `inspect` and the report show of a trained prompt: the nearest vocabulary tokens of each input vector
+    (and the vectors, to compare prompts), or, for keys/values, their norms per layer."""
+
+    neighbours: list[list[Neighbour]] | None = None
+    vectors: torch.Tensor | None = None
+    norms: list[tuple[float, float]] | None = None
+
+
+def view(model: PromptModel, tokenizer, top: int = 5) -> PromptView:
+    if model.method.contributes == KEY_VALUES:
+        return PromptView(norms=layer_norms(cast(KeyValues, model.prompt).key_values()))
+    weight = model.prompt.weight.detach()
+    return PromptView(nearest_tokens(weight, model.embedding_matrix(), tokenizer, top), weight.clone())

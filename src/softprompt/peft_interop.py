@@ -22,82 +22,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModelForSequenceClassification
 
+from .assets import describe_model
 from .checkpoint import META_FILE, Checkpoint, file_sha256, fingerprint, load_tensors, read_checkpoint, save_checkpoint
-from .config import PEFT_CONFIG_FILE, PromptTuningConfig, TaskType
+from .config import PromptTuningConfig, TaskType
 from .errors import SoftpromptError
-from .methods import PREFIX_KEY, kv_layout
-from .models.base import HEAD_NAMES, HEAD_PREFIX
-from .prompt import PROMPT_KEY
-
-PEFT_TENSOR_FILE = "adapter_model.safetensors"
-PEFT_PROMPT_KEY = "prompt_embeddings"
-PEFT_HEAD_PREFIX = "base_model."  # peft's saved name of a module to save: base_model.<module>.<param>
-
-
-def is_peft_adapter(path: str | Path) -> bool:
-    return (Path(path) / PEFT_CONFIG_FILE).is_file()
-
-
-def to_peft_tensors(tensors: dict[str, torch.Tensor], head_name: str | None) -> dict[str, torch.Tensor]:
-    """softprompt's tensor names -> peft's (`prompt` or a prefix's `prefix` -> `prompt_embeddings`, `head.x` ->
-    `base_model.<head>.x`)."""
-    out = {PEFT_PROMPT_KEY: tensors[PREFIX_KEY if PREFIX_KEY in tensors else PROMPT_KEY]}
-    for name, value in tensors.items():
-        if name.startswith(HEAD_PREFIX):
-            out[f"{PEFT_HEAD_PREFIX}{head_name}.{name[len(HEAD_PREFIX):]}"] = value
-    return out
-
-
-def from_peft_tensors(tensors: dict[str, torch.Tensor], prompt_key: str = PROMPT_KEY) -> dict[str, torch.Tensor]:
-    """peft's tensor names -> softprompt's (`prompt_embeddings` -> `prompt_key`: a prefix's for one exported from
-    prefix tuning); anything else (another method's weights) is refused."""
-    if PEFT_PROMPT_KEY not in tensors:
-        raise SoftpromptError(f"the peft adapter holds no '{PEFT_PROMPT_KEY}': not a prompt-tuning adapter")
-    out = {prompt_key: tensors[PEFT_PROMPT_KEY]}
-    for name, value in tensors.items():
-        module, _, param = name[len(PEFT_HEAD_PREFIX):].partition(".")
-        if name.startswith(PEFT_HEAD_PREFIX) and module in HEAD_NAMES:
-            out[f"{HEAD_PREFIX}{param}"] = value
-        elif name != PEFT_PROMPT_KEY:
-            raise SoftpromptError(f"the peft adapter holds {name!r}, which a prompt-tuning adapter for softprompt "
-                                  f"cannot have (a prompt and a classifier head named {', '.join(HEAD_NAMES)})")
-    return out
+from .families import family_of
+from .methods import get_method
+from .tensor_names import (HEAD_NAMES, PEFT_CONFIG_FILE, PEFT_TENSOR_FILE, from_peft_tensors, read_peft_tensors,
+                           to_peft_tensors)
 
 
 def head_name(model_config) -> str:
     """The attribute the model's sequence-classification class keeps its head in (built on the meta device: no
     weights are loaded)."""
-    from transformers import AutoModelForSequenceClassification
-
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(model_config)
     return next(n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module))
 
 
 def peft_config(prompt: PromptTuningConfig, model_config, base_path: str | None, head: str | None) -> dict[str, Any]:
-    """adapter_config.json. The init is written as RANDOM: the trained prompt replaces it on load, and a TEXT init
-    would make peft load a tokenizer for nothing."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    if prompt.method == "prefix":  # the folded prefix is peft's without projection, in its flat layout
-        layout = kv_layout(model_config)
-        width = layout.kv_heads * layout.head_dim
-        return {"peft_type": "PREFIX_TUNING", "task_type": prompt.task_type.value,
-                "num_virtual_tokens": prompt.num_virtual_tokens, "token_dim": width,
-                "num_transformer_submodules": 1, "num_attention_heads": layout.kv_heads,
-                "num_layers": layout.layers, "encoder_hidden_size": width, "prefix_projection": False,
-                "base_model_name_or_path": base_path, "revision": None, "inference_mode": True,
-                "modules_to_save": [head] if head else None}
-    return {"peft_type": "PROMPT_TUNING", "task_type": prompt.task_type.value,
-            "num_virtual_tokens": prompt.num_virtual_tokens,
-            "token_dim": getattr(text, "hidden_size", None) or getattr(text, "d_model", None),
-            "num_transformer_submodules": 1,  # the encoder's prompt only, for encoder-decoders too
-            "num_attention_heads": None, "num_layers": None, "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
-            "base_model_name_or_path": base_path, "revision": None, "inference_mode": True,
-            "modules_to_save": [head] if head else None, "auto_mapping": None}
+    """adapter_config.json: the method's own fields (methods/<name>/method.py), the base model and the head."""
+    make = get_method(prompt.method).peft_config
+    if make is None:
+        raise SoftpromptError(f"method {prompt.method} has no peft equivalent to export to")
+    return {**make(prompt, model_config), "base_model_name_or_path": base_path, "revision": None,
+            "inference_mode": True, "modules_to_save": [head] if head else None}
 
 
 def layout_note(family: str) -> str:
@@ -114,8 +66,6 @@ def layout_note(family: str) -> str:
 def export_peft(checkpoint_dir: str | Path, output: str | Path) -> tuple[Path, str]:
     """Write the checkpoint in `checkpoint_dir` as a peft adapter folder (with softprompt.json beside it);
     returns the folder and the layout note for its family."""
-    from .assets import describe_model
-
     meta = read_checkpoint(checkpoint_dir)
     if meta.prompt.pooling != "cls":
         raise SoftpromptError(f"{checkpoint_dir} pools the text by {meta.prompt.pooling!r}; peft's models pool as the "
@@ -123,13 +73,9 @@ def export_peft(checkpoint_dir: str | Path, output: str | Path) -> tuple[Path, s
                               "equivalent: train with --pooling cls to export one")
     if meta.base_model is None:
         raise SoftpromptError(f"{checkpoint_dir} does not record its base model; peft needs one")
-    if meta.prompt.method == "prefix" and meta.family != "decoder":
-        raise SoftpromptError(f"{checkpoint_dir} is a prefix for a {meta.family} model; only decoder prefixes export "
-                              "(peft passes a prefix as past_key_values, which BERT-style encoders do not take and "
-                              "which in T5 would prefix the decoder too)")
     model = describe_model(meta.base_model)
     head = head_name(model.config) if meta.prompt.task_type is TaskType.SEQ_CLS else None
-    tensors = to_peft_tensors(load_tensors(checkpoint_dir, meta), head)
+    tensors = to_peft_tensors(load_tensors(checkpoint_dir, meta), get_method(meta.prompt.method).tensor_key, head)
     config = peft_config(meta.prompt, model.config, model.path, head)
     path = save_checkpoint(output, meta, tensors, tensor_file=PEFT_TENSOR_FILE, extra_json={PEFT_CONFIG_FILE: config})
     return path, layout_note(meta.family)
@@ -152,14 +98,10 @@ def read_peft(directory: str | Path, model_config=None, model_name: str | None =
     prompt = PromptTuningConfig.from_dict(raw)
     name = model_name or prompt.base_model_name_or_path
     if model_config is None:
-        from .assets import describe_model
-
         if not name:
             raise SoftpromptError(f"{directory} does not say which base model it was trained on; give one (--model)")
         model_config = describe_model(name).config
-    from .models import family_of
-
-    tensors = from_peft_tensors(_load_peft_file(directory), PREFIX_KEY if prompt.method == "prefix" else PROMPT_KEY)
+    tensors = from_peft_tensors(read_peft_tensors(directory), get_method(prompt.method).tensor_key)
     return Checkpoint(prompt, family_of(model_config), name, fingerprint(model_config)), tensors
 
 
@@ -167,11 +109,6 @@ def import_peft(directory: str | Path, output: str | Path, model: str | None = N
     """A softprompt checkpoint folder of the peft adapter in `directory`."""
     meta, tensors = read_peft(directory, model_name=model)
     return save_checkpoint(output, meta, tensors)
-
-
-def peft_prompt(directory: str | Path) -> torch.Tensor:
-    """The prompt of a peft adapter folder (`--init-file` on one)."""
-    return from_peft_tensors(_load_peft_file(Path(directory)))[PROMPT_KEY]
 
 
 def _adapter_config(directory: Path) -> dict[str, Any]:
@@ -182,14 +119,3 @@ def _adapter_config(directory: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise SoftpromptError(f"{directory / PEFT_CONFIG_FILE} is not a peft adapter config")
     return raw
-
-
-def _load_peft_file(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / PEFT_TENSOR_FILE
-    if not path.is_file():
-        raise SoftpromptError(f"{directory} has no {PEFT_TENSOR_FILE} (a peft adapter saved as .bin is pickle, "
-                              "which softprompt does not read; save it with safe_serialization=True)")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for damaged headers
-        raise SoftpromptError(f"{path} cannot be read ({err})") from None

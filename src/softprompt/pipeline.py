@@ -18,7 +18,7 @@ from .hub import local_folder, push_saved
 from .metrics import compute_metrics
 from .models import DecoderPromptModel, PromptModel, get_prompt_model
 from .precision import check_dtype
-from .scoring import check_finite, predictions, score
+from .scoring import check_finite, labelled, predictions, score
 from .spec import RunSpec
 from .tasks import TaskSpec
 
@@ -72,8 +72,6 @@ class PromptedTask:
         prompted.model.eval()
         return prompted
 
-    from_checkpoint = from_pretrained  # the name of softprompt 0.1.0
-
     def checkpoint(self, step: int | None = None, metrics: dict[str, Any] | None = None) -> Checkpoint:
         return Checkpoint(self.spec.prompt, self.model.family, self.spec.model, fingerprint(self.base_config),
                           self.spec, step, metrics or {})
@@ -90,18 +88,17 @@ class PromptedTask:
         return push_saved(self.save_pretrained, repo_id, private, token, commit_message)
 
 
-    def scores(self, examples: list[Example], batch_size: int = 32, progress=None) -> torch.Tensor:
-        return check_finite(score(self.model, self.encoder, self.encoder.encode_all(examples), batch_size, progress))
+    def scores(self, examples: list[Example], batch_size: int = 32) -> torch.Tensor:
+        return check_finite(score(self.model, self.encoder, self.encoder.encode_all(examples), batch_size))
 
-    def evaluate(self, examples: list[Example], batch_size: int = 32, progress=None) -> dict[str, float]:
-        return self.evaluate_with_predictions(examples, batch_size, progress)[0]
+    def evaluate(self, examples: list[Example], batch_size: int = 32) -> dict[str, float]:
+        return self.evaluate_with_predictions(examples, batch_size)[0]
 
-    def evaluate_with_predictions(self, examples: list[Example], batch_size: int = 32,
-                                  progress=None) -> tuple[dict[str, float], list]:
+    def evaluate_with_predictions(self, examples: list[Example], batch_size: int = 32) -> tuple[dict[str, float], list]:
         """The task's metrics and the predictions they came from (class ids, or values for regression)."""
         if not examples or any(e.label is None for e in examples):
             raise SoftpromptError("evaluation needs labelled examples")
-        preds = predictions(self.scores(examples, batch_size, progress))
+        preds = predictions(self.scores(examples, batch_size))
         return compute_metrics(self.task.metrics, preds, [e.label for e in examples]), preds
 
     def generate(self, inputs: list[str | dict[str, Any] | Example], max_new_tokens: int = 20,
@@ -126,9 +123,7 @@ class PromptedTask:
         scores = self.scores(to_examples(inputs, self.task.fields), batch_size)
         if self.task.is_regression:
             return [{"value": float(v)} for v in scores]
-        probs = torch.softmax(scores, dim=-1)
-        return [{"label": self.task.labels[int(p.argmax())],
-                 "scores": {name: round(float(x), 6) for name, x in zip(self.task.labels, p)}} for p in probs]
+        return [labelled(self.task.labels, p) for p in torch.softmax(scores, dim=-1)]
 
 
 def decode_generated(tokenizer, ids: list[int]) -> str:

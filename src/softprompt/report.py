@@ -14,8 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
 from .checkpoint import BEST, RESULTS, Checkpoint, read_checkpoint
 from .errors import SoftpromptError
+from .interpret import prompt_similarity, view
+from .pipeline import PromptedTask
 from .tasks import TaskSpec
 from .tracking import METRICS_LOG, read_metrics
 
@@ -78,8 +84,6 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 
 def _curves(runs: list[Run], key: str, title: str, smooth: bool = False, evals: bool = False):
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     for run in runs:
         rows = [r for r in (run.evals if evals else run.steps) if key in r]
@@ -97,9 +101,6 @@ def _curves(runs: list[Run], key: str, title: str, smooth: bool = False, evals: 
 
 def _run_figure(run: Run, metric: str):
     """Loss and the main dev metric of one run on two axes."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Scatter(x=[r["step"] for r in run.steps], y=_smooth([r["loss"] for r in run.steps]),
                              name="train loss (EMA)"), secondary_y=False)
@@ -115,8 +116,6 @@ def _run_figure(run: Run, metric: str):
 
 
 def _confusion_figure(run: Run):
-    import plotly.graph_objects as go
-
     matrix = run.results.get("dev_confusion") or (run.checkpoint.metrics.get("dev_confusion")
                                                    if run.checkpoint else None)
     labels = list(run.task.labels) if run.task else []
@@ -131,10 +130,6 @@ def _confusion_figure(run: Run):
 
 
 def _similarity_figure(runs: list[Run], prompts: list):
-    import plotly.graph_objects as go
-
-    from .interpret import prompt_similarity
-
     names = [f"{r.name} ({r.task.name if r.task else '?'})" for r in runs]
     sims = prompt_similarity(prompts)
     fig = go.Figure(go.Heatmap(z=sims, x=names, y=names, zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
@@ -190,12 +185,6 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}} th
 def write_report(run_dirs: Sequence[str | Path], output: str | Path, top: int = 5, title: str = "softprompt report",
                  model: str | None = None) -> Path:
     """Write the report for the given run folders (or folders of runs) to `output`; returns its path."""
-    from plotly.offline import get_plotlyjs
-
-    from .interpret import layer_norms, nearest_tokens
-    from .methods import PrefixKeyValues
-    from .pipeline import PromptedTask
-
     runs = [load_run(p) for p in find_runs(run_dirs)]
     seen: dict[str, int] = {}
     for run in runs:  # runs of a sweep share folder names across sweeps: make legend names unique
@@ -223,14 +212,12 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path, top: int = 
         if run.checkpoint is None:
             continue
         prompted = PromptedTask.from_pretrained(run.path / BEST, model)
-        prefix = prompted.model.prompt
-        if isinstance(prefix, PrefixKeyValues):  # keys/values: no tokens near them, their size per layer instead
-            tables.append(_norm_table(run, layer_norms(prefix.key_values())))
+        shown = view(prompted.model, prompted.encoder.tokenizer, top)
+        if shown.norms is not None:  # keys/values: no tokens near them, their size per layer instead
+            tables.append(_norm_table(run, shown.norms))
             continue
-        weight = prompted.model.prompt.weight
-        tables.append(_neighbour_table(run, nearest_tokens(weight, prompted.model.embedding_matrix(),
-                                                           prompted.encoder.tokenizer, top)))
-        prompts.append(weight.detach().clone())
+        tables.append(_neighbour_table(run, shown.neighbours or []))
+        prompts.append(shown.vectors)
         with_prompts.append(run)
     if len(with_prompts) > 1:
         figures.append(("similarity", _similarity_figure(with_prompts, prompts)))

@@ -7,7 +7,7 @@ paper's way of reading a class off a generative model; multi-token label strings
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 import torch
 
@@ -77,23 +77,28 @@ def head_scores(logits: torch.Tensor, regression: bool) -> torch.Tensor:
     return logits[:, 0] if regression else torch.log_softmax(logits, -1)
 
 
+def by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of rows of similar length (they pad less), shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.inference_mode()
-def score(model: PromptModel, encoder: TaskEncoder, features: list[Feature], batch_size: int = 32,
-          progress=None) -> torch.Tensor:
+def score(model: PromptModel, encoder: TaskEncoder, features: list[Feature], batch_size: int = 32) -> torch.Tensor:
     """(N, num_labels) label log-likelihoods (or log-softmax head logits); (N,) values for regression."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(features)), key=lambda i: len(features[i]))  # similar lengths pad less
     out: list[torch.Tensor] = [None] * len(features)  # type: ignore[list-item]
-    for start in range(0, len(order), batch_size):
-        chunk = [features[i] for i in order[start:start + batch_size]]
-        scores = label_scores(model, encoder, chunk)
-        for i, s in zip(order[start:start + batch_size], scores):
+    for batch in by_length([len(f) for f in features], batch_size):
+        for i, s in zip(batch, label_scores(model, encoder, [features[i] for i in batch])):
             out[i] = s
-        if progress is not None:
-            progress(len(chunk))
     model.train(was_training)
     return torch.stack(out)
+
+
+def labelled(labels: tuple[str, ...], probs: torch.Tensor) -> dict[str, Any]:
+    """A classification answer: the most probable label and every label's probability (6 decimals)."""
+    return {"label": labels[int(probs.argmax())], "scores": {name: round(float(p), 6) for name, p in zip(labels, probs)}}
 
 
 def check_finite(scores: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:

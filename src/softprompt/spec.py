@@ -15,16 +15,18 @@ import typing
 from typing import Any
 
 from .assets import ModelInfo
-from .config import ENCODER_TYPES, METHODS, POOLINGS, TRUNCATIONS, PromptInit, PromptTuningConfig, TaskType
+from .config import POOLINGS, TRUNCATIONS, PromptInit, PromptTuningConfig, TaskType
 from .errors import SoftpromptError
+from .families import check_pooling, check_task_type
+from .methods import get_method, method_names, methods
+from .methods.ptuning.config import ENCODER_TYPES
+from .precision import bf16_pays
 from .tasks import TASKS, TaskSpec, label_instruction
 from .tracking import parse_report_to
 
 RECIPE = "docs/recipe.md#defaults"
 CUSTOM = "docs/recipe.md#custom-data"
 SKEW = 3  # classes count as imbalanced when the largest has this many times the smallest's training rows
-PTUNING_LR = 1e-3  # a P-tuning encoder's AdamW rate: at 3e-2 it collapsed to one class (docs/recipe.md#defaults)
-PREFIX_LR = 1e-2  # a decoder prefix's AdamW rate: above 3e-2 on SST-2 and RTE (docs/recipe.md#defaults)
 CUSTOM_STEPS, CUSTOM_SECONDS = (80, 400), 300.0  # the default budget for a user's data: one epoch within these
 LOSSES, CLASS_WEIGHTS, HEAD_INITS = ("rank", "lm"), ("auto", "none", "balanced"), ("cosine", "fit", "random")
 OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("linear", "cosine", "constant")
@@ -57,9 +59,8 @@ class TrainConfig:
                                       "(default: the task's; the label follows the template)")
     verbalizer: list[str] | None = _opt(None, "label word per label, in label order (repeat)")
     prompt_length: int = _opt(8, "number of virtual tokens k")
-    method: str | None = _opt(None, "prompt (input vectors) | ptuning (input vectors from a prompt encoder while "
-                                    "training) | prefix (keys and values at every layer; T5: its encoder's); default "
-                                    "prompt")
+    method: str | None = _opt(None, lambda: " | ".join(f"{m.name} ({m.summary})" for m in methods()) +
+                              "; default prompt")
     encoder_reparameterization_type: str = _opt("MLP", "ptuning's prompt encoder: MLP | LSTM")
     encoder_hidden_size: int | None = _opt(None, "ptuning's encoder / the prefix projection's hidden width "
                                                  "(default: the model's width)")
@@ -140,7 +141,8 @@ class TrainConfig:
             (self.prompt_length > 0, f"prompt length must be > 0, got {self.prompt_length}"),
             (self.residual_reparam is None or self.residual_reparam >= 0,
              "--residual-reparam is a bottleneck width >= 0 (0: off)"),
-            (self.method in (None, *METHODS), f"--method must be one of {', '.join(METHODS)}, not {self.method!r}"),
+            (self.method is None or self.method in method_names(),
+             f"--method must be one of {', '.join(method_names())}, not {self.method!r}"),
             (self.encoder_reparameterization_type.upper() in ENCODER_TYPES,
              f"--encoder-reparameterization-type must be MLP or LSTM, not {self.encoder_reparameterization_type!r}"),
             (self.loss in (None, *LOSSES), f"--loss must be lm or rank, not {self.loss!r}"),
@@ -261,8 +263,6 @@ def asdict_plain(d: dict[str, Any]) -> dict[str, Any]:
 def fast_bf16() -> bool:
     """Whether bf16 matrix products are fast here: a timed probe, once per machine (precision.py; docs/recipe.md,
     Precision)."""
-    from .precision import bf16_pays
-
     return bf16_pays()
 
 
@@ -286,178 +286,254 @@ def resolve_task(task: TaskSpec, template: str | None, verbalizer: list[str] | N
     return task
 
 
-def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool | None = None,
-            label_counts: list[int] | None = None) -> RunSpec:
-    """Decide every default of `cfg` for this base model and task (the one place that does); `label_counts`
-    (training rows per label) lets the data decide class weights and a user's data its budget; `bf16_fast`
-    stands in for the CPU check in tests."""
-    why: dict[str, str] = {}
+@dataclass
+class _Run:
+    """What the decisions below read: the user's words, the model, the task, and the few facts they share.
+    `decide` records each default with its reason."""
 
-    def decide(name: str, value: Any, reason: str, where: str = RECIPE) -> Any:
-        why[name] = f"{reason} ({where})"
+    cfg: TrainConfig
+    model: ModelInfo
+    task: TaskSpec
+    custom: bool  # data that brought no task spec of its own: a user's file
+    label_counts: list[int] | None
+    why: dict[str, str] = field(default_factory=dict)
+    task_type: TaskType = TaskType.CAUSAL_LM
+
+    def decide(self, name: str, value: Any, reason: str, where: str = RECIPE) -> Any:
+        self.why[name] = f"{reason} ({where})"
         return value
 
-    custom = task.name not in TASKS  # data that brought no task spec of its own: a user's file
+    @property
+    def head(self) -> bool:
+        return self.task_type is TaskType.SEQ_CLS
 
-    task = resolve_task(task, cfg.template, cfg.verbalizer)
+    @property
+    def decoder_head(self) -> bool:
+        return self.head and self.model.family == "decoder"
+
+
+def _task_type(run: _Run) -> TaskType:
+    cfg, model = run.cfg, run.model
     # a user's file brings label names, not words a model would say; asking for label words' own options
     # (--verbalizer, --loss) keeps them
-    user_labels = custom and cfg.verbalizer is None and cfg.loss is None
-    task_type = TaskType(cfg.task_type) if cfg.task_type else decide(
-        "task_type", default_task_type(model.family, task, user_labels),
+    user_labels = run.custom and cfg.verbalizer is None and cfg.loss is None
+    task_type = TaskType(cfg.task_type) if cfg.task_type else run.decide(
+        "task_type", default_task_type(model.family, run.task, user_labels),
         *(("a decoder reads a user's labels, names rather than words it would say, with a head, which beat label "
            "words on both custom sets", CUSTOM) if user_labels and model.family == "decoder" else
           ("a head for encoders and regression, label words (rank classification) for generative models",)))
     if model.config is not None:  # a checkpoint's record was checked when it was trained
-        from .models import check_task_type
-
         check_task_type(model.family, task_type, model.config.model_type)
-    head = task_type is TaskType.SEQ_CLS
-    decoder_head = head and model.family == "decoder"
+    return task_type
 
-    pooling = cfg.pooling
-    from .models import check_pooling
 
-    check_pooling(model.family, pooling, head)
-    if pooling is None:
-        if head and model.mean_pooling:
-            pooling = decide("pooling", "mean" if len(task.fields) == 1 else "siamese",
-                             "a mean-pooling sentence-embedding model reads one text by its mean and a pair as two "
-                             "texts compared, as it was trained")
-        elif decoder_head and custom:
-            pooling = decide("pooling", "last_mean", "a decoder's head on a user's file reads its last state beside "
-                             "the text's mean: at least the last state's accuracy on both sets, where the mean alone "
-                             "won one and lost the other", CUSTOM)
-        else:
-            pooling = decide("pooling", "cls", "the model's own pooling: an encoder's pooled first token, a "
-                             "decoder's last real token")
-    if not head and custom and task.labels and not task.instruction and not (cfg.init or cfg.init_text):
-        task = replace(task, instruction=decide("instruction", label_instruction(task.labels),
-                                                "label words of data without an instruction start from one naming "
-                                                "its labels", CUSTOM))
-    if head:
-        default_text = "." if pooling == "siamese" else None
-    else:
-        default_text = task.instruction or None
+def _pooling(run: _Run) -> str:
+    pooling = run.cfg.pooling
+    check_pooling(run.model.family, pooling, run.head)
+    if pooling is not None:
+        return pooling
+    if run.head and run.model.mean_pooling:
+        return run.decide("pooling", "mean" if len(run.task.fields) == 1 else "siamese",
+                          "a mean-pooling sentence-embedding model reads one text by its mean and a pair as two "
+                          "texts compared, as it was trained")
+    if run.decoder_head and run.custom:
+        return run.decide("pooling", "last_mean", "a decoder's head on a user's file reads its last state beside the "
+                          "text's mean: at least the last state's accuracy on both sets, where the mean alone won "
+                          "one and lost the other", CUSTOM)
+    return run.decide("pooling", "cls", "the model's own pooling: an encoder's pooled first token, a decoder's last "
+                      "real token")
+
+
+def _instruction(run: _Run) -> TaskSpec:
+    """Label words of a user's file start from an instruction naming its labels, unless an init is given."""
+    cfg, task = run.cfg, run.task
+    if not run.head and run.custom and task.labels and not task.instruction and not (cfg.init or cfg.init_text):
+        return replace(task, instruction=run.decide("instruction", label_instruction(task.labels),
+                                                    "label words of data without an instruction start from one "
+                                                    "naming its labels", CUSTOM))
+    return task
+
+
+def _init(run: _Run, pooling: str) -> tuple[PromptInit, str | None]:
+    """The prompt's start, and the text a text init reads."""
+    cfg = run.cfg
+    default_text = ("." if pooling == "siamese" else None) if run.head else (run.task.instruction or None)
     if cfg.init:
-        init = PromptInit(cfg.init)
-    elif cfg.init_file or cfg.init_text:
-        init = PromptInit.FILE if cfg.init_file else PromptInit.TEXT
-    elif default_text:
-        init = decide("init", PromptInit.TEXT,
-                      "siamese heads start from '.' (punctuation the model passes over); label words from the "
-                      "task's instruction, which keeps the template's zero-shot accuracy")
-    else:
-        init = decide("init", PromptInit.VOCAB if head else PromptInit.CLASS_LABELS,
-                      "heads start from sampled vocabulary; label words without an instruction from their labels")
-    method = cfg.method or decide("method", "prompt", "prompt tuning, the paper's; prefix won every GLUE row it ran "
-                                  "at its own rate (SmolLM2 SST-2 and RTE, one run each; MiniLM SST-2 and MRPC) but is "
-                                  "opt-in until the short default job and the other tasks are measured")
-    if cfg.prefix_projection and method != "prefix":
-        raise SoftpromptError("--prefix-projection reparameterises a prefix; add --method prefix")
-    if cfg.encoder_reparameterization_type.upper() != "MLP" and method != "ptuning":
-        raise SoftpromptError("--encoder-reparameterization-type sets P-tuning's prompt encoder; add --method ptuning")
-    prompt = PromptTuningConfig(num_virtual_tokens=cfg.prompt_length, task_type=task_type, init=init,
-                                init_text=cfg.init_text or default_text, init_file=cfg.init_file, pooling=pooling,
-                                label_words=[w.strip() for w in task.verbalizer] or list(task.labels), method=method,
-                                encoder_reparameterization_type=cfg.encoder_reparameterization_type,
-                                encoder_hidden_size=cfg.encoder_hidden_size, encoder_num_layers=cfg.encoder_num_layers,
-                                encoder_dropout=cfg.encoder_dropout, prefix_projection=cfg.prefix_projection)
+        return PromptInit(cfg.init), default_text
+    if cfg.init_file or cfg.init_text:
+        return (PromptInit.FILE if cfg.init_file else PromptInit.TEXT), default_text
+    if default_text:
+        return run.decide("init", PromptInit.TEXT, "siamese heads start from '.' (punctuation the model passes "
+                          "over); label words from the task's instruction, which keeps the template's zero-shot "
+                          "accuracy"), default_text
+    return run.decide("init", PromptInit.VOCAB if run.head else PromptInit.CLASS_LABELS,
+                      "heads start from sampled vocabulary; label words without an instruction from their "
+                      "labels"), default_text
 
-    max_length = cfg.max_length
+
+def _method(run: _Run) -> str:
+    """The prompt method; a setting only another method reads is an error rather than ignored."""
+    cfg = run.cfg
+    method = cfg.method or run.decide("method", "prompt", "prompt tuning, the paper's; prefix won every GLUE row it "
+                                      "ran at its own rate (SmolLM2 SST-2 and RTE, one run each; MiniLM SST-2 and "
+                                      "MRPC) but is opt-in until the short default job and the other tasks are "
+                                      "measured")
+    chosen = get_method(method)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for other in methods():
+        for name in other.fields:
+            value = getattr(cfg, name)
+            if name in chosen.fields or value in (None, False, 0, defaults[name]):
+                continue
+            if isinstance(value, str) and value.upper() == str(defaults[name]).upper():
+                continue
+            flag = "--" + name.replace("_", "-")
+            raise SoftpromptError(f"{flag} is a setting of method {other.name} ({other.summary}); add --method "
+                                  f"{other.name}")
+    return method
+
+
+def _max_length(run: _Run) -> int:
+    cfg, model = run.cfg, run.model
     if model.max_positions and cfg.prompt_length >= model.max_positions:
         raise SoftpromptError(f"a prompt of {cfg.prompt_length} virtual tokens leaves no room for input in "
                               f"{model.name}'s {model.max_positions} positions; use a shorter --prompt-length")
-    if model.max_positions and max_length + cfg.prompt_length > model.max_positions:
-        max_length = decide("max_length", model.max_positions - cfg.prompt_length,
-                            "input and prompt must fit the model's positions")
+    if model.max_positions and cfg.max_length + cfg.prompt_length > model.max_positions:
+        return run.decide("max_length", model.max_positions - cfg.prompt_length,
+                          "input and prompt must fit the model's positions")
+    return cfg.max_length
 
-    reparam = cfg.residual_reparam
-    if reparam and method != "prompt":
-        raise SoftpromptError(f"--residual-reparam reparameterises a plain prompt; --method {method} trains through "
-                              "its own encoder")
-    if reparam is None:
-        reparam = decide("residual_reparam", 64 if head and method == "prompt" else 0,
-                         "a residual MLP helped heads and cost label words accuracy; other methods have their own")
 
-    if cfg.head_init is not None and not head:
+def _residual_reparam(run: _Run, method: str) -> int:
+    if run.cfg.residual_reparam is not None:
+        return run.cfg.residual_reparam
+    return run.decide("residual_reparam", 64 if run.head and method == "prompt" else 0,
+                      "a residual MLP helped heads and cost label words accuracy; other methods have their own")
+
+
+def _head_init(run: _Run, pooling: str) -> str | None:
+    cfg = run.cfg
+    if cfg.head_init is not None and not run.head:
         raise SoftpromptError("--head-init starts a classification or regression head; this run trains "
                               "label words (use --task-type SEQ_CLS for a head)")
     if cfg.head_init == "cosine" and pooling != "siamese":
         raise SoftpromptError("--head-init cosine starts a siamese head; use fit or random with other pooling")
-    head_init = cfg.head_init
-    if head_init is None and head:
-        head_init = decide("head_init", "cosine" if pooling == "siamese" else "fit" if decoder_head else "random",
-                           "a siamese head starts at the pair's fitted cosine, a decoder's head as a ridge readout "
-                           "of its large last states; other heads as the model made them")
+    if cfg.head_init is not None or not run.head:
+        return cfg.head_init
+    return run.decide("head_init", "cosine" if pooling == "siamese" else "fit" if run.decoder_head else "random",
+                      "a siamese head starts at the pair's fitted cosine, a decoder's head as a ridge readout of its "
+                      "large last states; other heads as the model made them")
 
-    rate = cfg.lr or (0.3 if cfg.optimizer == "adafactor" else 1e-2 if decoder_head else 3e-2)
+
+def _rates(run: _Run, method: str) -> tuple[float, float | None]:
+    """The prompt's learning rate and a head's."""
+    cfg = run.cfg
+    rate = cfg.lr or (0.3 if cfg.optimizer == "adafactor" else 1e-2 if run.decoder_head else 3e-2)
     lr = cfg.lr
     if lr is None:
-        adamw = cfg.optimizer == "adamw"
-        lr = decide("lr", PTUNING_LR if method == "ptuning" and adamw else
-                    PREFIX_LR if method == "prefix" and adamw and model.family == "decoder" else rate,
-                    "Adafactor at the paper's 0.3; AdamW at 3e-2, 1e-2 where the prompt must not outrun a "
-                    f"decoder head's fitted start, {PTUNING_LR} through P-tuning's encoder, which collapsed at 3e-2, "
-                    f"{PREFIX_LR} for a decoder's prefix, which learned RTE there and not at 3e-2")
-    head_lr = cfg.head_lr if head else None
-    if head and head_lr is None:
-        head_lr = decide("head_lr", rate * 0.3 if decoder_head else rate,
-                         "a decoder's last states are several times larger, so its head steps slower; P-tuning's "
-                         "lower rate is its encoder's, not the head's")
+        own = get_method(method).lr(run.model.family) if cfg.optimizer == "adamw" else None
+        reasons = "; ".join(m.lr_reason for m in methods() if m.lr_reason)
+        lr = run.decide("lr", own or rate, "Adafactor at the paper's 0.3; AdamW at 3e-2, 1e-2 where the prompt must "
+                        f"not outrun a decoder head's fitted start; {reasons}")
+    head_lr = cfg.head_lr if run.head else None
+    if run.head and head_lr is None:
+        head_lr = run.decide("head_lr", rate * 0.3 if run.decoder_head else rate,
+                             "a decoder's last states are several times larger, so its head steps slower; a method's "
+                             "own rate is its prompt's, not the head's")
+    return lr, head_lr
 
-    text_to_text = not head
-    loss = cfg.loss or (decide("loss", "rank", "the label strings' rank loss beat the paper's LM loss on the label "
-                               "token on SST-2 and Rotten Tomatoes") if text_to_text else "rank")
-    weights = cfg.class_weights
-    if weights == "auto":
-        skewed = not task.is_regression and bool(label_counts) and min(label_counts or [0]) * SKEW < max(
-            label_counts or [0])
-        balanced = (task.metrics[0] == "mcc" or skewed) and not (text_to_text and loss == "lm")
-        weights = decide("class_weights", "balanced" if balanced else "none",
-                         f"tasks scored by MCC, and data whose largest class has {SKEW}x the smallest's rows, weight "
-                         "classes, where unweighted training settled on the majority")
-    elif weights == "balanced" and task.is_regression:
+
+def _loss(run: _Run) -> str:
+    if run.head:
+        return run.cfg.loss or "rank"
+    return run.cfg.loss or run.decide("loss", "rank", "the label strings' rank loss beat the paper's LM loss on the "
+                                      "label token on SST-2 and Rotten Tomatoes")
+
+
+def _class_weights(run: _Run, loss: str) -> str:
+    cfg, task, counts = run.cfg, run.task, run.label_counts
+    lm_loss = not run.head and loss == "lm"
+    if cfg.class_weights == "auto":
+        skewed = not task.is_regression and bool(counts) and min(counts or [0]) * SKEW < max(counts or [0])
+        balanced = (task.metrics[0] == "mcc" or skewed) and not lm_loss
+        return run.decide("class_weights", "balanced" if balanced else "none",
+                          f"tasks scored by MCC, and data whose largest class has {SKEW}x the smallest's rows, weight "
+                          "classes, where unweighted training settled on the majority")
+    if cfg.class_weights == "balanced" and task.is_regression:
         raise SoftpromptError("--class-weights balanced needs a classification task; this one is regression")
-    elif weights == "balanced" and text_to_text and loss == "lm":
+    if cfg.class_weights == "balanced" and lm_loss:
         raise SoftpromptError("--class-weights balanced weights the rank loss or a head; use --loss rank")
+    return cfg.class_weights
 
-    max_steps, max_time = cfg.max_steps, cfg.max_time
-    if cfg.max_steps is None and cfg.max_time is None and cfg.epochs is None:
-        if custom and label_counts:
-            epoch = -(-sum(label_counts) // (cfg.batch_size * cfg.grad_accum))
-            max_steps = decide("max_steps", min(max(epoch, CUSTOM_STEPS[0]), CUSTOM_STEPS[1]),
-                               f"no budget given for a user's data: one epoch, {CUSTOM_STEPS[0]} to {CUSTOM_STEPS[1]} "
-                               "steps", CUSTOM)
-            max_time = decide("max_time", CUSTOM_SECONDS, "and at most this long, so the run ends within 10 minutes "
-                              "on 2 cores", CUSTOM)
-        else:
-            max_steps = decide("max_steps", 80, "no budget given: the embedded default job's, a few minutes on 2 "
-                               "cores")
 
-    save_every, save_seconds = cfg.save_every, None
-    if save_every is None:
-        save_every, save_seconds = decide("save_every", 50, "a killed run resumes from last/; saving a prompt takes "
-                                          "milliseconds"), 60.0
+def _budget(run: _Run) -> tuple[int | None, float | None]:
+    """Steps and seconds: the user's, or, with none given, the default job's or a user's file's."""
+    cfg, counts = run.cfg, run.label_counts
+    if cfg.max_steps is not None or cfg.max_time is not None or cfg.epochs is not None:
+        return cfg.max_steps, cfg.max_time
+    if run.custom and counts:
+        epoch = -(-sum(counts) // (cfg.batch_size * cfg.grad_accum))
+        steps = run.decide("max_steps", min(max(epoch, CUSTOM_STEPS[0]), CUSTOM_STEPS[1]),
+                           f"no budget given for a user's data: one epoch, {CUSTOM_STEPS[0]} to {CUSTOM_STEPS[1]} "
+                           "steps", CUSTOM)
+        return steps, run.decide("max_time", CUSTOM_SECONDS, "and at most this long, so the run ends within 10 "
+                                 "minutes on 2 cores", CUSTOM)
+    return run.decide("max_steps", 80, "no budget given: the embedded default job's, a few minutes on 2 cores"), None
 
-    bf16 = cfg.bf16
-    if bf16 is None:
-        fast = fast_bf16() if bf16_fast is None else bf16_fast
-        bf16 = decide("bf16", model.family == "decoder" and (text_to_text or custom) and max_time is not None and fast,
-                      "bf16 frozen weights buy steps within a time budget (a user's, or a user's file's cap) where a "
-                      "timed probe finds bf16 fast: label words on SST-2, a head on a user's file; under a step budget "
-                      "they only cost accuracy")
 
-    truncation = cfg.truncation or (decide("truncation", "head_tail", "a user's texts may be documents whose end (a "
-                                           "signature, a verdict) tells as much as their start; on news-source, "
-                                           "keeping both beat keeping the start", CUSTOM) if custom else
-                                    decide("truncation", "head", "the tokenizer's own: a built-in task's texts "
-                                           "mostly fit, and its GLUE rows were measured so"))
+def _saving(run: _Run) -> tuple[int, float | None]:
+    if run.cfg.save_every is not None:
+        return run.cfg.save_every, None
+    return run.decide("save_every", 50, "a killed run resumes from last/; saving a prompt takes milliseconds"), 60.0
 
+
+def _bf16(run: _Run, max_time: float | None, bf16_fast: bool | None) -> bool:
+    if run.cfg.bf16 is not None:
+        return run.cfg.bf16
+    fast = fast_bf16() if bf16_fast is None else bf16_fast
+    return run.decide("bf16", run.model.family == "decoder" and (not run.head or run.custom) and max_time is not None
+                      and fast, "bf16 frozen weights buy steps within a time budget (a user's, or a user's file's "
+                      "cap) where a timed probe finds bf16 fast: label words on SST-2, a head on a user's file; "
+                      "under a step budget they only cost accuracy")
+
+
+def _truncation(run: _Run) -> str:
+    if run.cfg.truncation:
+        return run.cfg.truncation
+    if run.custom:
+        return run.decide("truncation", "head_tail", "a user's texts may be documents whose end (a signature, a "
+                          "verdict) tells as much as their start; on news-source, keeping both beat keeping the "
+                          "start", CUSTOM)
+    return run.decide("truncation", "head", "the tokenizer's own: a built-in task's texts mostly fit, and its GLUE "
+                      "rows were measured so")
+
+
+def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool | None = None,
+            label_counts: list[int] | None = None) -> RunSpec:
+    """Decide every default of `cfg` for this base model and task (the one place that does); `label_counts`
+    (training rows per label) lets the data decide class weights and a user's data its budget; `bf16_fast`
+    stands in for the CPU check in tests. Each decision is a small function above, recording its reason."""
+    run = _Run(cfg, model, resolve_task(task, cfg.template, cfg.verbalizer), task.name not in TASKS, label_counts)
+    run.task_type = _task_type(run)
+    pooling = _pooling(run)
+    run.task = _instruction(run)
+    init, init_text = _init(run, pooling)
+    method = _method(run)
+    prompt = PromptTuningConfig(
+        num_virtual_tokens=cfg.prompt_length, task_type=run.task_type, init=init, init_text=cfg.init_text or init_text,
+        init_file=cfg.init_file, pooling=pooling, label_words=[w.strip() for w in run.task.verbalizer] or
+        list(run.task.labels), method=method, encoder_reparameterization_type=cfg.encoder_reparameterization_type,
+        encoder_hidden_size=cfg.encoder_hidden_size, encoder_num_layers=cfg.encoder_num_layers,
+        encoder_dropout=cfg.encoder_dropout, prefix_projection=cfg.prefix_projection)
+    lr, head_lr = _rates(run, method)
+    loss = _loss(run)
+    max_steps, max_time = _budget(run)
+    save_every, save_seconds = _saving(run)
     same = {f.name: getattr(cfg, f.name) for f in fields(RunSpec) if f.name in TrainConfig.__dataclass_fields__}
     same.update(text_columns=tuple(cfg.text_columns) if cfg.text_columns else None, report_to=tuple(cfg.report_to))
-    return RunSpec(**{**same, "family": model.family, "task": task, "prompt": prompt, "max_length": max_length,
-                      "residual_reparam": reparam, "head_init": head_init, "lr": lr, "head_lr": head_lr, "loss": loss,
-                      "class_weights": weights, "max_steps": max_steps, "max_time": max_time, "bf16": bf16,
-                      "save_every": save_every, "save_seconds": save_seconds, "truncation": truncation,
-                      "decided": why})
+    return RunSpec(**{**same, "family": model.family, "task": run.task, "prompt": prompt,
+                      "max_length": _max_length(run), "residual_reparam": _residual_reparam(run, method),
+                      "head_init": _head_init(run, pooling), "lr": lr, "head_lr": head_lr, "loss": loss,
+                      "class_weights": _class_weights(run, loss), "max_steps": max_steps, "max_time": max_time,
+                      "bf16": _bf16(run, max_time, bf16_fast), "save_every": save_every, "save_seconds": save_seconds,
+                      "truncation": _truncation(run), "decided": run.why})

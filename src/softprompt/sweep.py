@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import SoftpromptError
+from .report import write_report
 from .training import TrainConfig, TrainResult, train
 
 SHORT = {"prompt_length": "k", "init": "init_", "lr": "lr", "residual_reparam": "reparam", "optimizer": "opt_",
@@ -43,7 +44,5 @@ def sweep(base: TrainConfig, grid: dict[str, list[Any]], log: Callable[[str], No
     best = max(results, key=lambda sr: next(iter(sr[1].dev.values())))  # the task's selection metric comes first
     (root / SUMMARY).write_text(json.dumps({"grid": grid, "runs": summary, "best": run_name(best[0])}, indent=2))
     if report:
-        from .report import write_report
-
         write_report([root / run_name(s) for s in settings], root / "report.html", title=f"sweep {root.name}")
     return results

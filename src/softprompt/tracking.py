@@ -7,6 +7,7 @@ metrics at each evaluation) reaches every one of them with its step.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -37,8 +38,6 @@ def require_trackers(names: list[str]) -> None:
 
 
 def _require(name: str):
-    import importlib
-
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -66,7 +65,7 @@ class _Wandb:
 class _TensorBoard:
     def __init__(self, run_dir: Path, name: str, config: dict) -> None:
         _require("tensorboard")
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # deferred: the optional tensorboard extra
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.writer.add_text("config", f"```\n{json.dumps(config, indent=2, default=str)}\n```")

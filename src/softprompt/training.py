@@ -13,10 +13,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from tqdm.auto import tqdm
+from transformers.optimization import Adafactor
 
 from .assets import describe_model
 from .checkpoint import BEST, LAST, RESULTS, TrainerState, load_tensors, read_checkpoint, read_trainer_state
@@ -108,8 +109,6 @@ def _lr_factor(schedule: str, warmup: float) -> Callable[[float], float]:
 
 def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adafactor":
-        from transformers.optimization import Adafactor
-
         return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
                          weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -163,6 +162,10 @@ class Trainer:
                                       "eval_seconds": 0.0, "best_metric": None, "best_step": None, "stale_evals": 0,
                                       "last_eval_step": None, "skipped_steps": 0}
         self.eval_cost: float | None = None  # seconds one dev evaluation takes (a timed sample, then the last one)
+        self._loss_ema: float | None = None
+        self._last_metrics: dict[str, float] = {}
+        self._saved_at = 0.0  # when last/ was saved (the seconds clock of --save-every's default)
+        self._step_start: tuple[int, int, torch.Tensor] = (0, 0, torch.get_rng_state())
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The prompt (and its residual MLP) at --lr, a head at --head-lr."""
@@ -294,7 +297,7 @@ class Trainer:
         return metrics
 
     # -- the loop -----------------------------------------------------------------------------------
-    def _micro_batches(self, features: list[Feature]):
+    def _micro_batches(self, features: list[Feature]) -> Iterator[list[Feature]]:
         while True:
             batches = _batches(features, self.spec.batch_size, self.spec.seed, self.state["epoch"])
             while self.state["batch_in_epoch"] < len(batches):
@@ -360,6 +363,44 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def train(self) -> TrainResult:
+        """The loop: say what runs, start the head, then steps until the budget is spent (each one logged, `last/`
+        saved on its clocks, dev evaluated when due), a last evaluation, `last/` saved, test scored. Ctrl-C saves
+        `last/` as of the step it interrupted and raises `TrainingInterrupted`, which says how to resume."""
+        features = self._describe()
+        batches = self._micro_batches(features)
+        self.plan_evaluation()
+        if self.state["step"] == 0 and self.spec.head_init in ("cosine", "fit"):
+            self._start_head(features)
+        self.model.train()
+        self._saved_at = time.monotonic()
+        run_log = (RunLog(self.output, list(self.spec.report_to), name=self.output.name, config=self.spec.to_dict())
+                   if self.ranks.is_main else NullLog())
+        bar = tqdm(total=self.spec.max_steps, initial=self.state["step"], unit="step", dynamic_ncols=True,
+                   mininterval=1.0, disable=not (self.spec.progress and self.ranks.is_main))
+        rng = None
+        try:
+            while not self._done():
+                self._step(batches, run_log)
+                if self._eval_due() and self._evaluate_for_early_stop(run_log):
+                    break
+                bar.update(1)
+                bar.set_postfix(self._postfix)
+            if self.state["last_eval_step"] != self.state["step"]:
+                self._eval_and_keep_best(run_log)
+        except KeyboardInterrupt:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["epoch"], self.state["batch_in_epoch"], rng = self._step_start
+        finally:
+            bar.close()
+            run_log.close()
+        last = self._save(LAST, rng=rng)
+        if rng is not None:
+            raise TrainingInterrupted(f"interrupted at step {self.state['step']}; saved {last}. Resume with: "
+                                      f"softprompt train --resume {self.output}")
+        return self._finish()
+
+    def _describe(self) -> list[Feature]:
+        """The training rows encoded, and what this run is, said once."""
         spec = self.spec
         features = self.encoder.encode_all(self.splits.train)
         for note in self.splits.notes:
@@ -372,85 +413,73 @@ class Trainer:
                  f"{len(self.splits.test)} test; {self.model.family} model {spec.model}, "
                  f"{spec.task_type.value} in {'bf16' if spec.bf16 else 'fp32'}, "
                  f"{self.model.num_trainable_parameters():,} trainable parameters")
-        key = self.splits.task.metrics[0]
-        last_metrics: dict[str, float] = {}
-        bar = tqdm(total=spec.max_steps, initial=self.state["step"], disable=not (spec.progress and self.ranks.is_main),
-                   unit="step",
-                   dynamic_ncols=True, mininterval=1.0)
-        batches = self._micro_batches(features)
-        self.plan_evaluation()
-        if self.state["step"] == 0 and spec.head_init in ("cosine", "fit"):
-            self._start_head(features)
-        self.model.train()
-        loss_ema, interrupted, saved_at = None, False, time.monotonic()
-        run_log = (RunLog(self.output, list(spec.report_to), name=self.output.name, config=spec.to_dict())
-                   if self.ranks.is_main else NullLog())
-        try:
-            while not self._done():
-                start = time.perf_counter()
-                # where this step starts: a Ctrl-C inside it rolls back to here, so resuming repeats it exactly
-                snapshot = (self.state["epoch"], self.state["batch_in_epoch"], torch.get_rng_state())
-                lr = self._set_lr()
-                total, tokens = 0.0, 0
-                for _ in range(spec.grad_accum):
-                    batch = next(batches)
-                    part = self.ranks.shard(batch)
-                    tokens += sum(len(f) for f in part)
-                    # a rank without rows runs one at weight 0: with a sharded backbone every rank runs every forward
-                    loss = self.ranks.weighted(self.loss(part or batch[:1]), len(part), len(batch)) / spec.grad_accum
-                    loss.backward()
-                    total += float(loss.detach())
-                total = self.ranks.sum_gradients(self.model.trainable_parameters(), total)
-                norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), spec.max_grad_norm)
-                if math.isfinite(total) and math.isfinite(float(norm)):
-                    self.optimizer.step()
-                elif spec.on_nan == "stop":
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.state["epoch"], self.state["batch_in_epoch"], rng = snapshot
-                    last = self._save(LAST, rng=rng)
-                    raise SoftpromptError(f"the loss or its gradient is not finite at step {self.state['step'] + 1} "
-                                          f"(loss {total}); stopped, {last} holds the step before. Lower --lr, or "
-                                          "pass --on-nan skip to skip such steps")
-                else:
-                    self.state["skipped_steps"] += 1
-                    self.log(f"step {self.state['step'] + 1}: loss or gradient not finite, step skipped "
-                             f"({self.state['skipped_steps']} so far)")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.state["step"] += 1
-                seconds = time.perf_counter() - start
-                self.state["elapsed"] = self.ranks.agree_max(self.state["elapsed"] + seconds)
-                loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
-                run_log.log({"step": self.state["step"], "loss": total, "lr": lr,
-                                  "elapsed": round(self.state["elapsed"], 2), "steps_per_s": round(1 / seconds, 4),
-                                  "tokens_per_s": round(tokens / seconds, 1)})
-                if self.state["step"] % spec.save_every == 0 or (
-                        spec.save_seconds is not None and time.monotonic() - saved_at >= spec.save_seconds):
-                    self._save(LAST)  # a killed run resumes from here
-                    saved_at = time.monotonic()
-                if self._eval_due():
-                    last_metrics = self._eval_and_keep_best(run_log)
-                    if spec.patience is not None and self.state["stale_evals"] >= spec.patience:
-                        self.log(f"early stop: dev {key} has not improved for {spec.patience} evaluations")
-                        break
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_ema:.4f}", **({f"dev_{key}": f"{last_metrics[key]:.4f}"}
-                                                            if last_metrics else {}))
-            if self.state["last_eval_step"] != self.state["step"]:
-                self._eval_and_keep_best(run_log)
-        except KeyboardInterrupt:
-            interrupted = True
+        return features
+
+    def _step(self, batches: Iterator[list[Feature]], run_log: RunLog | NullLog) -> None:
+        """One optimizer step over `grad_accum` micro-batches (each rank its share of every one), with its
+        bookkeeping: the schedule's rate, a non-finite loss stopped or skipped, the step logged, `last/` saved
+        when its clock says."""
+        spec, start = self.spec, time.perf_counter()
+        # where this step starts: a Ctrl-C inside it rolls back to here, so resuming repeats it exactly
+        self._step_start = (self.state["epoch"], self.state["batch_in_epoch"], torch.get_rng_state())
+        lr = self._set_lr()
+        total, tokens = 0.0, 0
+        for _ in range(spec.grad_accum):
+            batch = next(batches)
+            part = self.ranks.shard(batch)
+            tokens += sum(len(f) for f in part)
+            # a rank without rows runs one at weight 0: with a sharded backbone every rank runs every forward
+            loss = self.ranks.weighted(self.loss(part or batch[:1]), len(part), len(batch)) / spec.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        total = self.ranks.sum_gradients(self.model.trainable_parameters(), total)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), spec.max_grad_norm)
+        if math.isfinite(total) and math.isfinite(float(norm)):
+            self.optimizer.step()
+        else:
+            self._non_finite(total)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        seconds = time.perf_counter() - start
+        self.state["elapsed"] = self.ranks.agree_max(self.state["elapsed"] + seconds)
+        self._loss_ema = total if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * total
+        run_log.log({"step": self.state["step"], "loss": total, "lr": lr, "elapsed": round(self.state["elapsed"], 2),
+                     "steps_per_s": round(1 / seconds, 4), "tokens_per_s": round(tokens / seconds, 1)})
+        if self.state["step"] % spec.save_every == 0 or (
+                spec.save_seconds is not None and time.monotonic() - self._saved_at >= spec.save_seconds):
+            self._save(LAST)  # a killed run resumes from here
+            self._saved_at = time.monotonic()
+
+    def _non_finite(self, total: float) -> None:
+        """A NaN or infinite loss or gradient: stop with `last/` as of the step before, or skip the step."""
+        if self.spec.on_nan == "stop":
             self.optimizer.zero_grad(set_to_none=True)
-            self.state["epoch"], self.state["batch_in_epoch"], rng = snapshot
-        finally:
-            bar.close()
-            run_log.close()
-        last = self._save(LAST, rng=rng if interrupted else None)
-        if interrupted:
-            raise TrainingInterrupted(
-                f"interrupted at step {self.state['step']}; saved {last}. Resume with: "
-                f"softprompt train --resume {self.output}"
-            )
-        return self._finish()
+            self.state["epoch"], self.state["batch_in_epoch"], rng = self._step_start
+            last = self._save(LAST, rng=rng)
+            raise SoftpromptError(f"the loss or its gradient is not finite at step {self.state['step'] + 1} "
+                                  f"(loss {total}); stopped, {last} holds the step before. Lower --lr, or pass "
+                                  "--on-nan skip to skip such steps")
+        self.state["skipped_steps"] += 1
+        self.log(f"step {self.state['step'] + 1}: loss or gradient not finite, step skipped "
+                 f"({self.state['skipped_steps']} so far)")
+
+    def _evaluate_for_early_stop(self, run_log: RunLog | NullLog) -> bool:
+        """Evaluate dev (keeping best/); whether --patience says to stop."""
+        self._last_metrics = self._eval_and_keep_best(run_log)
+        if self.spec.patience is not None and self.state["stale_evals"] >= self.spec.patience:
+            self.log(f"early stop: dev {self.splits.task.metrics[0]} has not improved for {self.spec.patience} "
+                     "evaluations")
+            return True
+        return False
+
+    @property
+    def _postfix(self) -> dict[str, str]:
+        """What the progress bar shows beside the step: the smoothed loss, the last dev score."""
+        key = self.splits.task.metrics[0]
+        shown = {"loss": f"{self._loss_ema:.4f}"}
+        if key in self._last_metrics:
+            shown[f"dev_{key}"] = f"{self._last_metrics[key]:.4f}"
+        return shown
 
     def _finish(self) -> TrainResult:
         """Score the best checkpoint on test; the run's summary goes to results.json (the checkpoint keeps

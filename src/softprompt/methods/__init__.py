@@ -1,11 +1,87 @@
-"""Prompt tuning's relatives: what a method adds while training, folded away before anything is saved.
+"""Prompt methods, each registered once: what the rest of softprompt asks of a method.
 
-`ptuning`: a prompt encoder over trainable input vectors (P-tuning); `prefix`: keys and values at every layer
-(prefix tuning), optionally through a projection MLP. peft's module and parameter names are kept, so the same
-parameters give the same vectors as peft's."""
+A method is a folder `methods/<name>/`: `config.py` (its own settings, peft's names), `model.py` (its trainable
+module and any reparameterisation it trains through, folded away at save), how it plugs into each family (input
+vectors the family's adapter splices in, or keys/values at every layer through adapters of its own), and
+`method.py`, which registers it here. The CLI, the resolver, checkpoints, peft interop, the multi-task model,
+`inspect` and `report` read a method's entry, never its name, so a new method touches its folder alone.
+"""
 
-from .prefix import PREFIX_KEY, KVLayout, PrefixKeyValues, PrefixProjection, kv_layout
-from .ptuning import PromptEncoder, prompt_encoder
+from __future__ import annotations
 
-__all__ = ["PREFIX_KEY", "KVLayout", "PrefixKeyValues", "PrefixProjection", "kv_layout", "PromptEncoder",
-           "prompt_encoder"]
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from ..errors import SoftpromptError
+
+INPUT_VECTORS = "input_vectors"  # k vectors in the input-embedding space, read like tokens (prompt, P-tuning)
+KEY_VALUES = "key_values"  # keys and values at every attention layer (prefix tuning)
+
+
+def _no_rate(family: str) -> float | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One prompt method. `adapters`: the model class per family for a method whose prompt is not input vectors
+    (input vectors go through each family's own adapter). `reparameterise(model, config)`: what a fresh model
+    trains through (P-tuning's encoder, a prefix projection), folded into the stored tensor at save. `lr(family)`:
+    its AdamW rate where it needs its own (None: the family's), with `lr_reason`. `fields`: the prompt settings
+    (PromptTuningConfig / TrainConfig fields) only it reads, so that setting one without it is an error.
+    `peft_config(prompt, model_config)`: the fields of a peft `adapter_config.json` holding its stored tensor."""
+
+    name: str
+    summary: str
+    contributes: str
+    tensor_key: str
+    peft_type: str
+    adapters: Mapping[str, Any] = field(default_factory=dict)
+    reparameterise: Callable[[Any, Any], None] | None = None
+    lr: Callable[[str], float | None] = _no_rate
+    lr_reason: str = ""
+    fields: tuple[str, ...] = ()
+    peft_config: Callable[[Any, Any], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.contributes not in (INPUT_VECTORS, KEY_VALUES):
+            raise ValueError(f"a method contributes {INPUT_VECTORS} or {KEY_VALUES}, not {self.contributes!r}")
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Make `method` available to every command and API under its name (once per name)."""
+    if method.name in _REGISTRY and _REGISTRY[method.name] != method:
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise SoftpromptError(f"--method must be one of {', '.join(_REGISTRY)}, not {name!r}")
+    return _REGISTRY[name]
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def methods() -> tuple[Method, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def by_peft_type(peft_type: str) -> Method:
+    """The method whose stored tensor a peft adapter of `peft_type` holds (the first registered for it)."""
+    for method in _REGISTRY.values():
+        if method.peft_type == peft_type:
+            return method
+    raise SoftpromptError(f"this is a peft {peft_type} adapter; softprompt reads "
+                          f"{', '.join(sorted({m.peft_type for m in _REGISTRY.values()}))} ones")
+
+
+def tensor_keys() -> set[str]:
+    """Every name a method stores its tensor under."""
+    return {m.tensor_key for m in _REGISTRY.values()}

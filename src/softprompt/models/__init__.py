@@ -1,9 +1,9 @@
-"""Prompted models, one wrapper per model family; `get_prompt_model` picks the right one."""
+"""Prompted models, one adapter per model family; `get_prompt_model` picks the right one."""
 
 from .base import PromptModel
 from .decoder import DecoderPromptModel
 from .encoder import EncoderPromptModel
-from .factory import check_pooling, check_task_type, family_of, get_prompt_model
+from .registry import adapter_class, get_prompt_model
 from .seq2seq import Seq2SeqPromptModel
 
 __all__ = [
@@ -11,8 +11,6 @@ __all__ = [
     "EncoderPromptModel",
     "DecoderPromptModel",
     "Seq2SeqPromptModel",
-    "family_of",
-    "check_pooling",
-    "check_task_type",
+    "adapter_class",
     "get_prompt_model",
 ]

@@ -14,13 +14,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..checkpoint import Checkpoint, fingerprint, load_tensors, read_checkpoint, save_checkpoint
 from ..config import PromptTuningConfig, TaskType
 from ..errors import SoftpromptError
-from ..methods import PREFIX_KEY
-from ..prompt import PROMPT_KEY, SoftPrompt, initial_prompt
-
-HEAD_NAMES = ("classifier", "score", "classification_head")
-HEAD_PREFIX = "head."
+from ..hub import local_folder, push_saved
+from ..methods import Method, get_method, methods
+from ..methods.prompt.init import initial_prompt
+from ..methods.prompt.model import SoftPrompt
+from ..peft_interop import read_peft
+from ..tensor_names import HEAD_NAMES, HEAD_PREFIX, is_peft_adapter
+from .registry import get_prompt_model
 
 
 def align_order(mask: torch.Tensor, side: str) -> torch.Tensor:
@@ -67,7 +70,6 @@ class PromptModel(nn.Module):
 
     pad_side = "right"
     family = ""
-    prompt_key = PROMPT_KEY  # the prompt's name in a checkpoint's tensors
 
     def __init__(self, base: PreTrainedModel, config: PromptTuningConfig, tokenizer=None) -> None:
         super().__init__()
@@ -81,6 +83,11 @@ class PromptModel(nn.Module):
             self.head.requires_grad_(True)
 
     # -- construction ---------------------------------------------------------------------------------
+    @property
+    def method(self) -> Method:
+        """The prompt method's registry entry (methods/): its tensor's name, what it contributes."""
+        return get_method(self.config.method)
+
     def _find_head(self) -> str:
         for name in HEAD_NAMES:
             if isinstance(getattr(self.base, name, None), nn.Module):
@@ -232,7 +239,7 @@ class PromptModel(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores: the prompt as the model sees it and, for SEQ_CLS, the head."""
-        state = {self.prompt_key: self.prompt.served().float().contiguous().cpu()}
+        state = {self.method.tensor_key: self.prompt.served().float().contiguous().cpu()}
         if self.head is not None:
             for name, value in self.head.state_dict().items():
                 state[f"{HEAD_PREFIX}{name}"] = value.detach().contiguous().cpu()
@@ -241,14 +248,15 @@ class PromptModel(nn.Module):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the prompt (and head) from `state_tensors()` output; nothing else of the model changes."""
         tensors = dict(tensors)
-        prompt = tensors.pop(self.prompt_key, None)
-        if prompt is None and {PROMPT_KEY, PREFIX_KEY} & set(tensors):
-            held = "keys/values at every layer (method prefix)" if PREFIX_KEY in tensors else \
-                "input vectors (method prompt or ptuning)"
-            raise SoftpromptError(f"the checkpoint holds {held}, which a {self.config.method} model cannot take; "
-                                  "load it with the method it was trained with")
+        key = self.method.tensor_key
+        prompt = tensors.pop(key, None)
+        others = [m.name for m in methods() if m.tensor_key in tensors]
+        if prompt is None and others:
+            raise SoftpromptError(f"the checkpoint holds the tensor of method {' or '.join(others)}, which a "
+                                  f"{self.config.method} model cannot take; load it with the method it was trained "
+                                  "with")
         if prompt is None:
-            raise SoftpromptError(f"no '{self.prompt_key}' tensor: not a softprompt checkpoint")
+            raise SoftpromptError(f"no '{key}' tensor: not a softprompt checkpoint")
         if prompt.shape != self.prompt.weight.shape:
             raise SoftpromptError(
                 f"checkpoint prompt has shape {tuple(prompt.shape)} but this model expects "
@@ -275,8 +283,6 @@ class PromptModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """A checkpoint folder of this prompt (and head): what `from_pretrained` reads back onto the same base."""
-        from ..checkpoint import Checkpoint, fingerprint, save_checkpoint
-
         name = getattr(self.base.config, "_name_or_path", None) or None
         meta = Checkpoint(self.config, self.family, name, fingerprint(self.base.config))
         return save_checkpoint(directory, meta, self.state_tensors())
@@ -285,8 +291,6 @@ class PromptModel(nn.Module):
                     commit_message: str = "softprompt checkpoint") -> str:
         """Upload this prompt (and head) to the hub repo `repo_id`, as `save_pretrained` writes it; returns the
         commit's URL."""
-        from ..hub import push_saved
-
         return push_saved(self.save_pretrained, repo_id, private, token, commit_message)
 
     @classmethod
@@ -294,11 +298,6 @@ class PromptModel(nn.Module):
         """`base_model` (frozen from here on) with the prompt (and head) saved in `directory`, as peft's
         `PeftModel.from_pretrained(model, path)`; the checkpoint's fingerprint must match the base model.
         `directory` may be a peft prompt-tuning adapter folder too, or a hub repo id holding either."""
-        from ..checkpoint import load_tensors, read_checkpoint
-        from ..hub import local_folder
-        from ..peft_interop import is_peft_adapter, read_peft
-        from .factory import get_prompt_model
-
         directory = local_folder(directory)
         name = type(base_model).__name__
         if is_peft_adapter(directory):

@@ -21,11 +21,13 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from ..config import TaskType
 from .base import PromptModel, align_order, masked_mean
+from .registry import register_family
 from .shared_prefix import SharedPrefix, positions_from_mask
 
 __all__ = ["DecoderPromptModel", "positions_from_mask"]
 
 
+@register_family("decoder")
 class DecoderPromptModel(PromptModel):
     pad_side = "left"
     family = "decoder"

@@ -9,19 +9,70 @@ through mean pooling, and their [CLS] state and pooler never were. `pooling="sia
 was trained on pairs: each text runs alone (prompt included), is mean-pooled and scaled to unit length, and
 the head reads [u, v, |u - v|, u * v] (Reimers & Gurevych 2019), so the prompt tunes the embedding the model
 already compares pairs with, instead of asking it to read two texts in one sequence as it never did.
+
+The splice (`after_cls`) and the readout (`EncoderPromptModel.read`) are the ones the multi-task model uses for
+rows of many prompts in one batch, so a prompt reads the same there as alone.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, cast
 
 import torch
+from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import SoftpromptError
-from .base import PromptModel, masked_mean
+from .base import PromptModel, align_order, insertion_index, masked_mean, splice
+from .registry import register_family
 
 
+def after_cls(embed: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
+              types: torch.Tensor | None, prompts: torch.Tensor, lengths: torch.Tensor
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """An encoder backbone's inputs for right-padded rows, row i's prompt (the first lengths[i] of prompts[i],
+    (B, K, d)) right after its [CLS]; and the (B, K + n) mask of the columns that are text ([CLS], the text,
+    [SEP]: no virtual tokens, no pads), what mean pooling averages."""
+    rows = ids.shape[0]
+    index = insertion_index(torch.ones(rows, dtype=torch.long, device=ids.device), ids.shape[1], lengths)
+    embeds = embed(ids)
+    columns = torch.arange(index.shape[1], device=ids.device).unsqueeze(0)
+    full_mask = (columns < (mask.sum(1) + lengths).unsqueeze(1)).long()
+    inputs = {"inputs_embeds": splice(embeds, prompts.to(embeds.dtype), index), "attention_mask": full_mask}
+    if types is not None:  # virtual tokens belong to the first segment
+        inputs["token_type_ids"] = splice(types, types.new_zeros(rows, prompts.shape[1]), index) * full_mask
+    return inputs, full_mask * ((columns < 1) | (columns >= 1 + lengths.unsqueeze(1)))
+
+
+class _Replay(nn.Module):
+    """Stands in for a backbone that already ran: gives back its output, so a model's own head code reads it."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+@contextmanager
+def _replayed(wrapper: nn.Module, output: Any) -> Iterator[None]:
+    prefix = cast(str, wrapper.base_model_prefix)
+    backbone = getattr(wrapper, prefix)
+    setattr(wrapper, prefix, _Replay(output))
+    try:
+        yield
+    finally:
+        setattr(wrapper, prefix, backbone)
+
+
+def rows_of(output: Any, index: torch.Tensor) -> Any:
+    """The given rows of every tensor of a model output."""
+    return type(output)(**{k: v[index] for k, v in output.items() if torch.is_tensor(v)})
+
+
+@register_family("encoder")
 class EncoderPromptModel(PromptModel):
     pad_side = "right"
     family = "encoder"
@@ -36,25 +87,38 @@ class EncoderPromptModel(PromptModel):
         """An encoder always has one: SEQ_CLS is its only task type."""
         return getattr(self.base, str(self.head_name))
 
-    def _offsets(self, mask: torch.Tensor) -> torch.Tensor:
-        return torch.ones(mask.shape[0], dtype=torch.long, device=mask.device)
+    def spliced(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The backbone's inputs for the rows (pads moved right, this prompt after each [CLS]) and their text
+        columns, as `after_cls` gives them."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = align_order(attention_mask, self.pad_side)
+        ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        types = None if token_type_ids is None else token_type_ids.gather(1, order)
+        lengths = torch.full((ids.shape[0],), self.prompt.num_tokens, dtype=torch.long, device=ids.device)
+        return after_cls(self.base.get_input_embeddings(), ids, mask, types, self.prompt(ids.shape[0]), lengths)
 
-    def _extra_inputs(self, mask, token_type_ids, fill) -> dict:
-        if token_type_ids is None:
-            return {}
-        return {"token_type_ids": fill(token_type_ids, 0)}  # virtual tokens belong to the first segment
+    def backbone(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs) -> tuple[Any, torch.Tensor]:
+        """The backbone's output over the prompted rows, and their text columns."""
+        inputs, text = self.spliced(input_ids, attention_mask, token_type_ids)
+        return self.base.base_model(**inputs, **kwargs), text
 
-    def _mean_states(self, input_ids, attention_mask, token_type_ids=None, **kwargs) -> torch.Tensor:
-        """(B, h): the mean of each row's final text states, virtual tokens and pads left out."""
-        inputs, _, _ = self.prompted_inputs(input_ids, attention_mask, token_type_ids)
-        return masked_mean(self.base.base_model(**inputs, **kwargs).last_hidden_state,
-                           self._text_columns(inputs["attention_mask"]))
-
-    def _text_columns(self, mask: torch.Tensor) -> torch.Tensor:
-        """Which columns of the prompted mask are the text's: the prompt sits right after [CLS]."""
-        text = mask.clone()
-        text[:, 1:1 + self.prompt.num_tokens] = 0
-        return text
+    def read(self, output: Any, text: torch.Tensor, pair: tuple[Any, torch.Tensor] | None = None) -> torch.Tensor:
+        """The head's logits over the backbone's output for some rows: with `cls` pooling the model's own pooler
+        and head (its output replayed into them), with `mean` the mean of the text's states, with `siamese` the
+        pair's two texts compared (`pair`: the output and text columns of the second texts)."""
+        if self.config.pooling == "cls":
+            with _replayed(self.base, output):
+                return self.base().logits
+        features = masked_mean(output.last_hidden_state, text)
+        if self.config.pooling == "siamese":
+            if pair is None:
+                raise SoftpromptError("siamese pooling needs the second text of each pair (pair_ids, pair_mask)")
+            second = masked_mean(pair[0].last_hidden_state, pair[1])
+            u, v = (nn.functional.normalize(x, dim=-1) for x in (features, second))
+            features = self.pair_features(u, v)
+        return self.head_logits(features)
 
     def pair_embeddings(self, input_ids, attention_mask=None, pair_ids=None, pair_mask=None, **kwargs):
         """(u, v): each text of a pair run alone with the prompt, mean-pooled, at unit length (as the model
@@ -68,9 +132,9 @@ class EncoderPromptModel(PromptModel):
         def widen(t):  # right-pad to the common width, so both texts run as one batch
             return torch.nn.functional.pad(t, (0, width - t.shape[1]))
 
-        both = self._mean_states(torch.cat([widen(input_ids), widen(pair_ids)]),
-                                 torch.cat([widen(first_mask), widen(second_mask)]), **kwargs)
-        return torch.nn.functional.normalize(both, dim=-1).chunk(2)
+        output, text = self.backbone(torch.cat([widen(input_ids), widen(pair_ids)]),
+                                     torch.cat([widen(first_mask), widen(second_mask)]), **kwargs)
+        return torch.nn.functional.normalize(masked_mean(output.last_hidden_state, text), dim=-1).chunk(2)
 
     @torch.no_grad()
     def start_head_at_cosine(self, cosine: torch.Tensor, labels: torch.Tensor) -> None:
@@ -115,15 +179,11 @@ class EncoderPromptModel(PromptModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, pair_ids=None,
                 pair_mask=None, **kwargs):
-        pooling = self.config.pooling
-        if pooling == "cls":
-            return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
-        if pooling == "mean":
-            features = self._mean_states(input_ids, attention_mask, token_type_ids, **kwargs)
-        else:
+        if self.config.pooling == "siamese":
             u, v = self.pair_embeddings(input_ids, attention_mask, pair_ids, pair_mask, **kwargs)
-            features = self.pair_features(u, v)
-        logits = self.head_logits(features)
+            logits = self.head_logits(self.pair_features(u, v))
+        else:
+            logits = self.read(*self.backbone(input_ids, attention_mask, token_type_ids, **kwargs))
         loss = None
         if labels is not None:
             if logits.shape[-1] == 1:

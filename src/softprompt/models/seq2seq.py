@@ -11,8 +11,10 @@ import torch
 from transformers import GenerationMixin
 
 from .base import PromptModel
+from .registry import register_family
 
 
+@register_family("seq2seq")
 class Seq2SeqPromptModel(PromptModel):
     pad_side = "right"
     family = "seq2seq"

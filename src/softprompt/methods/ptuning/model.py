@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import PromptTuningConfig
+from .config import PromptEncoderFields
 
 
 class PromptEncoder(nn.Module):
@@ -34,7 +34,7 @@ class PromptEncoder(nn.Module):
         return self.mlp_head(inputs)
 
 
-def prompt_encoder(config: PromptTuningConfig, dim: int) -> PromptEncoder:
+def prompt_encoder(config: PromptEncoderFields, dim: int) -> PromptEncoder:
     """The encoder `config` describes for a model of width `dim` (hidden size: the width, as peft's default)."""
     return PromptEncoder(dim, config.encoder_hidden_size or dim, config.encoder_reparameterization_type,
                          config.encoder_num_layers, config.encoder_dropout)

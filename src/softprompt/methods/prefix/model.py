@@ -2,7 +2,7 @@
 
 `PrefixKeyValues` is a `KeyValues` source for the shared-prefix engine, which runs a decoder's rows after it once
 per batch (peft copies the prefix once per row); encoders and T5's encoder take it as every layer's cache
-(models/prefix.py). Its `weight` is peft's flat layout, (k, layers * 2 * kv_heads *
+(adapters.py). Its `weight` is peft's flat layout, (k, layers * 2 * kv_heads *
 head_dim): per virtual token, layer 0's keys, layer 0's values, layer 1's keys, ..., each kv_heads x head_dim.
 That is what a checkpoint stores under `prefix`, so it maps onto peft's `prompt_embeddings` as it is. While
 training it may come from a `PrefixProjection` instead, folded into `weight` at save."""
@@ -14,7 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-PREFIX_KEY = "prefix"
+from ...families import text_config
+
+PREFIX_KEY = "prefix"  # the tensor a checkpoint stores the flat keys/values under
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -31,7 +33,7 @@ class KVLayout(NamedTuple):
 
 def kv_layout(model_config) -> KVLayout:
     """The shape of a decoder's cache, from its config (grouped-query attention: its key/value heads)."""
-    text = model_config.get_text_config()
+    text = text_config(model_config)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or getattr(text, "d_kv", None) or text.hidden_size // heads
     return KVLayout(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim)

@@ -1,4 +1,4 @@
-"""Prefix tuning: trainable keys and values at every layer (`PrefixKeyValues`, methods/prefix.py).
+"""How a prefix (`PrefixKeyValues`, model.py) plugs into each family: keys and values at every layer.
 
 Decoders run it through the shared-prefix engine as a `KeyValues` source: label words, the LM and rank losses,
 rank classification, a head (over the last token, the text's mean, or both) and greedy generation run the rows
@@ -21,15 +21,17 @@ from typing import Callable, Iterator, cast
 import torch
 from transformers import DynamicCache, GenerationMixin
 
-from ..config import PromptInit, TaskType
-from ..errors import SoftpromptError
-from ..methods import PREFIX_KEY, PrefixKeyValues, kv_layout
-from ..prompt import SoftPrompt, initial_prompt, load_prompt_file
-from .base import PromptModel, align_order
-from .decoder import DecoderPromptModel
-from .encoder import EncoderPromptModel
-from .seq2seq import Seq2SeqPromptModel
-from .shared_prefix import LayerKV, SharedPrefix, as_cache, cache_kwarg
+from ...checkpoint import load_prompt_file
+from ...config import PromptInit, TaskType
+from ...errors import SoftpromptError
+from ...models.base import PromptModel, align_order
+from ...models.decoder import DecoderPromptModel
+from ...models.encoder import EncoderPromptModel
+from ...models.seq2seq import Seq2SeqPromptModel
+from ...models.shared_prefix import LayerKV, SharedPrefix, as_cache, cache_kwarg
+from ..prompt.init import initial_prompt
+from ..prompt.model import SoftPrompt
+from .model import PREFIX_KEY, PrefixKeyValues, kv_layout
 
 
 def _new_prefix(model: PromptModel) -> PrefixKeyValues:
@@ -66,7 +68,6 @@ def _cache_name(base) -> str:
 
 
 class PrefixDecoderModel(DecoderPromptModel):
-    prompt_key = PREFIX_KEY
     prompt: PrefixKeyValues  # type: ignore[assignment]
 
     def __init__(self, base, config, tokenizer=None) -> None:
@@ -119,7 +120,6 @@ class PrefixDecoderModel(DecoderPromptModel):
 
 
 class PrefixEncoderModel(EncoderPromptModel):
-    prompt_key = PREFIX_KEY
     prompt: PrefixKeyValues  # type: ignore[assignment]
 
     def __init__(self, base, config, tokenizer=None) -> None:
@@ -132,30 +132,24 @@ class PrefixEncoderModel(EncoderPromptModel):
     def init_prompt(self, corpus=None, generator=None) -> None:
         _start_prefix(self, self.prompt, corpus, generator)
 
-    def prompted_inputs(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+    def spliced(self, input_ids, attention_mask=None, token_type_ids=None):
         """The rows with pads moved right, the mask over prefix + row, and the prefix as every layer's cache (one
-        copy per row, as peft)."""
+        copy per row, as peft); every column of the output is the rows' own (the text's)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         order = align_order(attention_mask, self.pad_side)
         ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
         rows = ids.shape[0]
-        kwargs = {"input_ids": ids, "attention_mask": torch.cat([mask.new_ones(rows, self.prompt.num_tokens), mask], 1),
+        inputs = {"input_ids": ids, "attention_mask": torch.cat([mask.new_ones(rows, self.prompt.num_tokens), mask], 1),
                   self.cache_name: as_cache(self.base, self.prompt.key_values(), rows)}
         if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids.gather(1, order)
-        if labels is not None:
-            kwargs["labels"] = labels
-        return kwargs, order, mask.new_zeros(rows)
-
-    def _text_columns(self, mask: torch.Tensor) -> torch.Tensor:
-        return mask[:, self.prompt.num_tokens:]
+            inputs["token_type_ids"] = token_type_ids.gather(1, order)
+        return inputs, mask
 
 
 class PrefixSeq2SeqModel(Seq2SeqPromptModel):
     """T5-style encoder-decoders: the encoder runs the rows after the prefix; the decoder reads the rows' states."""
 
-    prompt_key = PREFIX_KEY
     prompt: PrefixKeyValues  # type: ignore[assignment]
 
     def __init__(self, base, config, tokenizer=None) -> None:

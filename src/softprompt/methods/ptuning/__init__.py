@@ -1,0 +1,1 @@
+"""P-tuning (Liu et al., 2021): input vectors that come out of a prompt encoder while training."""
