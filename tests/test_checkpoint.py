@@ -18,6 +18,7 @@ from softprompt.data import Example
 from softprompt.training import prepare
 
 LEGACY = Path(__file__).parent / "data" / "legacy_v1"
+LEGACY_V2 = Path(__file__).parent / "data" / "legacy_v2"
 
 
 def legacy_run(folder: Path, run: str, data: str | None = None, base_model: str | None = None) -> Path:
@@ -53,6 +54,17 @@ def test_a_checkpoint_of_the_previous_format_scores_as_it_did(tmp_path):
     assert loaded.spec.truncation == "head"  # it cut each text's end, whatever today's default for its data
     scores = loaded.scores([Example({"text": t}, None) for t in expected["texts"]])
     torch.testing.assert_close(scores, torch.tensor(expected["minilm_scores"]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama_prompt", "llama_prefix", "llama_ptuning", "llama_head", "bert_mean",
+                                  "bert_prefix"])
+def test_a_checkpoint_of_0_2_0_scores_as_it_did(tiny_dirs, name):
+    """Checkpoints softprompt 0.2.0 wrote (before the restructure): the same scores on the same tiny models."""
+    expected = json.loads((LEGACY_V2 / "expected.json").read_text())
+    loaded = PromptedTask.from_pretrained(LEGACY_V2 / name, model=tiny_dirs[name.split("_")[0]])
+    assert loaded.spec.method == {"prefix": "prefix", "ptuning": "ptuning"}.get(name.split("_")[1], "prompt")
+    scores = loaded.scores([Example({"text": t}, None) for t in expected["texts"]])
+    torch.testing.assert_close(scores, torch.tensor(expected[name]), atol=1e-6, rtol=0)
 
 
 def test_a_previous_format_decoder_checkpoint_scores_its_prompt_before_the_template(tiny_dirs, tmp_path, tokenizer):

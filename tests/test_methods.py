@@ -358,7 +358,7 @@ def test_method_is_decided_recorded_and_refused_where_it_cannot_run(tiny_dirs, t
         get_prompt_model(bart, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", method="prefix"), tokenizer)
     with pytest.raises(SoftpromptError, match="leaves no room for input"):
         resolve(TrainConfig(model=tiny_dirs["llama"], method="prefix", prompt_length=256), llama, get_task("sst2"))
-    with pytest.raises(SoftpromptError, match="leave no room for input"):
+    with pytest.raises(SoftpromptError, match="leaves no room for input"):
         get_prompt_model(tiny_bert, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=128), tokenizer)
     with pytest.raises(SoftpromptError, match="--residual-reparam"):
         resolve(TrainConfig(model=tiny_dirs["llama"], method="ptuning", residual_reparam=8), llama, get_task("sst2"))
@@ -376,7 +376,7 @@ def test_a_prefix_starts_from_another_prefix_and_a_prompt_run_refuses_one(tiny_l
     source.save_pretrained(tmp_path / "prefix")
     config = PromptTuningConfig(num_virtual_tokens=3, method="prefix", init="file", init_file=str(tmp_path / "prefix"))
     assert torch.equal(get_prompt_model(tiny_llama, config, tokenizer).prompt.weight, source.prompt.weight)
-    with pytest.raises(SoftpromptError, match="holds a prefix .method prefix.; start a run of the same method"):
+    with pytest.raises(SoftpromptError, match="holds keys/values at every layer .method prefix.; start a run of the same method"):
         get_prompt_model(tiny_llama, PromptTuningConfig(num_virtual_tokens=3, init="file",
                                                         init_file=str(tmp_path / "prefix")), tokenizer)
     longer = PromptTuningConfig(num_virtual_tokens=5, method="prefix", init="file", init_file=str(tmp_path / "prefix"))

@@ -17,9 +17,9 @@ PER_ROW = 0.01  # seconds each scored row is made to take, so that one evaluatio
 def test_a_time_budget_bounds_training_and_paced_evaluation(tiny_dirs, tiny_csv, tmp_path, monkeypatch):
     scores = PromptedTask.scores
 
-    def slow_scores(self, examples, batch_size=32, progress=None):
+    def slow_scores(self, examples, batch_size=32):
         time.sleep(PER_ROW * len(examples))
-        return scores(self, examples, batch_size, progress)
+        return scores(self, examples, batch_size)
 
     monkeypatch.setattr(PromptedTask, "scores", slow_scores)
     budget, lines = 4.0, []

@@ -29,7 +29,7 @@ from .assets import ModelInfo
 from .config import PromptTuningConfig
 from .errors import SoftpromptError
 from .families import hidden_size, text_config
-from .methods import get_method, methods
+from .methods import get_method, held_by
 from .spec import RunSpec, TrainConfig, resolve
 from .tasks import TaskSpec
 from .tensor_names import (PEFT_CONFIG_FILE, PEFT_TENSOR_FILE, from_peft_tensors, is_peft_adapter,
@@ -281,10 +281,9 @@ def load_prompt_file(path: str | Path, key: str) -> torch.Tensor:
     else:
         raise SoftpromptError(f"no prompt at {path}: give a checkpoint folder or a .safetensors prompt file")
     if key not in tensors:
-        held = [m.name for m in methods() if m.tensor_key in tensors]
+        held = held_by(tensors)
         if held:
-            raise SoftpromptError(f"{path} holds the tensor of method {' or '.join(held)}; start a run of the same "
-                                  "method from it")
+            raise SoftpromptError(f"{path} holds {held}; start a run of the same method from it")
         raise SoftpromptError(f"{path} holds no '{key}' tensor; is it a softprompt checkpoint?")
     return tensors[key]
 

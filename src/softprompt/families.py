@@ -72,9 +72,8 @@ def check_pooling(family: str, pooling: str | None, head: bool) -> None:
                               f"this {family}'s head cannot take it: leave --pooling out")
 
 
-def check_prompt_length(num_virtual_tokens: int, config: Any, name: str) -> None:
+def check_prompt_length(num_virtual_tokens: int, positions: int | None, name: str) -> None:
     """A prompt must leave the input some of the model's positions (a prefix's rows count theirs from k too)."""
-    positions = max_positions(config)
     if positions and num_virtual_tokens >= positions:
         raise SoftpromptError(f"a prompt of {num_virtual_tokens} virtual tokens leaves no room for input in "
                               f"{name}'s {positions} positions; use a shorter --prompt-length")

@@ -10,7 +10,7 @@ from typing import Callable
 
 import huggingface_hub
 
-from .assets import hub_unreachable
+from . import assets
 from .checkpoint import read_checkpoint
 from .errors import SoftpromptError
 
@@ -24,7 +24,7 @@ def local_folder(checkpoint: str | Path) -> Path:
     path = Path(checkpoint).expanduser()
     if path.exists() or str(checkpoint).count("/") != 1:
         return path
-    reason = hub_unreachable()
+    reason = assets.hub_unreachable()
     if reason is None:
         try:
             return Path(huggingface_hub.snapshot_download(str(checkpoint)))
@@ -38,7 +38,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool | None = None, t
     """Upload a checkpoint folder (checked first) to the hub model repo `repo_id`, created if need be; returns the
     commit's URL."""
     read_checkpoint(folder)
-    reason = hub_unreachable()
+    reason = assets.hub_unreachable()
     if reason is not None:
         raise SoftpromptError(f"cannot push to {repo_id}: the hub is not reachable now ({reason})")
     api = huggingface_hub.HfApi(token=token)

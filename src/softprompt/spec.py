@@ -14,13 +14,13 @@ import types
 import typing
 from typing import Any
 
+from . import precision
 from .assets import ModelInfo
 from .config import POOLINGS, TRUNCATIONS, PromptInit, PromptTuningConfig, TaskType
 from .errors import SoftpromptError
-from .families import check_pooling, check_task_type
+from .families import check_pooling, check_prompt_length, check_task_type
 from .methods import get_method, method_names, methods
 from .methods.ptuning.config import ENCODER_TYPES
-from .precision import bf16_pays
 from .tasks import TASKS, TaskSpec, label_instruction
 from .tracking import parse_report_to
 
@@ -263,7 +263,7 @@ def asdict_plain(d: dict[str, Any]) -> dict[str, Any]:
 def fast_bf16() -> bool:
     """Whether bf16 matrix products are fast here: a timed probe, once per machine (precision.py; docs/recipe.md,
     Precision)."""
-    return bf16_pays()
+    return precision.bf16_pays()
 
 
 def default_task_type(family: str, task: TaskSpec, user_labels: bool = False) -> TaskType:
@@ -395,9 +395,7 @@ def _method(run: _Run) -> str:
 
 def _max_length(run: _Run) -> int:
     cfg, model = run.cfg, run.model
-    if model.max_positions and cfg.prompt_length >= model.max_positions:
-        raise SoftpromptError(f"a prompt of {cfg.prompt_length} virtual tokens leaves no room for input in "
-                              f"{model.name}'s {model.max_positions} positions; use a shorter --prompt-length")
+    check_prompt_length(cfg.prompt_length, model.max_positions, model.name)
     if model.max_positions and cfg.max_length + cfg.prompt_length > model.max_positions:
         return run.decide("max_length", model.max_positions - cfg.prompt_length,
                           "input and prompt must fit the model's positions")

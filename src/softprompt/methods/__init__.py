@@ -82,6 +82,11 @@ def by_peft_type(peft_type: str) -> Method:
                           f"{', '.join(sorted({m.peft_type for m in _REGISTRY.values()}))} ones")
 
 
-def tensor_keys() -> set[str]:
-    """Every name a method stores its tensor under."""
-    return {m.tensor_key for m in _REGISTRY.values()}
+def held_by(tensors: Any) -> str | None:
+    """What a method's tensor among `tensors` is, and which methods store it so (e.g. "input vectors (method
+    prompt or ptuning)"), for an error about a checkpoint of another method; None when there is none."""
+    found = [m for m in _REGISTRY.values() if m.tensor_key in tensors]
+    if not found:
+        return None
+    what = "keys/values at every layer" if found[0].contributes == KEY_VALUES else "input vectors"
+    return f"{what} (method {' or '.join(m.name for m in found)})"

@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint, fingerprint, load_tensors, read_checkpoint,
 from ..config import PromptTuningConfig, TaskType
 from ..errors import SoftpromptError
 from ..hub import local_folder, push_saved
-from ..methods import Method, get_method, methods
+from ..methods import Method, get_method, held_by
 from ..methods.prompt.init import initial_prompt
 from ..methods.prompt.model import SoftPrompt
 from ..peft_interop import read_peft
@@ -250,11 +250,10 @@ class PromptModel(nn.Module):
         tensors = dict(tensors)
         key = self.method.tensor_key
         prompt = tensors.pop(key, None)
-        others = [m.name for m in methods() if m.tensor_key in tensors]
-        if prompt is None and others:
-            raise SoftpromptError(f"the checkpoint holds the tensor of method {' or '.join(others)}, which a "
-                                  f"{self.config.method} model cannot take; load it with the method it was trained "
-                                  "with")
+        held = held_by(tensors)
+        if prompt is None and held:
+            raise SoftpromptError(f"the checkpoint holds {held}, which a {self.config.method} model cannot take; "
+                                  "load it with the method it was trained with")
         if prompt is None:
             raise SoftpromptError(f"no '{key}' tensor: not a softprompt checkpoint")
         if prompt.shape != self.prompt.weight.shape:

@@ -68,7 +68,7 @@ class DecoderPromptModel(PromptModel):
             return "no prompt to share"
         return self.engine.cannot_share()
 
-    def _shares(self, length: int) -> bool:
+    def shares(self, length: int) -> bool:
         return self.config.task_type in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS) and self.engine.shares(length)
 
     def _aligned(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -86,7 +86,7 @@ class DecoderPromptModel(PromptModel):
         if self.config.task_type is not TaskType.SEQ_CLS:
             return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
         kwargs.pop("num_items_in_batch", None)  # Trainer's token count for token losses; a head's loss is per row
-        if not kwargs and self._shares(input_ids.shape[1]):
+        if not kwargs and self.shares(input_ids.shape[1]):
             ids, mask, _ = self._aligned(input_ids, attention_mask)
             hidden = self.engine.states(ids, mask).hidden
         elif self.config.pooling != "cls":
@@ -126,7 +126,7 @@ class DecoderPromptModel(PromptModel):
         Prompt and input run once, then all continuations in one forward from their keys/values. None where
         the model cannot share a prefix.
         """
-        if not self._shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
+        if not self.shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
             return None
         return self.engine.continuation_logits(*self._aligned(input_ids, attention_mask)[:2], continuations)
 
@@ -134,7 +134,7 @@ class DecoderPromptModel(PromptModel):
                               continuations: list[list[int]]) -> torch.Tensor | None:
         """(B, continuations) summed log-likelihoods (rank classification of multi-token label strings), as
         `engine.continuation_logprobs`; None where the model cannot share a prefix."""
-        if not self._shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
+        if not self.shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
             return None
         return self.engine.continuation_logprobs(*self._aligned(input_ids, attention_mask)[:2], continuations)
 
@@ -146,7 +146,7 @@ class DecoderPromptModel(PromptModel):
         where the engine cannot, or where the tail would reach into the prompt of a short row.
         """
         ids, mask, _ = self._aligned(input_ids, attention_mask)
-        if self._shares(ids.shape[1]) and keep <= int(mask.sum(1).min()):
+        if self.shares(ids.shape[1]) and keep <= int(mask.sum(1).min()):
             return self.engine.tail_logits(ids, mask, keep)
         inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
         # indices rather than a count: the head then reads a gathered, contiguous tail (on a sliced one it runs as a
@@ -160,7 +160,7 @@ class DecoderPromptModel(PromptModel):
             return super().training_loss(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         ids, mask, order = self._aligned(input_ids, attention_mask)
         aligned = labels.gather(1, order)
-        if self._shares(ids.shape[1]):
+        if self.shares(ids.shape[1]):
             return self.engine.lm_loss(ids, mask, aligned)
         labelled = aligned != -100
         width = aligned.shape[1]
@@ -179,7 +179,7 @@ class DecoderPromptModel(PromptModel):
 
         Greedy decoding runs from the kept prompt keys/values; sampling and other `generate` options go
         through transformers' `generate` on the concatenated sequence."""
-        if kwargs.get("do_sample") or not self._shares(input_ids.shape[1] + max_new_tokens):
+        if kwargs.get("do_sample") or not self.shares(input_ids.shape[1] + max_new_tokens):
             inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
             inputs.pop("position_ids")
             return cast(GenerationMixin, self.base).generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from ..config import PromptTuningConfig, TaskType
 from ..errors import SoftpromptError
-from ..families import check_pooling, check_prompt_length, check_task_type, family_of
+from ..families import check_pooling, check_prompt_length, check_task_type, family_of, max_positions
 from ..methods import INPUT_VECTORS, get_method
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def get_prompt_model(
     """
     family = family_of(model.config)
     check_task_type(family, config.task_type, model.config.model_type)
-    check_prompt_length(config.num_virtual_tokens, model.config, model.config.model_type)
+    check_prompt_length(config.num_virtual_tokens, max_positions(model.config), model.config.model_type)
     check_pooling(family, config.pooling, config.task_type is TaskType.SEQ_CLS)
     if family == "decoder" and config.task_type is TaskType.SEQ_CLS and model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0  # pooling needs one defined
