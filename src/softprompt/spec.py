@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
 from . import precision
 from .assets import ModelInfo
@@ -33,8 +33,9 @@ OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("linear", "cosine", "constant")
 EVAL_SHARE = 0.1  # under --max-time, dev evaluations take about this share of it (docs/recipe.md#defaults)
 
 
-def _opt(default: Any, help: str, **cli: Any) -> Any:
-    """A TrainConfig field and its `softprompt train` option in one place (cli: flag, multiple, ...)."""
+def _opt(default: Any, help: str | Callable[[], str], **cli: Any) -> Any:
+    """A TrainConfig field and its `softprompt train` option in one place (cli: flag, multiple, ...; `help` may be
+    a callable, read when the CLI is built: a list from a registry)."""
     kind = {"default_factory": default} if callable(default) else {"default": default}
     return field(**kind, metadata={"help": help, **cli})
 

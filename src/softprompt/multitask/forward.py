@@ -13,6 +13,7 @@ from typing import cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..config import TaskType
 from ..data import Example
@@ -164,7 +165,7 @@ def encoder_scores(rows: list[Row], pad_id: int) -> list[torch.Tensor]:
     models = [_encoder(rows[i]) for i, _, _ in sequences]
     lengths = torch.tensor([m.prompt.num_tokens for m in models])
     prompts = nn.utils.rnn.pad_sequence([m.prompt.embeddings() for m in models], batch_first=True)
-    backbone = models[0].base.base_model  # the frozen weights of these rows' precision
+    backbone = cast(PreTrainedModel, models[0].base.base_model)  # the frozen weights of these rows' precision
     inputs, text = after_cls(backbone.get_input_embeddings(), ids, mask, types, prompts, lengths)
     output = backbone(**inputs)
     out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
