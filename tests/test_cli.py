@@ -96,6 +96,7 @@ def test_text_to_text_variants_train_end_to_end(tiny_dirs, tiny_csv, tmp_path, c
         assert isinstance(json.loads(out)["generated"], str)
 
 
+@pytest.mark.slow
 def test_predict_reads_stdin_through_the_console_script(tiny_dirs, tiny_csv, tmp_path, capsys):
     out_dir = tmp_path / "run"
     assert run(TRAIN + ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--output", out_dir], capsys)[0] == 0
@@ -160,6 +161,7 @@ def _assert_clean_error(code, err, pattern, out_dir: Path | None = None):
         assert not (out_dir / "best").exists() and not (out_dir / "last").exists()
 
 
+@pytest.mark.slow
 def test_unknown_model_offline(tiny_csv, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # read when huggingface_hub is imported: a fresh process
     proc = subprocess.run([sys.executable, "-m", "softprompt"] + TRAIN + ["--model", "no-such-org/no-such-model",
@@ -222,6 +224,7 @@ def test_unwritable_output_folder(tiny_csv, tmp_path, capsys):
     _assert_clean_error(code, err, "cannot write to output folder")
 
 
+@pytest.mark.slow
 def test_console_script_error_has_no_traceback(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", "softprompt", "eval", str(tmp_path / "nowhere")],

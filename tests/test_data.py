@@ -115,6 +115,7 @@ def test_hub_loading_with_a_local_stand_in(tmp_path):
     assert splits.train[1].fields == {"sentence": "train 1"} and splits.train[1].label == 1
 
 
+@pytest.mark.slow
 def test_offline_hub_failure_is_one_clear_error():
     code = "from softprompt.data import load_data; load_data('nobody-here/no-such-dataset', 'sst2')"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # read at import: a fresh process

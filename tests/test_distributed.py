@@ -4,6 +4,8 @@ with --fsdp (or accelerate's FSDP config) each rank holds half of every layer an
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import socket
@@ -19,6 +21,8 @@ from softprompt.pipeline import PromptedTask
 from softprompt.spec import TrainConfig
 from softprompt.training import load_splits, train
 from tests.ddp_worker import run
+
+pytestmark = pytest.mark.slow  # several processes under a launcher: the slow tier
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 # Tolerance against one process: the same rows and the same mean loss, but each rank's rows are padded and packed

@@ -156,6 +156,7 @@ def test_a_non_finite_loss_stops_or_is_skipped_and_never_saved(tiny_dirs, tiny_c
     assert json.loads((tmp_path / "skip" / "results.json").read_text())["steps"] == 4
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_prompt_of_an_uninterrupted_one(tiny_dirs, tiny_csv, tmp_path):
     args = ["--model", tiny_dirs["bert"], "--data", tiny_csv, "--max-steps", "120", "--eval-every", "1000",
             "--batch-size", "8", "--prompt-length", "3", "--max-length", "24", "--no-progress", "--no-baselines",
@@ -194,6 +195,7 @@ def test_a_killed_run_resumes_to_the_prompt_of_an_uninterrupted_one(tiny_dirs, t
     assert steps == list(range(1, 121))  # what the killed run logged after its last save is not doubled
 
 
+@pytest.mark.slow
 def test_predict_reads_arguments_then_stdin(tiny_dirs, tiny_csv, tmp_path, capsys):
     assert _train(tiny_dirs, tiny_csv, tmp_path / "r", capsys)[0] == 0
     proc = subprocess.run([sys.executable, "-m", "softprompt", "predict", str(tmp_path / "r" / "best"), "first one"],

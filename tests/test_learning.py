@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from softprompt import TrainConfig, train
+
+pytestmark = pytest.mark.slow  # real-model learning: the slow tier
 
 
 def test_training_on_real_data_beats_the_untrained_prompt(tmp_path):

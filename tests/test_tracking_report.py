@@ -213,6 +213,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+@pytest.mark.slow
 def test_report_renders_every_plot_in_a_headless_browser(sweep_dir):
     page = sweep_dir / "report.html"
     expected = page.read_text().count('class="plotly-graph-div"')
