@@ -23,6 +23,7 @@ from .distributed import Ranks
 from .errors import SoftpromptError
 from .hub import push_folder
 from .interpret import view
+from .methods import methods
 from .multitask import MultiTaskModel
 from .peft_interop import export_peft, import_peft
 from .pipeline import PromptedTask
@@ -225,7 +226,7 @@ def predict(
 
 @app.command()
 def info(checkpoint: Optional[str] = typer.Argument(None, help="checkpoint folder to describe")) -> None:
-    """Built-in models, datasets and tasks; or what a checkpoint holds."""
+    """Built-in models, datasets, tasks and prompt methods; or what a checkpoint holds."""
     if checkpoint:
         meta = read_checkpoint(checkpoint)
         size = sum(f.stat().st_size for f in Path(checkpoint).iterdir() if f.suffix == ".safetensors")
@@ -247,6 +248,9 @@ def info(checkpoint: Optional[str] = typer.Argument(None, help="checkpoint folde
     for name, task in TASKS.items():
         kind = "regression" if task.is_regression else "/".join(task.labels)
         typer.echo(f"  {name:<16} {', '.join(task.fields):<28} {kind:<40} {', '.join(task.metrics)}")
+    typer.echo("methods:")
+    for method in methods():
+        typer.echo(f"  {method.name:<16} {method.summary}")
 
 
 @app.command()
