@@ -17,6 +17,7 @@ from typing import Any
 from .assets import ModelInfo
 from .config import ENCODER_TYPES, METHODS, POOLINGS, TRUNCATIONS, PromptInit, PromptTuningConfig, TaskType
 from .errors import SoftpromptError
+from .options import _opt
 from .tasks import TASKS, TaskSpec, label_instruction
 from .tracking import parse_report_to
 
@@ -29,12 +30,6 @@ CUSTOM_STEPS, CUSTOM_SECONDS = (80, 400), 300.0  # the default budget for a user
 LOSSES, CLASS_WEIGHTS, HEAD_INITS = ("rank", "lm"), ("auto", "none", "balanced"), ("cosine", "fit", "random")
 OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("linear", "cosine", "constant")
 EVAL_SHARE = 0.1  # under --max-time, dev evaluations take about this share of it (docs/recipe.md#defaults)
-
-
-def _opt(default: Any, help: str, **cli: Any) -> Any:
-    """A TrainConfig field and its `softprompt train` option in one place (cli: flag, multiple, ...)."""
-    kind = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**kind, metadata={"help": help, **cli})
 
 
 @dataclass
