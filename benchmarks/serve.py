@@ -127,7 +127,7 @@ def serve_process(kind: str, prompts_file: str, port: int) -> None:
     import uvicorn
 
     from softprompt.multitask import MultiTaskModel
-    from softprompt.serve import create_app
+    from softprompt.serve import ServeOptions, create_app
 
     torch.set_num_threads(2)
     prompts = json.loads(Path(prompts_file).read_text())
@@ -135,8 +135,8 @@ def serve_process(kind: str, prompts_file: str, port: int) -> None:
         model = MultiTaskModel.from_pretrained(prompts, dtype="fp32")
     else:
         model = PeftBackend(prompts, Path(tempfile.mkdtemp(prefix="peft-adapters-")))
-    uvicorn.run(create_app(model, max_batch=32, max_wait_ms=5, max_inputs=64), host="127.0.0.1", port=port,
-                log_level="warning")
+    app = create_app(model, ServeOptions(max_batch=32, max_wait_ms=5, max_inputs=64))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 def free_port() -> int:

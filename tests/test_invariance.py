@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from softprompt import PromptedTask
 from softprompt.errors import SoftpromptError
 from softprompt.multitask import MultiTaskModel
-from softprompt.serve import create_app
+from softprompt.serve import ServeOptions, create_app
 from softprompt.tasks import TaskSpec, get_task
 
 from .conftest import random_checkpoint
@@ -206,7 +206,7 @@ def servers(models):
     for family in ("decoder", "encoder"):
         model, _ = models[family]
         served = MultiTaskModel(model.base_name)
-        running[family] = Server(create_app(served, max_batch=16, max_wait_ms=20))
+        running[family] = Server(create_app(served, ServeOptions(max_batch=16, max_wait_ms=20)))
     yield running
     for server in running.values():
         server.stop()

@@ -17,10 +17,10 @@ import pytest
 import uvicorn
 
 from softprompt import TrainConfig, train
-from softprompt.batcher import Batcher
 from softprompt.cli import main
 from softprompt.pipeline import PromptedTask
-from softprompt.serve import create_app, load_model
+from softprompt.serve import ServeOptions, create_app, load_model
+from softprompt.serve.batcher import Batcher
 
 from .test_tracking_report import _browser
 
@@ -78,7 +78,7 @@ class Server:
 
     @property
     def batcher(self) -> Batcher:
-        return self.app.state.softprompt["batcher"]
+        return self.app.state.softprompt.batcher
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -100,8 +100,8 @@ def watch_dir(ckpts):
 
 @pytest.fixture(scope="module")
 def server(model, watch_dir):
-    running = Server(create_app(model, max_batch=8, max_wait_ms=30, max_inputs=16, max_input_chars=300,
-                                max_body_bytes=20_000, watch=watch_dir))
+    running = Server(create_app(model, ServeOptions(max_batch=8, max_wait_ms=30, max_inputs=16, max_input_chars=300,
+                                                   max_body_bytes=20_000, watch=str(watch_dir))))
     yield running
     running.stop()
 
@@ -301,7 +301,7 @@ def test_batcher_skips_the_rest_of_a_cancelled_request_and_isolates_a_failing_on
 @pytest.fixture(scope="module")
 def keyed(model, server):
     """A second server over the same model (used only while the first is idle): an API key, read-only."""
-    running = Server(create_app(model, api_key="s3cret", read_only=True))
+    running = Server(create_app(model, ServeOptions(api_key="s3cret", read_only=True)))
     yield running
     running.stop()
 

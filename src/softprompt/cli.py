@@ -28,6 +28,7 @@ from .multitask import MultiTaskModel
 from .peft_interop import export_peft, import_peft
 from .pipeline import PromptedTask
 from .report import write_report
+from .serve import ServeOptions, serve as run_server
 from .spec import TrainConfig
 from .sweep import sweep as run_sweep
 from .tasks import TASKS
@@ -54,7 +55,7 @@ def _err(message: str) -> None:
 
 
 def _cli_type(hint: Any, default: Any) -> Any:
-    """The annotation typer understands for a TrainConfig field's type: Optional/List spelled out."""
+    """The annotation typer understands for a settings field's type: Optional/List spelled out."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = default is None or len(args) < len(typing.get_args(hint))
     inner = args[0] if args else hint
@@ -63,34 +64,37 @@ def _cli_type(hint: Any, default: Any) -> Any:
     return Optional[inner] if optional else inner
 
 
-def _config_parameters(defaults: dict[str, Any] | None = None) -> list[Parameter]:
-    """One typer option per TrainConfig field, from the field's default and help: options are declared there."""
-    hints = typing.get_type_hints(TrainConfig)
+def _parameters(settings: type[Any], defaults: dict[str, Any] | None = None) -> list[Parameter]:
+    """One typer option per field of a settings dataclass (TrainConfig, ServeOptions), from the field's default and
+    metadata (`options.option`: help, flag, cli_default, cli_type, other typer.Option keywords): declared there."""
+    hints = typing.get_type_hints(settings)
     params = []
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        default = meta.get("cli_default", None if f.default is dataclasses.MISSING else f.default)
+    for f in dataclasses.fields(settings):
+        meta = dict(f.metadata)
+        text = meta.pop("help")
+        flags = [meta.pop("flag")] if "flag" in meta else []
+        hint = meta.pop("cli_type", hints[f.name])
+        default = meta.pop("cli_default", None if f.default is dataclasses.MISSING else f.default)
         default = (defaults or {}).get(f.name, default)
-        flags = [meta["flag"]] if "flag" in meta else []
-        text = meta["help"]() if callable(meta["help"]) else meta["help"]  # callable: read at startup (a registry)
-        option = typer.Option(default, *flags, help=text)
-        annotation = _cli_type(meta.get("cli_type", hints[f.name]), default)
+        option = typer.Option(default, *flags, help=text() if callable(text) else text, **meta)
+        annotation = _cli_type(hint, default)
         params.append(Parameter(f.name, Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
 
 
-def _with_config_options(extra: list[Parameter], defaults: dict[str, Any] | None = None):
-    """Give a command `extra` options plus every TrainConfig option; it receives them all as keywords."""
+def _with_options(settings: type[Any], extra: list[Parameter], defaults: dict[str, Any] | None = None):
+    """Give a command `extra` parameters plus an option per field of `settings`; it receives them all as keywords."""
     def wrap(func):
-        params = extra + _config_parameters(defaults)
+        params = extra + _parameters(settings, defaults)
         func.__signature__ = Signature(params)
         func.__annotations__ = {p.name: p.annotation for p in params}
         return func
     return wrap
 
 
-def _train_config(options: dict[str, Any]) -> TrainConfig:
-    return TrainConfig(**{f.name: options[f.name] for f in dataclasses.fields(TrainConfig)})
+def _settings(settings: type[Any], options: dict[str, Any]) -> Any:
+    """The `settings` dataclass of a command's keywords (its own fields only)."""
+    return settings(**{f.name: options[f.name] for f in dataclasses.fields(settings)})
 
 
 RESUME = Parameter("resume", Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
@@ -99,12 +103,12 @@ RESUME = Parameter("resume", Parameter.KEYWORD_ONLY, annotation=Optional[str], d
 
 
 @app.command()
-@_with_config_options([RESUME])
+@_with_options(TrainConfig, [RESUME])
 def train(**options: Any) -> None:
     """Train a soft prompt. With no arguments: SmolLM2-135M on the embedded Rotten Tomatoes data."""
     _quiet_libraries()
     resume = options["resume"]
-    cfg = _train_config({**options, "output": resume} if resume else options)
+    cfg = _settings(TrainConfig, {**options, "output": resume} if resume else options)
     result = run_training(cfg, resume=bool(resume), log=typer.echo)
     if not Ranks.from_env().is_main:
         return  # under a launcher the main rank reports
@@ -117,10 +121,8 @@ def train(**options: Any) -> None:
     typer.echo(f"checkpoint: {result.best_checkpoint}")
 
 
-TRUST = typer.Option(False, "--trust-remote-code", help="let the base model run the code in its repository "
-                                                         "(only for one you trust)")
-DTYPE = typer.Option(None, "--dtype", help="the frozen model's precision: bf16 | fp32 (default: each checkpoint's "
-                                           "own, as it was trained and evaluated)")
+_SERVE = {p.name: p.default for p in _parameters(ServeOptions)}
+TRUST, DTYPE = _SERVE["trust_remote_code"], _SERVE["dtype"]  # eval, predict, inspect load checkpoints as serve does
 
 
 def _load(checkpoint: str, model: Optional[str], trust_remote_code: bool = False, dtype: Optional[str] = None):
@@ -351,7 +353,7 @@ SWEEP_OPTIONS = [
 
 
 @app.command()
-@_with_config_options(SWEEP_OPTIONS, defaults={"output": "runs/sweep"})
+@_with_options(TrainConfig, SWEEP_OPTIONS, defaults={"output": "runs/sweep"})
 def sweep(**options: Any) -> None:
     """Train a small grid (prompt length x init x lr) one run after another and report them together.
 
@@ -359,7 +361,7 @@ def sweep(**options: Any) -> None:
     _quiet_libraries()
     grid = {"prompt_length": _values(options["prompt_lengths"], int), "init": _values(options["inits"], str),
             "lr": _values(options["lrs"], float)}
-    cfg = _train_config(options)
+    cfg = _settings(TrainConfig, options)
     results = run_sweep(cfg, grid, log=typer.echo, report=options["write_report"])
     for setting, result in results:
         typer.echo(f"{setting}  steps={result.step}  dev {_fmt(result.dev)}")
@@ -367,36 +369,18 @@ def sweep(**options: Any) -> None:
                                          if options["write_report"] else ""))
 
 
-@app.command()
-def serve(
-    checkpoints: Optional[List[str]] = typer.Argument(None, metavar="CHECKPOINT_OR_FOLDER...",
-                                                      help="checkpoint or run folders, NAME=PATH, folders of "
-                                                           "checkpoints (DIR/<task>/[<member>/]), hub repo ids"),
-    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback unless told otherwise)"),
-    port: int = typer.Option(8000),
-    api_key: Optional[str] = typer.Option(None, envvar="SOFTPROMPT_API_KEY", show_envvar=True,
-                                          help="require this key on every route but /health"),
-    read_only: bool = typer.Option(False, "--read-only", help="refuse adding and removing prompts over HTTP"),
-    max_batch: int = typer.Option(32, help="rows per forward at most"),
-    max_wait_ms: float = typer.Option(5, help="how long a request waits for others to share its forward"),
-    max_inputs: int = typer.Option(64, help="inputs per request at most"),
-    max_input_chars: int = typer.Option(4000, help="characters per input (per field) at most"),
-    max_body_bytes: int = typer.Option(1_000_000, help="request body size at most"),
-    watch: Optional[str] = typer.Option(None, metavar="DIR", help="serve the checkpoints of DIR (DIR/<task>/ or "
-                                                                  "DIR/<task>/<member>/), following changes"),
-    workers: int = typer.Option(1, help="worker processes, each with its own copy of the model"),
-    trust_remote_code: bool = TRUST,
-    dtype: Optional[str] = DTYPE,
-) -> None:
-    """Serve prompts over HTTP: a JSON API (/docs), a playground page at /, mixed-task dynamic batching."""
-    from .precision import check_dtype
-    from .serve import serve as run_server
+CHECKPOINTS = Parameter("checkpoints", Parameter.KEYWORD_ONLY, annotation=Optional[List[str]], default=typer.Argument(
+    None, metavar="CHECKPOINT_OR_FOLDER...", help="checkpoint or run folders, NAME=PATH, folders of checkpoints "
+                                                   "(DIR/<task>/[<member>/]), hub repo ids"))
 
+
+@app.command()
+@_with_options(ServeOptions, [CHECKPOINTS])
+def serve(**options: Any) -> None:
+    """Serve prompts over HTTP: a JSON API (/docs), a playground page at /, mixed-task dynamic batching."""
+    settings = _settings(ServeOptions, options)
     _quiet_libraries()
-    run_server(checkpoints or [], host=host, port=port, workers=workers, watch=watch,
-               trust_remote_code=trust_remote_code, dtype=check_dtype(dtype), api_key=api_key, read_only=read_only, max_batch=max_batch,
-               max_wait_ms=max_wait_ms, max_inputs=max_inputs, max_input_chars=max_input_chars,
-               max_body_bytes=max_body_bytes)
+    run_server(options["checkpoints"] or [], settings)
 
 
 def main(argv: list[str] | None = None) -> int:

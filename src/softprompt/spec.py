@@ -21,6 +21,7 @@ from .errors import SoftpromptError
 from .families import check_pooling, check_prompt_length, check_task_type
 from .methods import get_method, method_names, methods
 from .methods.ptuning.config import ENCODER_TYPES
+from .options import option
 from .tasks import TASKS, TaskSpec, label_instruction
 from .tracking import parse_report_to
 
@@ -33,108 +34,101 @@ OPTIMIZERS, SCHEDULES = ("adamw", "adafactor"), ("linear", "cosine", "constant")
 EVAL_SHARE = 0.1  # under --max-time, dev evaluations take about this share of it (docs/recipe.md#defaults)
 
 
-def _opt(default: Any, help: str | Callable[[], str], **cli: Any) -> Any:
-    """A TrainConfig field and its `softprompt train` option in one place (cli: flag, multiple, ...; `help` may be
-    a callable, read when the CLI is built: a list from a registry)."""
-    kind = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**kind, metadata={"help": help, **cli})
-
-
 @dataclass
 class TrainConfig:
     """Every setting of a run as the user gave it; `None` means "decide for me" (see `resolve`)."""
 
-    model: str = _opt("smollm2-135m", "built-in name (smollm2-135m, minilm-l6), hub id or local folder")
-    trust_remote_code: bool = _opt(False, "let a hub model run the code in its repository (only for one you trust)",
+    model: str = option("smollm2-135m", "built-in name (smollm2-135m, minilm-l6), hub id or local folder")
+    trust_remote_code: bool = option(False, "let a hub model run the code in its repository (only for one you trust)",
                                    flag="--trust-remote-code")
-    data: str = _opt("rotten_tomatoes", "built-in dataset, CSV/TSV/JSONL file, folder (GLUE layout), or hub name "
+    data: str = option("rotten_tomatoes", "built-in dataset, CSV/TSV/JSONL file, folder (GLUE layout), or hub name "
                                         "such as glue/sst2")
-    task: str | None = _opt(None, "built-in task spec (sst2, mrpc, rte, ...); inferred from the data when possible")
-    task_type: str | None = _opt(None, "SEQ_CLS (head), CAUSAL_LM or SEQ_2_SEQ_LM (label words); default: a head "
+    task: str | None = option(None, "built-in task spec (sst2, mrpc, rte, ...); inferred from the data when possible")
+    task_type: str | None = option(None, "SEQ_CLS (head), CAUSAL_LM or SEQ_2_SEQ_LM (label words); default: a head "
                                        "for encoders, regression and a decoder on a user's file, label words "
                                        "otherwise")
-    text_columns: list[str] | None = _opt(None, "input column(s) of a file, in the task's field order (repeat)",
+    text_columns: list[str] | None = option(None, "input column(s) of a file, in the task's field order (repeat)",
                                           flag="--text-column")
-    label_column: str | None = _opt(None, "label column of a file")
-    template: str | None = _opt(None, "text-to-text template with {field} slots and an optional {label} slot "
+    label_column: str | None = option(None, "label column of a file")
+    template: str | None = option(None, "text-to-text template with {field} slots and an optional {label} slot "
                                       "(default: the task's; the label follows the template)")
-    verbalizer: list[str] | None = _opt(None, "label word per label, in label order (repeat)")
-    prompt_length: int = _opt(8, "number of virtual tokens k")
-    method: str | None = _opt(None, lambda: " | ".join(f"{m.name} ({m.summary})" for m in methods()) +
+    verbalizer: list[str] | None = option(None, "label word per label, in label order (repeat)")
+    prompt_length: int = option(8, "number of virtual tokens k")
+    method: str | None = option(None, lambda: " | ".join(f"{m.name} ({m.summary})" for m in methods()) +
                               "; default prompt")
-    encoder_reparameterization_type: str = _opt("MLP", "ptuning's prompt encoder: MLP | LSTM")
-    encoder_hidden_size: int | None = _opt(None, "ptuning's encoder / the prefix projection's hidden width "
+    encoder_reparameterization_type: str = option("MLP", "ptuning's prompt encoder: MLP | LSTM")
+    encoder_hidden_size: int | None = option(None, "ptuning's encoder / the prefix projection's hidden width "
                                                  "(default: the model's width)")
-    encoder_num_layers: int = _opt(2, "ptuning LSTM layers")
-    encoder_dropout: float = _opt(0.0, "ptuning LSTM dropout")
-    prefix_projection: bool = _opt(False, "prefix: train through an Embedding -> Linear-Tanh-Linear MLP, folded "
+    encoder_num_layers: int = option(2, "ptuning LSTM layers")
+    encoder_dropout: float = option(0.0, "ptuning LSTM dropout")
+    prefix_projection: bool = option(False, "prefix: train through an Embedding -> Linear-Tanh-Linear MLP, folded "
                                           "into plain keys/values at save",
                                    flag="--prefix-projection/--no-prefix-projection")
-    residual_reparam: int | None = _opt(None, "train the prompt through a residual MLP with this bottleneck width, "
+    residual_reparam: int | None = option(None, "train the prompt through a residual MLP with this bottleneck width, "
                                               "folded into a plain prompt at save (0: off; default 64 with a "
                                               "head, off for label words)")
-    init: str | None = _opt(None, "random | vocab | class_labels | text | file (default: the task's instruction "
+    init: str | None = option(None, "random | vocab | class_labels | text | file (default: the task's instruction "
                                   "as text for label words, vocab for heads, '.' for siamese heads)")
-    init_text: str | None = _opt(None, "text whose token embeddings start the prompt")
-    init_file: str | None = _opt(None, "checkpoint folder, peft adapter folder or prompt .safetensors to start from")
-    pooling: str | None = _opt(None, "how a head reads the model: cls (the model's own: an encoder's pooled [CLS], "
+    init_text: str | None = option(None, "text whose token embeddings start the prompt")
+    init_file: str | None = option(None, "checkpoint folder, peft adapter folder or prompt .safetensors to start from")
+    pooling: str | None = option(None, "how a head reads the model: cls (the model's own: an encoder's pooled [CLS], "
                                      "a decoder's last token) | mean (of the text's final states) | siamese "
                                      "(encoder pairs: each text mean-pooled apart, the head reads u, v, |u-v| and "
                                      "u*v) | last_mean (decoders: the last token's state and the mean, side by "
                                      "side) (default with a mean-pooling sentence-embedding model: mean for one "
                                      "text, siamese for a pair; a decoder's head on a user's file: last_mean; "
                                      "else cls)")
-    head_init: str | None = _opt(None, "a head's start: cosine (siamese heads: the pair's cosine fitted to the "
+    head_init: str | None = option(None, "a head's start: cosine (siamese heads: the pair's cosine fitted to the "
                                        "training labels) | fit (a ridge readout of the head's inputs on 512 "
                                        "training rows) | random (default: cosine for siamese heads, fit for "
                                        "decoder heads, else random)")
-    loss: str | None = _opt(None, "text-to-text loss: rank (cross-entropy over the label strings' scores; the "
+    loss: str | None = option(None, "text-to-text loss: rank (cross-entropy over the label strings' scores; the "
                                   "default) | lm (LM loss on the label tokens, the paper's)")
-    class_weights: str = _opt("auto", "none | balanced (each class's loss weighted by N / (classes * count)) | "
+    class_weights: str = option("auto", "none | balanced (each class's loss weighted by N / (classes * count)) | "
                                       "auto (balanced for tasks scored by MCC)")
-    optimizer: str = _opt("adamw", "adamw | adafactor (the paper's)")
-    lr: float | None = _opt(None, "learning rate (default 3e-2 adamw, 1e-2 for a decoder's head or prefix, 1e-3 "
+    optimizer: str = option("adamw", "adamw | adafactor (the paper's)")
+    lr: float | None = option(None, "learning rate (default 3e-2 adamw, 1e-2 for a decoder's head or prefix, 1e-3 "
                                   "through P-tuning's encoder; 0.3 adafactor)")
-    head_lr: float | None = _opt(None, "a head's learning rate (default: --lr for encoders, --lr * 0.3 for "
+    head_lr: float | None = option(None, "a head's learning rate (default: --lr for encoders, --lr * 0.3 for "
                                        "decoders)")
-    weight_decay: float = _opt(1e-5, "AdamW/Adafactor weight decay")
-    schedule: str = _opt("linear", "linear | cosine | constant after warmup")
-    warmup: float = _opt(0.05, "warmup as a fraction of the budget (steps or time)")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
-    batch_size: int = _opt(16, "training batch size")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    eval_batch_size: int = _opt(64, "evaluation batch size")
-    max_steps: int | None = _opt(None, "optimizer-step budget (80 when no budget is given)")
-    max_time: float | None = _opt(None, "wall-clock budget in seconds for training and dev evaluation (evaluations "
+    weight_decay: float = option(1e-5, "AdamW/Adafactor weight decay")
+    schedule: str = option("linear", "linear | cosine | constant after warmup")
+    warmup: float = option(0.05, "warmup as a fraction of the budget (steps or time)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    batch_size: int = option(16, "training batch size")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    eval_batch_size: int = option(64, "evaluation batch size")
+    max_steps: int | None = option(None, "optimizer-step budget (80 when no budget is given)")
+    max_time: float | None = option(None, "wall-clock budget in seconds for training and dev evaluation (evaluations "
                                         "paced to about 10% of it); the test scoring after it is announced with "
                                         "its time")
-    epochs: float | None = _opt(None, "epoch budget")
-    eval_every: int = _opt(40, "evaluate on dev every N steps")
-    patience: int | None = _opt(None, "stop after N evaluations without dev improvement")
-    max_length: int = _opt(128, "max input tokens (virtual tokens not counted)")
-    truncation: str | None = _opt(None, "how a text longer than --max-length is cut: head (keep its start) | "
+    epochs: float | None = option(None, "epoch budget")
+    eval_every: int = option(40, "evaluate on dev every N steps")
+    patience: int | None = option(None, "stop after N evaluations without dev improvement")
+    max_length: int = option(128, "max input tokens (virtual tokens not counted)")
+    truncation: str | None = option(None, "how a text longer than --max-length is cut: head (keep its start) | "
                                         "head_tail (keep its start and its end, cut the middle) (default: "
                                         "head_tail for a user's file, head for a built-in task)")
-    max_train_examples: int | None = _opt(None, "train on a seeded sample of this many examples")
-    max_eval_examples: int | None = _opt(None, "evaluate on a seeded sample of this many examples")
-    seed: int = _opt(0, "seed of the data order, sampling and prompt init")
-    bf16: bool | None = _opt(None, "the frozen model's weights and activations in bf16 (prompt and head train in "
+    max_train_examples: int | None = option(None, "train on a seeded sample of this many examples")
+    max_eval_examples: int | None = option(None, "evaluate on a seeded sample of this many examples")
+    seed: int = option(0, "seed of the data order, sampling and prompt init")
+    bf16: bool | None = option(None, "the frozen model's weights and activations in bf16 (prompt and head train in "
                                    "fp32); default: bf16 under --max-time for decoders with label words (and a "
                                    "decoder on a user's file under its default time cap) where a timed probe finds "
                                    "bf16 fast (GPUs that support it), else fp32",
                                 flag="--bf16/--fp32")
-    output: str = _opt("runs/latest", "run folder: best/ and last/ checkpoints, metrics.jsonl")
-    save_every: int | None = _opt(None, "also save last/ (for --resume) every N steps; by default every 50 steps "
+    output: str = option("runs/latest", "run folder: best/ and last/ checkpoints, metrics.jsonl")
+    save_every: int | None = option(None, "also save last/ (for --resume) every N steps; by default every 50 steps "
                                         "and every 60 s, so a killed run loses little")
-    on_nan: str = _opt("stop", "a NaN or infinite loss: stop (with last/ as of the step before) | skip the step")
-    eval_test: bool = _opt(True, "score the best checkpoint on test at the end")
+    on_nan: str = option("stop", "a NaN or infinite loss: stop (with last/ as of the step before) | skip the step")
+    eval_test: bool = option(True, "score the best checkpoint on test at the end")
     # the CLI prints these beside the trained prompt's result; the API leaves the extra scoring to the caller
-    baselines: bool = _opt(False, "also score the majority class and the untrained prompt on test",
+    baselines: bool = option(False, "also score the majority class and the untrained prompt on test",
                            cli_default=True)
-    progress: bool = _opt(True, "progress bar")
-    report_to: list[str] = _opt(list, "trackers besides metrics.jsonl, comma-separated: "
+    progress: bool = option(True, "progress bar")
+    report_to: list[str] = option(list, "trackers besides metrics.jsonl, comma-separated: "
                                       "wandb,tensorboard,trackio,mlflow", cli_type=str)
-    fsdp: bool = _opt(False, "under a launcher, shard the frozen model's layers across the processes (FSDP2; also on "
+    fsdp: bool = option(False, "under a launcher, shard the frozen model's layers across the processes (FSDP2; also on "
                              "when accelerate launch runs an FSDP config); docs/distributed.md", flag="--fsdp")
 
     def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ Segment = tuple[_Job, int, int]  # a job's rows [start, stop) within one batch
 class Batcher:
     """Owns the worker thread; `submit` from the event loop, `close` once at shutdown."""
 
-    def __init__(self, run: Run, max_batch: int = 32, max_wait_ms: float = 5) -> None:
+    def __init__(self, run: Run, max_batch: int, max_wait_ms: float) -> None:
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
         self._queue: deque[_Job] = deque()
         self._ready = threading.Condition()

@@ -11,11 +11,11 @@ import logging
 import threading
 from pathlib import Path
 
-from .checkpoint import META_FILE, checkpoint_folder
-from .errors import SoftpromptError
-from .multitask import MultiTaskModel, UnknownTask
+from ..checkpoint import META_FILE, checkpoint_folder
+from ..errors import SoftpromptError
+from ..multitask import MultiTaskModel, UnknownTask
 
-log = logging.getLogger("softprompt.serve")
+log = logging.getLogger(__name__)
 
 Key = tuple[str, "str | None"]  # (task, member); member None: the task is one checkpoint
 
