@@ -43,9 +43,15 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[ast.
                 anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
             targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        own = {".".join(name.split(".")[:i]) for i in range(1, len(name.split(".")))}  # packages `name` sits in
         for target in targets:
-            if target in modules and target != name and (target != PACKAGE or isinstance(node, ast.ImportFrom)):
-                out.append((node, target, id(node) in top))
+            parts = target.split(".")
+            # importing a module runs the packages above it too (not the root, nor those already running `name`)
+            above = [".".join(parts[:i]) for i in range(2, len(parts))]
+            for module in [*above, target]:
+                if module in modules and module != name and module not in own and (
+                        module != PACKAGE or isinstance(node, ast.ImportFrom)):
+                    out.append((node, module, id(node) in top))
     return out
 
 
@@ -55,8 +61,8 @@ def _graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         for node, target, _ in _imports(name, path, modules):
             names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
-            if target == PACKAGE and all(f"{PACKAGE}.{n}" in modules for n in names):
-                continue  # `from softprompt import submodule` runs the submodule, edged above
+            if names and all(f"{target}.{n}" in modules for n in names):
+                continue  # `from package import submodule` runs the submodule, edged above
             graph[name].add(target)
     return graph
 

@@ -339,6 +339,7 @@ def test_cli_serve_refuses_what_it_cannot_serve(tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_playground_in_a_headless_browser(server):
     browser = _browser()
     try:
@@ -385,6 +386,7 @@ def test_playground_in_a_headless_browser(server):
         browser.quit()
 
 
+@pytest.mark.slow
 def test_playground_asks_for_the_key_once_then_works(keyed):
     browser = _browser()
     try:

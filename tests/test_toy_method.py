@@ -19,7 +19,7 @@ from softprompt.cli import main
 from softprompt.methods import INPUT_VECTORS, Method, method_names, register
 from softprompt.methods.prompt.method import prompt_tuning_adapter
 from softprompt.methods.prompt.model import PROMPT_KEY
-from softprompt.serve import create_app
+from softprompt.serve import ServeOptions, create_app
 
 from .test_serve import Server
 
@@ -82,7 +82,7 @@ def test_it_loads_serves_and_exports(trained, tiny_dirs, tmp_path):
     for a, b in zip(alone, served):
         assert b["scores"] == pytest.approx(a["scores"], abs=1e-5) and a["label"] == b["label"]
 
-    server = Server(create_app(MultiTaskModel.from_pretrained({"films": str(best)})))
+    server = Server(create_app(MultiTaskModel.from_pretrained({"films": str(best)}), ServeOptions()))
     try:
         answer = httpx.post(f"{server.url}/v1/predict", json={"task": "films", "inputs": TEXTS}, timeout=60).json()
     finally:

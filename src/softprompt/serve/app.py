@@ -10,7 +10,7 @@ from fastapi import FastAPI, Security
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
-from .. import __version__
+from ..version import __version__
 from ..multitask import MultiTaskModel
 from . import routes
 from .batcher import Batcher
