@@ -28,12 +28,12 @@ from .checkpoint import checkpoint_folder, load_tensors
 from .config import TaskType
 from .data import Example, to_example
 from .encoding import Feature, pad
+from .engine import insertion_index, positions_from_mask, splice, stack_prefixes
 from .errors import SoftpromptError
 from .metrics import compute_metrics
-from .models.base import insertion_index, masked_mean, splice
+from .models.base import masked_mean
 from .models.decoder import DecoderPromptModel
 from .models.encoder import EncoderPromptModel
-from .models.shared_prefix import positions_from_mask, stack_prefixes
 from .pipeline import PromptedTask, decode_generated, read_task_checkpoint
 from .precision import check_dtype
 from .scoring import check_finite, first_token_scores, head_scores, label_scores
@@ -354,7 +354,7 @@ class MultiTaskModel:
     def _shares(row: _Row) -> bool:
         prompted = row.prompt.prompted
         longest_label = max(map(len, prompted.encoder.label_ids), default=0)
-        return _decoder(row.prompt)._shares(len(row.feature.input_ids) + longest_label)
+        return _decoder(row.prompt).shares(len(row.feature.input_ids) + longest_label)
 
     def _decoder_run(self, rows: list[_Row]):
         """Run the rows (all of prompts that share) after their prompts in one forward: their final states and
@@ -405,7 +405,7 @@ class MultiTaskModel:
             for bf16 in dict.fromkeys(r.prompt.prompted.spec.bf16 for r in rows):  # each precision on its weights
                 index = [i for i, r in enumerate(rows) if r.prompt.prompted.spec.bf16 == bf16]
                 group = [rows[i] for i in index]
-                if all(_decoder(r.prompt)._shares(len(r.feature.input_ids) + max_new_tokens) for r in group):
+                if all(_decoder(r.prompt).shares(len(r.feature.input_ids) + max_new_tokens) for r in group):
                     hidden, cache, _ = self._decoder_run(group)
                     new = _decoder(group[0].prompt).engine.greedy_after(hidden[:, -1], cache, max_new_tokens)
                     texts = [decode_generated(self.tokenizer, row) for row in new.tolist()]

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import PromptInit, PromptTuningConfig
+from .engine import parameters_version
 from .errors import SoftpromptError
 
 PROMPT_KEY = "prompt"
@@ -62,7 +63,7 @@ class SoftPrompt(nn.Module):
 
     def version(self) -> tuple:
         """Changes whenever `embeddings()` may: kept keys/values computed from the prompt are keyed on it."""
-        return tuple((p.data_ptr(), p._version, str(p.device)) for p in self.parameters())
+        return parameters_version(self)
 
     def add_reparam(self, bottleneck: int) -> None:
         self.set_reparam(ResidualReparam(self.weight.shape[1], bottleneck))

@@ -14,8 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..engine import LayerKV, parameters_version
+
 PREFIX_KEY = "prefix"
-LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class KVLayout(NamedTuple):
@@ -76,7 +77,7 @@ class PrefixKeyValues(nn.Module):
         return self.flat()
 
     def version(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, str(p.device)) for p in self.parameters())
+        return parameters_version(self)
 
     def key_values(self) -> LayerKV:
         layers, heads, dim = self.layout

@@ -6,7 +6,7 @@ results, the last column is always a real token (generation and last-token pooli
 first real token's loss is predicted from the last virtual token, exactly as without padding.
 
 The label loss, rank classification, generation and a head (over the last token, the text's mean, or both) go
-through the shared-prefix engine (shared_prefix.py, `model.engine`), which runs the prompt once per batch; where
+through the shared-prefix engine (`softprompt.engine`, `model.engine`), which runs the prompt once per batch; where
 it cannot serve a call (a model whose cache or output head is not plain, a batch longer than a sliding window, a
 tail reaching into the prompt, sampling), this adapter takes the concatenated sequence, `forward`'s path.
 """
@@ -20,10 +20,10 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from ..config import TaskType
+from ..engine import SharedPrefix, positions_from_mask
 from .base import PromptModel, align_order, masked_mean
-from .shared_prefix import SharedPrefix, positions_from_mask
 
-__all__ = ["DecoderPromptModel", "positions_from_mask"]
+__all__ = ["DecoderPromptModel"]
 
 
 class DecoderPromptModel(PromptModel):
@@ -59,14 +59,9 @@ class DecoderPromptModel(PromptModel):
         return out
 
     # -- through the shared-prefix engine ------------------------------------------------------------------
-    def shared_prefix_reason(self) -> str | None:
-        """Why this model cannot share the prompt's keys/values across a batch (None: it can; a sliding
-        window is checked per call and the probe on first use, `engine.shares`)."""
-        if self.config.task_type not in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS):
-            return "no prompt to share"
-        return self.engine.cannot_share()
-
-    def _shares(self, length: int) -> bool:
+    def shares(self, length: int) -> bool:
+        """Whether a call over `length` tokens per row (input plus anything run after it) goes through the engine:
+        label words or a head, and `engine.shares`; otherwise the adapter takes the concatenated sequence."""
         return self.config.task_type in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS) and self.engine.shares(length)
 
     def _aligned(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -84,7 +79,7 @@ class DecoderPromptModel(PromptModel):
         if self.config.task_type is not TaskType.SEQ_CLS:
             return super().forward(input_ids, attention_mask, token_type_ids, labels, **kwargs)
         kwargs.pop("num_items_in_batch", None)  # Trainer's token count for token losses; a head's loss is per row
-        if not kwargs and self._shares(input_ids.shape[1]):
+        if not kwargs and self.shares(input_ids.shape[1]):
             ids, mask, _ = self._aligned(input_ids, attention_mask)
             hidden = self.engine.states(ids, mask).hidden
         elif self.config.pooling != "cls":
@@ -117,22 +112,11 @@ class DecoderPromptModel(PromptModel):
         text[(columns >= offsets.unsqueeze(1)) & (columns < offsets.unsqueeze(1) + self.prompt.num_tokens)] = 0
         return self.base.base_model(**inputs, **kwargs).last_hidden_state, text
 
-    def continuation_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            continuations: list[list[int]]) -> list[torch.Tensor] | None:
-        """For each continuation (the same token list after every row), the logits predicting its tokens.
-
-        Prompt and input run once, then all continuations in one forward from their keys/values. None where
-        the model cannot share a prefix.
-        """
-        if not self._shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
-            return None
-        return self.engine.continuation_logits(*self._aligned(input_ids, attention_mask)[:2], continuations)
-
     def continuation_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                               continuations: list[list[int]]) -> torch.Tensor | None:
         """(B, continuations) summed log-likelihoods (rank classification of multi-token label strings), as
         `engine.continuation_logprobs`; None where the model cannot share a prefix."""
-        if not self._shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
+        if not self.shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
             return None
         return self.engine.continuation_logprobs(*self._aligned(input_ids, attention_mask)[:2], continuations)
 
@@ -144,7 +128,7 @@ class DecoderPromptModel(PromptModel):
         where the engine cannot, or where the tail would reach into the prompt of a short row.
         """
         ids, mask, _ = self._aligned(input_ids, attention_mask)
-        if self._shares(ids.shape[1]) and keep <= int(mask.sum(1).min()):
+        if self.shares(ids.shape[1]) and keep <= int(mask.sum(1).min()):
             return self.engine.tail_logits(ids, mask, keep)
         inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
         # indices rather than a count: the head then reads a gathered, contiguous tail (on a sliced one it runs as a
@@ -158,7 +142,7 @@ class DecoderPromptModel(PromptModel):
             return super().training_loss(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         ids, mask, order = self._aligned(input_ids, attention_mask)
         aligned = labels.gather(1, order)
-        if self._shares(ids.shape[1]):
+        if self.shares(ids.shape[1]):
             return self.engine.lm_loss(ids, mask, aligned)
         labelled = aligned != -100
         width = aligned.shape[1]
@@ -177,7 +161,7 @@ class DecoderPromptModel(PromptModel):
 
         Greedy decoding runs from the kept prompt keys/values; sampling and other `generate` options go
         through transformers' `generate` on the concatenated sequence."""
-        if kwargs.get("do_sample") or not self._shares(input_ids.shape[1] + max_new_tokens):
+        if kwargs.get("do_sample") or not self.shares(input_ids.shape[1] + max_new_tokens):
             inputs, _, _ = self.prompted_inputs(input_ids, attention_mask)
             inputs.pop("position_ids")
             return cast(GenerationMixin, self.base).generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)

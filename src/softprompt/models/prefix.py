@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, GenerationMixin
 
 from ..config import PromptInit, TaskType
+from ..engine import LayerKV, SharedPrefix, as_cache, cache_kwarg, cache_layers
 from ..errors import SoftpromptError
 from ..methods import PREFIX_KEY, PrefixKeyValues, kv_layout
 from ..prompt import SoftPrompt, initial_prompt, load_prompt_file
@@ -29,7 +30,6 @@ from .base import PromptModel, align_order
 from .decoder import DecoderPromptModel
 from .encoder import EncoderPromptModel
 from .seq2seq import Seq2SeqPromptModel
-from .shared_prefix import LayerKV, SharedPrefix, as_cache, cache_kwarg
 
 
 def _new_prefix(model: PromptModel) -> PrefixKeyValues:
@@ -94,7 +94,7 @@ class PrefixDecoderModel(DecoderPromptModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         if self.config.task_type is TaskType.SEQ_CLS:
             kwargs.pop("num_items_in_batch", None)  # as the parent's: a head's loss is per row
-            if self.config.pooling != "cls" or (not kwargs and self._shares(input_ids.shape[1])):
+            if self.config.pooling != "cls" or (not kwargs and self.shares(input_ids.shape[1])):
                 return super().forward(input_ids, attention_mask, labels=labels, **kwargs)
         return self._cached(input_ids, attention_mask, labels, **kwargs)
 
@@ -105,14 +105,14 @@ class PrefixDecoderModel(DecoderPromptModel):
 
     def tail_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
         ids, mask, _ = self._aligned(input_ids, attention_mask)
-        if self._shares(ids.shape[1]):
+        if self.shares(ids.shape[1]):
             return self.engine.tail_logits(ids, mask, keep)
         return self.engine.cache_forward(ids, mask, logits_to_keep=keep).logits
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
-        if kwargs.get("do_sample") or not self._shares(input_ids.shape[1] + max_new_tokens):
+        if kwargs.get("do_sample") or not self.shares(input_ids.shape[1] + max_new_tokens):
             raise SoftpromptError("a prefix generates greedily through the shared prefix; sampling, or a model or "
                                   "length the shared prefix cannot take, is not supported yet")
         return super().generate(input_ids, attention_mask, max_new_tokens)
@@ -173,7 +173,7 @@ class PrefixSeq2SeqModel(Seq2SeqPromptModel):
             cache = DynamicCache(config=self.base.config)
             with self._encoder_cache(cache):
                 self.base.get_encoder()(inputs_embeds=source.embeddings()[None].to(self.embedding_matrix().dtype))
-            return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
+            return cache_layers(cache)
 
         _start_prefix(self, self.prompt, corpus, generator, run)
 
