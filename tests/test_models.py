@@ -590,6 +590,26 @@ def test_the_probe_passes_for_a_model_the_shared_prefix_serves(tokenizer, tiny_l
         assert base.training
 
 
+@pytest.mark.parametrize("dtype, precision, gap, shares", [
+    (torch.float32, "highest", 1.6e-4, True),  # an AMD EPYC's fp32 rounding on a prefix, once refused (bound 1e-4)
+    (torch.float32, "highest", 1.2e-3, False),  # BertGeneration attending both ways (tiny, fp32)
+    (torch.float32, "high", 5e-2, True),  # fp32 matmuls allowed to run in TF32 round like bf16
+    (torch.bfloat16, "highest", 9e-2, True),  # bf16 rounding on SmolLM2 with a moved prefix
+    (torch.bfloat16, "highest", 2e-1, False),
+])
+def test_the_probes_bound_follows_the_precision_the_model_computes_in(tokenizer, tiny_llama, dtype, precision, gap,
+                                                                      shares, monkeypatch):
+    """The probe accepts what rounding gives where the model runs (probe.TOLERANCES) and refuses more."""
+    from softprompt.engine import probe
+
+    monkeypatch.setattr(probe, "probe_gap", lambda engine, n: gap)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    model = wrap(tiny_llama, 5, "CAUSAL_LM", tokenizer)
+    model.freeze_in(dtype)
+    assert model.engine.shares(4) == shares, model.engine.reason()
+    assert shares or f"by {gap:.1e} (relative)" in model.engine.reason()
+
+
 @pytest.mark.parametrize("family", ["bert-generation", "modernbert-decoder"])
 def test_the_probe_catches_decoder_classes_the_engine_does_not_model(tokenizer, family):
     """BertGeneration without `is_decoder` attends both ways; ModernBERT's decoder runs a prediction head before
