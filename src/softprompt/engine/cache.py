@@ -59,18 +59,21 @@ def prefix_states(base: PreTrainedModel, source: PrefixSource, kind: Kind, kept:
     return KeptPrefix(version, cache_layers(cache), out.last_hidden_state[:, -1:])
 
 
-def filled_cache(base: PreTrainedModel, layers: LayerKV, rows: int) -> DynamicCache:
-    """A transformers cache holding `layers` (each batch 1, or already `rows`) for `rows` rows, as they are."""
+def filled_cache(base: PreTrainedModel, layers: LayerKV, rows: int, dtype: torch.dtype | None = None) -> DynamicCache:
+    """A transformers cache holding `layers` (each batch 1, or already `rows`) for `rows` rows, cast to `dtype`
+    if given (as they are otherwise: under autocast a cache's keys/values are not in the weights' dtype)."""
     cache = DynamicCache(config=base.config)
     for i, (keys, values) in enumerate(layers):
-        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
+        keys, values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
+        if dtype is not None:
+            keys, values = keys.to(dtype), values.to(dtype)
+        cache.update(keys, values, i)
     return cache
 
 
 def as_cache(base: PreTrainedModel, layers: LayerKV, rows: int) -> DynamicCache:
     """`filled_cache` in the frozen weights' dtype: a source's keys/values train in fp32 beside bf16 weights."""
-    dtype = frozen_dtype(base)
-    return filled_cache(base, [(keys.to(dtype), values.to(dtype)) for keys, values in layers], rows)
+    return filled_cache(base, layers, rows, frozen_dtype(base))
 
 
 def cache_forward(base: PreTrainedModel, source: KeyValues, ids: torch.Tensor, mask: torch.Tensor,

@@ -157,14 +157,14 @@ def greedy_after(base: PreTrainedModel, last: torch.Tensor, cache: RowsCache, ma
 
 def lm_loss(base: PreTrainedModel, rows: Rows, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens (-100: none) from the rows' states, the LM head run only
-    where there is a label and without keeping the logits. Column j is predicted by column j-1, and a row's first
-    real token by the prefix's last state; a key/value prefix has none (`rows.last`), so its caller has refused
-    a label there."""
+    where there is a label and without keeping the logits. A row's first real token is predicted by the prefix's
+    last state (`rows.last`), which a key/value prefix does not have: its caller refuses a label there."""
     labelled, last = labels != -100, rows.last
     if last is None:  # column j is predicted by column j-1, a real token wherever j is labelled
         hidden = rows.hidden[:, :-1]
         return lm_cross_entropy(hidden[labelled[:, 1:]], base.get_output_embeddings(),
                                 labels[:, 1:][labelled[:, 1:]], logit_scale(base))
+    # the state that predicts column j: column j-1's, or the prompt's last for each row's first real token
     before = torch.cat([last.expand(rows.hidden.shape[0], 1, -1), rows.hidden[:, :-1]], dim=1)
     before = torch.where(first_real(attention_mask).unsqueeze(-1), last, before)
     return lm_cross_entropy(before[labelled], base.get_output_embeddings(), labels[labelled], logit_scale(base))
