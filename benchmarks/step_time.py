@@ -8,7 +8,7 @@ shared-prefix engine, side by side in one run.
 
 A training step is forward + backward to what trains (the input embeddings for the base) with the LM loss on
 every real token a method can predict. Every row takes its loss through softprompt's chunked LM loss
-(models/lm_loss.py: the frozen head chunk by chunk, no logits kept for backward), so each ratio is what the
+(engine/lm_loss.py: the frozen head chunk by chunk, no logits kept for backward), so each ratio is what the
 prompt itself costs rather than a difference in how the loss is taken:
 
 - no prompt: the frozen backbone over the rows' embeddings (made leaves that take a gradient), its final states
@@ -48,7 +48,7 @@ from softprompt.assets import describe_model, load_backbone
 from softprompt.config import TaskType
 from softprompt.data import load_data
 from softprompt.encoding import TaskEncoder, pad
-from softprompt.models.lm_loss import lm_cross_entropy
+from softprompt.engine.lm_loss import lm_cross_entropy
 from softprompt.scoring import score
 
 try:

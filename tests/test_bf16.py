@@ -9,7 +9,7 @@ import torch
 from softprompt import PromptedTask, TrainConfig
 from softprompt import training
 from softprompt.checkpoint import read_checkpoint
-from softprompt.models.attention import _sdpa
+from softprompt.engine.attention import _sdpa
 
 from .test_models import batch, wrap
 

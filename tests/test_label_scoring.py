@@ -1,5 +1,5 @@
 """Rank classification over label strings of several tokens: every label string of a batch is scored in one
-forward over the rows' kept keys/values (the continuations' trie, `SharedPrefix.trie_states`), held to a
+forward over the rows' kept keys/values (the continuations' trie, `engine.paths.trie_states`), held to a
 hand-built reference, the plain model run on prompt + input + label tokens with the label tokens' log-probs
 summed, for the scores and for the rank loss's gradient to the prompt. Tiny random Llama (grouped-query
 attention: 2 key/value heads for 4 heads) and GPT-2; soft prompt and prefix tuning."""
@@ -13,8 +13,7 @@ from softprompt import PromptTuningConfig, get_prompt_model
 from softprompt.config import PromptInit, TaskType
 from softprompt.data import Example
 from softprompt.encoding import TaskEncoder, pad
-from softprompt.models import shared_prefix
-from softprompt.models.shared_prefix import as_cache, continuation_trie
+from softprompt.engine import as_cache, cannot_share, continuation_trie, probe
 from softprompt.scoring import label_scores, score
 from softprompt.tasks import TaskSpec
 
@@ -75,7 +74,7 @@ def _prompt_grad(model, loss: torch.Tensor) -> torch.Tensor:
 def test_the_trie_runs_each_shared_leading_run_of_tokens_once():
     trie = continuation_trie([[5], [5, 6], [5, 6, 7], [5, 8], [9, 10], [5, 6, 7]])
     # proper prefixes: (5), (5, 6), (9); a continuation's token j is read off the state after its first j tokens
-    assert trie.tokens.tolist() == [5, 6, 9] and trie.depth.tolist() == [1, 2, 1] and trie.count == 6
+    assert trie.tokens.tolist() == [5, 6, 9] and trie.depth.tolist() == [1, 2, 1] and trie.continuations == 6
     assert trie.sees.tolist() == [[True, False, False], [True, True, False], [False, False, True]]
     assert trie.reads.tolist() == [0, 0, 1, 0, 1, 2, 0, 1, 0, 3, 0, 1, 2]
     assert trie.targets.tolist() == [5, 5, 6, 5, 6, 7, 5, 8, 9, 10, 5, 6, 7]
@@ -110,11 +109,9 @@ def test_label_scores_and_rank_loss_gradient_equal_the_concatenation(tokenizer, 
 
     # evaluation: without gradients, from the prefix's kept keys/values, batches of 3 sorted by length
     torch.testing.assert_close(score(model, encoder, features, batch_size=3), want.detach(), atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # the per-label logits come off the same forward
-        for logits, label, column in zip(model.continuation_logits(ids, mask, encoder.label_ids), encoder.label_ids,
-                                         want.detach().T):
-            picked = torch.log_softmax(logits, -1).gather(-1, torch.tensor(label)[None, :, None].expand(len(rows), -1, 1))
-            torch.testing.assert_close(picked.sum((1, 2)), column, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and from the rows run after the kept keys/values
+        torch.testing.assert_close(model.continuation_logprobs(ids, mask, encoder.label_ids), want.detach(),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_the_engine_scores_every_label_in_one_forward_after_the_rows(tokenizer, tiny_llama):
@@ -145,7 +142,7 @@ def test_the_probe_refuses_a_trie_whose_branches_see_each_other(tokenizer, tiny_
         trie = continuation_trie(continuations)
         return trie._replace(sees=torch.ones_like(trie.sees).tril())
 
-    monkeypatch.setattr(shared_prefix, "continuation_trie", causal)
+    monkeypatch.setattr(probe, "continuation_trie", causal)
     model = _model(tiny_llama, tokenizer, "prompt")
-    assert model.shared_prefix_reason() is None and not model.engine.shares(4)
+    assert cannot_share(model.base, model.prompt) is None and not model.engine.shares(4)
     assert "differed from the concatenation" in model.engine.reason()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from softprompt.models import lm_loss
+from softprompt.engine import lm_loss
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 0.25])

@@ -18,6 +18,7 @@ from softprompt import MultiTaskModel, PromptedTask, PromptModel, PromptTuningCo
 from softprompt.assets import describe_model
 from softprompt.checkpoint import load_tensors
 from softprompt.cli import main
+from softprompt.engine import cache_kwarg
 from softprompt.hf_trainer import PromptTrainer
 from softprompt.methods.prefix.model import PREFIX_KEY, kv_layout
 from softprompt.methods.prefix.adapters import PrefixDecoderModel
@@ -26,6 +27,8 @@ from softprompt.methods.prefix.method import LR as PREFIX_LR
 from softprompt.methods.ptuning.method import LR as PTUNING_LR
 from softprompt.spec import resolve
 from softprompt.tasks import get_task
+
+from .test_models import every_next_token
 
 ROWS = [[101, 2023, 3185, 2001, 2204], [101, 2023, 3185], [101, 2919, 2143, 2001]]
 
@@ -66,7 +69,7 @@ def _by_hand(base, model: PrefixDecoderModel, row: list[int]):
         cache.update(keys.detach().clone(), values.detach().clone(), i)
     k = model.prompt.num_tokens
     return base(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, k + len(row), dtype=torch.long),
-                **{model.engine._cache_kwarg(): cache})
+                **{cache_kwarg(model.base.base_model): cache})
 
 
 # -- P-tuning ---------------------------------------------------------------------------------------------------
@@ -132,7 +135,7 @@ def test_prefix_without_the_engine_takes_the_models_own_forward_with_the_cache(t
     with torch.no_grad():
         want = model.tail_logits(ids, mask, 3), model.training_loss(ids, mask, labels)
         model.engine.force_off("test")
-        assert model.continuation_logits(ids, mask, [[2204, 2919]]) is None  # scoring then runs each label's tail
+        assert model.continuation_logprobs(ids, mask, [[2204, 2919]]) is None  # scoring then runs each label's tail
         torch.testing.assert_close(model.tail_logits(ids, mask, 3), want[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.training_loss(ids, mask, labels), want[1], rtol=1e-5, atol=1e-6)
         with pytest.raises(SoftpromptError, match="greedily"):
@@ -164,13 +167,13 @@ def test_prefix_head_equals_the_model_given_the_prefix_as_cache(tiny_llama_cls, 
 def test_prefix_rank_classification_and_generation_follow_the_cache(tiny_llama, tokenizer):
     model = _prefix_model(tiny_llama, tokenizer)
     ids, mask = _batch("right")
-    labels = [[2204], [2919, 2143]]
-    with torch.no_grad():
-        got = model.continuation_logits(ids, mask, labels)
+    vocab = tiny_llama.config.vocab_size
+    with torch.no_grad():  # every token after each state the labels [2204] and [2919, 2143] run through
+        got = model.continuation_logprobs(ids, mask, every_next_token([[], [2919]], vocab)).view(len(ROWS), 2, vocab)
         for i, row in enumerate(ROWS):
-            for label, logits in zip(labels, got):
-                want = _by_hand(tiny_llama, model, row + label).logits[0, len(row) - 1:len(row) - 1 + len(label)]
-                torch.testing.assert_close(logits[i], want, rtol=1e-5, atol=1e-5)
+            want = _by_hand(tiny_llama, model, row + [2919]).logits[0, len(row) - 1:len(row) + 1].log_softmax(-1)
+            want[1] += want[0, 2919]
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
         new = model.generate(ids, mask, max_new_tokens=3)
         for i, row in enumerate(ROWS):
             tokens = list(row)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from softprompt import PromptTuningConfig, TrainConfig, get_prompt_model
+from softprompt.engine import cannot_share
 from softprompt.training import prepare
 
 TEXTS = ["a gripping and funny film", "dull", "the plot never quite comes together , but the cast is fine"]
@@ -19,6 +20,12 @@ def batch(tokenizer, side: str, texts=TEXTS):
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     tokenizer.padding_side = "right"
     return enc
+
+
+def every_next_token(prefixes: list[list[int]], vocab: int) -> list[list[int]]:
+    """Each of `prefixes` ([] for the row's end) followed by every token: `continuation_logprobs` over these reads
+    the whole log-softmax of the state after each prefix, not only a label's token."""
+    return [prefix + [token] for prefix in prefixes for token in range(vocab)]
 
 
 def wrap(model, k, task_type, tokenizer, init="random", **config):
@@ -242,7 +249,7 @@ def test_only_prompt_and_head_train(tokenizer, name, task_type, request):
 @contextmanager
 def spy_attention(name: str, fn):
     """Register `fn` under `name` with a call counter for the duration; yields the list of calls."""
-    from softprompt.models import attention
+    from softprompt.engine import attention
 
     used = []
     attention.AttentionInterface.register(name, lambda *a, **k: used.append(1) or fn(*a, **k))
@@ -260,12 +267,12 @@ def test_tail_only_training_loss_equals_full_forward_loss(tokenizer, name, side,
                                                           monkeypatch):
     """The tail loss, through the shared prompt prefix (prompt and rows packed into one sequence, or rows after
     the prompt's cached keys/values) or the concatenated sequence, is forward's loss, gradient included."""
-    from softprompt.models import attention, shared_prefix
+    from softprompt.engine import attention
 
     model = wrap(request.getfixturevalue(name), 5, "CAUSAL_LM", tokenizer)
-    assert model.shared_prefix_reason() is None
+    assert model.engine.reason() is None
     if path == "cached":
-        monkeypatch.setattr(shared_prefix, "can_pack", lambda model: False)
+        monkeypatch.setattr("softprompt.engine.engine.can_pack", lambda model: False)
     if path == "concat":
         model.engine.force_off("forced off for the test")
     enc = batch(tokenizer, side)
@@ -329,7 +336,7 @@ def test_shared_prefix_tail_logits_equal_concat_and_cache_follows_the_prompt(tok
 def test_grouped_attention_equals_transformers_sdpa_and_is_restored(tokenizer, tiny_llama):
     """The CPU grouped-query path (no repeated key/value heads) gives the same logits and gradients as
     transformers' SDPA with a padding mask, is really used, and leaves the model as it found it."""
-    from softprompt.models import attention
+    from softprompt.engine import attention
 
     enc = batch(tokenizer, "left")
     with spy_attention(attention.NAME, attention.gqa_sdpa) as used:
@@ -361,16 +368,16 @@ def test_decoder_head_through_the_shared_prefix_equals_the_concat(tokenizer, num
     own pooling and loss)."""
     from transformers import LlamaForSequenceClassification
 
-    from softprompt.models import attention, shared_prefix
+    from softprompt.engine import attention
 
     from .conftest import _llama_config
 
     torch.manual_seed(0)
     model = wrap(LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=num_labels)).eval(), 5,
                  "SEQ_CLS", tokenizer, pooling=pooling)
-    assert model.shared_prefix_reason() is None
+    assert model.engine.reason() is None
     if path == "cached":
-        monkeypatch.setattr(shared_prefix, "can_pack", lambda model: False)
+        monkeypatch.setattr("softprompt.engine.engine.can_pack", lambda model: False)
     enc = batch(tokenizer, side)
     labels = torch.tensor([0, 2, 1]) if num_labels == 3 else torch.tensor([0.5, 4.0, 2.5])
     results = []
@@ -464,7 +471,7 @@ def tiny_decoder(tokenizer, family: str, **extra):
 def shared_and_concat(model, tokenizer):
     """(loss, prompt gradient, tail logits packed, tail logits from kept keys/values, greedy continuation) with
     the shared prefix allowed, then forced off; and how many packed attention calls the first made."""
-    from softprompt.models import attention
+    from softprompt.engine import attention
 
     enc = batch(tokenizer, "left")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
@@ -494,7 +501,7 @@ def test_shared_prefix_equals_the_concat_across_decoder_families(tokenizer, fami
     through the shared prefix match the model's own forward on the concatenation, for the decoder families
     transformers ships."""
     model = wrap(tiny_decoder(tokenizer, family, **FAMILIES[family]), 5, "CAUSAL_LM", tokenizer)
-    assert model.shared_prefix_reason() is None
+    assert model.engine.reason() is None
     (shared, concat), packed_calls = shared_and_concat(model, tokenizer)
     assert packed_calls > 0
     torch.testing.assert_close(shared, concat, atol=1e-4, rtol=1e-5)
@@ -508,7 +515,7 @@ def test_sliding_window_models_share_the_prefix_only_when_prompt_and_row_fit_the
     extra = {"layer_types": ["sliding_attention", "full_attention"]} if family == "gemma3_text" else {}
     model = wrap(tiny_decoder(tokenizer, family, sliding_window=24, **extra), k, "CAUSAL_LM", tokenizer)
     assert batch(tokenizer, "left")["input_ids"].shape[1] == 14
-    assert model.shared_prefix_reason() is None
+    assert model.engine.reason() is None
     (shared, concat), packed_calls = shared_and_concat(model, tokenizer)
     assert (packed_calls > 0) == (k == 5)
     torch.testing.assert_close(shared, concat, atol=1e-4, rtol=1e-5)
@@ -518,15 +525,15 @@ def test_soft_capping_sinks_and_state_space_layers_fall_back_and_unknown_attenti
     """Gemma 2 (logit soft-capping), gpt-oss (attention sinks) and Falcon-H1 (Mamba layers, whose state would
     run from one packed row into the next) take the concat; an attention argument the shared prefix does not
     implement raises instead of being ignored."""
-    from softprompt.models import attention
+    from softprompt.engine import attention
 
     gemma2 = wrap(tiny_decoder(tokenizer, "gemma2"), 5, "CAUSAL_LM", tokenizer)
-    assert gemma2.shared_prefix_reason() == "logit soft-capping" and not gemma2.engine.shares(4)
+    assert gemma2.engine.reason() == "logit soft-capping" and not gemma2.engine.shares(4)
     gpt_oss = tiny_decoder(tokenizer, "gpt_oss", num_local_experts=2, num_experts_per_tok=1, sliding_window=None,
                            layer_types=["full_attention"] * 2)
-    assert wrap(gpt_oss, 5, "CAUSAL_LM", tokenizer).shared_prefix_reason() == "attention sinks"
+    assert wrap(gpt_oss, 5, "CAUSAL_LM", tokenizer).engine.reason() == "attention sinks"
     hybrid = wrap(tiny_decoder(tokenizer, "falcon_h1"), 5, "CAUSAL_LM", tokenizer)  # Mamba + attention layers
-    assert hybrid.shared_prefix_reason() == "state-space or linear-attention layers"
+    assert hybrid.engine.reason() == "state-space or linear-attention layers"
     q, kv = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 8)
     token = attention._layout.set((1, torch.ones(1, 1, 2, 3, dtype=torch.bool)))  # k = 1, one row of 2
     try:
@@ -542,7 +549,7 @@ def test_soft_capping_sinks_and_state_space_layers_fall_back_and_unknown_attenti
 
 def faulty_states(fault: str):
     """SharedPrefix.states that fails ("error") or shifts every state ("wrong"): what the probe must catch."""
-    from softprompt.models.shared_prefix import SharedPrefix
+    from softprompt.engine import SharedPrefix
 
     honest = SharedPrefix.states
 
@@ -560,11 +567,11 @@ def test_a_shared_prefix_that_disagrees_with_the_concat_on_the_probe_is_not_used
                                                                                 monkeypatch):
     """Before its first use the shared prefix is checked on a probe batch; a model where it gives other states
     than the concatenation (or fails) takes the concat, so results stay the concat's."""
-    from softprompt.models.shared_prefix import SharedPrefix
+    from softprompt.engine import SharedPrefix
 
     monkeypatch.setattr(SharedPrefix, "states", faulty_states(fault))
     model = wrap(tiny_llama, 5, "CAUSAL_LM", tokenizer)
-    assert model.shared_prefix_reason() is None and not model.engine.shares(4)
+    assert cannot_share(model.base, model.prompt) is None and not model.engine.shares(4)
     assert ("failed on a probe" if fault == "error" else "differed from the concatenation") in model.engine.reason()
     enc = batch(tokenizer, "left")
     model.engine.force_off("forced off for the test")
@@ -583,11 +590,31 @@ def test_the_probe_passes_for_a_model_the_shared_prefix_serves(tokenizer, tiny_l
         assert base.training
 
 
+@pytest.mark.parametrize("dtype, precision, gap, shares", [
+    (torch.float32, "highest", 1.6e-4, True),  # an AMD EPYC's fp32 rounding on a prefix, once refused (bound 1e-4)
+    (torch.float32, "highest", 1.2e-3, False),  # BertGeneration attending both ways (tiny, fp32)
+    (torch.float32, "high", 5e-2, True),  # fp32 matmuls allowed to run in TF32 round like bf16
+    (torch.bfloat16, "highest", 9e-2, True),  # bf16 rounding on SmolLM2 with a moved prefix
+    (torch.bfloat16, "highest", 2e-1, False),
+])
+def test_the_probes_bound_follows_the_precision_the_model_computes_in(tokenizer, tiny_llama, dtype, precision, gap,
+                                                                      shares, monkeypatch):
+    """The probe accepts what rounding gives where the model runs (probe.TOLERANCES) and refuses more."""
+    from softprompt.engine import probe
+
+    monkeypatch.setattr(probe, "probe_gap", lambda engine, n: gap)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    model = wrap(tiny_llama, 5, "CAUSAL_LM", tokenizer)
+    model.freeze_in(dtype)
+    assert model.engine.shares(4) == shares, model.engine.reason()
+    assert shares or f"by {gap:.1e} (relative)" in model.engine.reason()
+
+
 @pytest.mark.parametrize("family", ["bert-generation", "modernbert-decoder"])
 def test_the_probe_catches_decoder_classes_the_engine_does_not_model(tokenizer, family):
     """BertGeneration without `is_decoder` attends both ways; ModernBERT's decoder runs a prediction head before
     its output embeddings. Nothing in their configs says so to the checks above; the probe sees the results
     differ from the concatenation's."""
     model = wrap(tiny_decoder(tokenizer, family), 5, "CAUSAL_LM", tokenizer)
-    assert model.shared_prefix_reason() is None
+    assert cannot_share(model.base, model.prompt) is None
     assert not model.engine.shares(4) and "differed from the concatenation" in model.engine.reason()

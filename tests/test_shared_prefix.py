@@ -11,10 +11,10 @@ import torch
 from transformers import DynamicCache
 
 from softprompt.errors import SoftpromptError
-from softprompt.models.shared_prefix import InputVectors, KeyValues, SharedPrefix
+from softprompt.engine import InputVectors, KeyValues, SharedPrefix, cannot_share
 from softprompt.methods.prompt.model import SoftPrompt
 
-from .test_models import ATOL, batch, faulty_states, wrap
+from .test_models import ATOL, batch, every_next_token, faulty_states, wrap
 
 
 def cache_kwarg(base) -> str:
@@ -98,10 +98,11 @@ def test_soft_prompt_is_the_input_vector_kind_and_other_objects_are_refused(tiny
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_a_prompts_own_keys_values_give_what_the_prompt_gives(tokenizer, name, side, request):
     """A key/value source made of an input-vector prompt's keys/values at every layer gives that prompt's tail
-    logits, continuation logits, greedy generation, LM loss and prompt gradient (through the keys/values, where
+    logits, continuations' log-probs (every token after each state the continuations [5, 6, 7] and [8] run
+    through), greedy generation, LM loss and prompt gradient (through the keys/values, where
     the prompt's own training step runs packed), as long as no row's first real token is labelled: the
     key/value kind has no state there to predict it, and refuses such a label."""
-    from softprompt.models import attention
+    from softprompt.engine import attention
 
     from .test_models import spy_attention
 
@@ -114,9 +115,9 @@ def test_a_prompts_own_keys_values_give_what_the_prompt_gives(tokenizer, name, s
     ids, mask = enc["input_ids"], enc["attention_mask"]
     with torch.no_grad():
         torch.testing.assert_close(kv.tail_logits(ids, mask, 3), model.tail_logits(ids, mask, 3), atol=ATOL, rtol=0)
-        for got, want in zip(kv.continuation_logits(ids, mask, [[5, 6, 7], [8]]),
-                             model.continuation_logits(ids, mask, [[5, 6, 7], [8]]), strict=True):
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        continuations = every_next_token([[], [5], [5, 6]], model.base.config.vocab_size)
+        torch.testing.assert_close(kv.continuation_logprobs(ids, mask, continuations),
+                                   model.continuation_logprobs(ids, mask, continuations), atol=ATOL, rtol=0)
     assert torch.equal(kv.generate(ids, mask, max_new_tokens=4), model.generate(ids, mask, max_new_tokens=4))
 
     # training: the prompt's step packed, the keys/values' through the cache, with their graph to the prompt
@@ -194,7 +195,7 @@ def test_random_keys_values_equal_the_model_given_them_as_its_cache(tokenizer, t
 def test_the_probe_catches_a_key_value_path_that_differs_from_the_models_own(tiny_llama, fault, monkeypatch):
     engine = SharedPrefix(tiny_llama, random_key_values(tiny_llama, 4, torch.Generator().manual_seed(0)))
     monkeypatch.setattr(SharedPrefix, "states", faulty_states(fault))
-    assert engine.cannot_share() is None and not engine.shares(4)
+    assert cannot_share(engine.base, engine.source) is None and not engine.shares(4)
     assert ("failed on a probe" if fault == "error" else "differed from the model given them as its cache") in \
         engine.reason()
 
@@ -228,7 +229,7 @@ def test_the_engines_state_exists_from_construction_and_follows_the_prompt(token
     model.generate(ids, mask, max_new_tokens=2)
     with torch.no_grad():
         before = model.tail_logits(ids, mask, 2)
-        model.continuation_logits(ids, mask, [[5, 6]])
+        model.continuation_logprobs(ids, mask, [[5, 6]])
     engine.force_off("for the test")
     engine.force_off(None)
     assert set(vars(engine)) == set(attributes)

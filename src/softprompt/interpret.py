@@ -14,8 +14,8 @@ from typing import cast
 import torch
 
 from .methods import KEY_VALUES
+from .engine import KeyValues
 from .models import PromptModel
-from .models.shared_prefix import KeyValues
 
 
 @dataclass

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from ..checkpoint import Checkpoint, fingerprint, load_tensors, read_checkpoint, save_checkpoint
 from ..config import PromptTuningConfig, TaskType
+from ..engine import insertion_index, splice
 from ..errors import SoftpromptError
 from ..hub import local_folder, push_saved
 from ..methods import Method, get_method, held_by
@@ -30,26 +31,6 @@ def align_order(mask: torch.Tensor, side: str) -> torch.Tensor:
     """Per-row permutation that moves padding to `side`, keeping the order of the real tokens."""
     key = mask.long() if side == "left" else (mask == 0).long()
     return torch.argsort(key, dim=1, stable=True)
-
-
-def insertion_index(offsets: torch.Tensor, length: int, k: int | torch.Tensor) -> torch.Tensor:
-    """Gather index into cat([prompt, tokens]) that places the prompt at column offsets[i] of row i.
-
-    `k` is the prompt's length, or each row's (B,) when rows carry prompts of different lengths (several tasks
-    in one batch), padded at their end to the longest; a row with a shorter prompt then ends in repeats of its
-    last column, which the caller masks."""
-    longest = int(k.max()) if torch.is_tensor(k) else k
-    j = torch.arange(length + longest, device=offsets.device).unsqueeze(0)
-    off = offsets.unsqueeze(1)
-    k = k.unsqueeze(1) if torch.is_tensor(k) else k
-    return torch.where(j < off, j + longest, torch.where(j < off + k, j - off, (j - k).clamp(max=length - 1) + longest))
-
-
-def splice(tokens: torch.Tensor, fill: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    src = torch.cat([fill, tokens], dim=1)
-    if src.dim() == 3:
-        index = index.unsqueeze(-1).expand(-1, -1, src.shape[-1])
-    return src.gather(1, index)
 
 
 def masked_mean(hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

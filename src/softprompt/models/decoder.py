@@ -6,7 +6,7 @@ results, the last column is always a real token (generation and last-token pooli
 first real token's loss is predicted from the last virtual token, exactly as without padding.
 
 The label loss, rank classification, generation and a head (over the last token, the text's mean, or both) go
-through the shared-prefix engine (shared_prefix.py, `model.engine`), which runs the prompt once per batch; where
+through the shared-prefix engine (`softprompt.engine`, `model.engine`), which runs the prompt once per batch; where
 it cannot serve a call (a model whose cache or output head is not plain, a batch longer than a sliding window, a
 tail reaching into the prompt, sampling), this adapter takes the concatenated sequence, `forward`'s path.
 """
@@ -20,11 +20,11 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from ..config import TaskType
+from ..engine import SharedPrefix, positions_from_mask
 from .base import PromptModel, align_order, masked_mean
 from .registry import register_family
-from .shared_prefix import SharedPrefix, positions_from_mask
 
-__all__ = ["DecoderPromptModel", "positions_from_mask"]
+__all__ = ["DecoderPromptModel"]
 
 
 @register_family("decoder")
@@ -61,14 +61,9 @@ class DecoderPromptModel(PromptModel):
         return out
 
     # -- through the shared-prefix engine ------------------------------------------------------------------
-    def shared_prefix_reason(self) -> str | None:
-        """Why this model cannot share the prompt's keys/values across a batch (None: it can; a sliding
-        window is checked per call and the probe on first use, `engine.shares`)."""
-        if self.config.task_type not in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS):
-            return "no prompt to share"
-        return self.engine.cannot_share()
-
     def shares(self, length: int) -> bool:
+        """Whether a call over `length` tokens per row (input plus anything run after it) goes through the engine:
+        label words or a head, and `engine.shares`; otherwise the adapter takes the concatenated sequence."""
         return self.config.task_type in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS) and self.engine.shares(length)
 
     def _aligned(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -118,17 +113,6 @@ class DecoderPromptModel(PromptModel):
         columns = torch.arange(text.shape[1], device=text.device).unsqueeze(0)
         text[(columns >= offsets.unsqueeze(1)) & (columns < offsets.unsqueeze(1) + self.prompt.num_tokens)] = 0
         return self.base.base_model(**inputs, **kwargs).last_hidden_state, text
-
-    def continuation_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            continuations: list[list[int]]) -> list[torch.Tensor] | None:
-        """For each continuation (the same token list after every row), the logits predicting its tokens.
-
-        Prompt and input run once, then all continuations in one forward from their keys/values. None where
-        the model cannot share a prefix.
-        """
-        if not self.shares(input_ids.shape[1] + max(map(len, continuations), default=0)):
-            return None
-        return self.engine.continuation_logits(*self._aligned(input_ids, attention_mask)[:2], continuations)
 
     def continuation_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                               continuations: list[list[int]]) -> torch.Tensor | None:

@@ -24,7 +24,8 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import SoftpromptError
-from .base import PromptModel, align_order, insertion_index, masked_mean, splice
+from ..engine import insertion_index, splice
+from .base import PromptModel, align_order, masked_mean
 from .registry import register_family
 
 

@@ -18,10 +18,10 @@ from transformers import PreTrainedModel
 from ..config import TaskType
 from ..data import Example
 from ..encoding import Feature, pad
+from ..engine import positions_from_mask, stack_prefixes
 from ..methods import INPUT_VECTORS
 from ..models.decoder import DecoderPromptModel
 from ..models.encoder import EncoderPromptModel, after_cls, rows_of
-from ..models.shared_prefix import positions_from_mask, stack_prefixes
 from ..pipeline import decode_generated
 from ..scoring import first_token_scores, head_scores, label_scores
 from .registry import LoadedPrompt

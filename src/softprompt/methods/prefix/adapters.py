@@ -23,12 +23,12 @@ from transformers import DynamicCache, GenerationMixin
 
 from ...checkpoint import load_prompt_file
 from ...config import PromptInit, TaskType
+from ...engine import LayerKV, SharedPrefix, as_cache, cache_kwarg, cache_layers
 from ...errors import SoftpromptError
 from ...models.base import PromptModel, align_order
 from ...models.decoder import DecoderPromptModel
 from ...models.encoder import EncoderPromptModel
 from ...models.seq2seq import Seq2SeqPromptModel
-from ...models.shared_prefix import LayerKV, SharedPrefix, as_cache, cache_kwarg
 from ..prompt.init import initial_prompt
 from ..prompt.model import SoftPrompt
 from .model import PREFIX_KEY, PrefixKeyValues, kv_layout
@@ -167,7 +167,7 @@ class PrefixSeq2SeqModel(Seq2SeqPromptModel):
             cache = DynamicCache(config=self.base.config)
             with self._encoder_cache(cache):
                 self.base.get_encoder()(inputs_embeds=source.embeddings()[None].to(self.embedding_matrix().dtype))
-            return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
+            return cache_layers(cache)
 
         _start_prefix(self, self.prompt, corpus, generator, run)
 

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ...engine import LayerKV, parameters_version
 from ...families import text_config
 
 PREFIX_KEY = "prefix"  # the tensor a checkpoint stores the flat keys/values under
-LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class KVLayout(NamedTuple):
@@ -78,7 +78,7 @@ class PrefixKeyValues(nn.Module):
         return self.flat()
 
     def version(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, str(p.device)) for p in self.parameters())
+        return parameters_version(self)
 
     def key_values(self) -> LayerKV:
         layers, heads, dim = self.layout

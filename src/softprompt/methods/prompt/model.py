@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...engine import parameters_version
+
 PROMPT_KEY = "prompt"  # the tensor a checkpoint stores the vectors under
 
 
@@ -54,7 +56,7 @@ class SoftPrompt(nn.Module):
 
     def version(self) -> tuple:
         """Changes whenever `embeddings()` may: kept keys/values computed from the prompt are keyed on it."""
-        return tuple((p.data_ptr(), p._version, str(p.device)) for p in self.parameters())
+        return parameters_version(self)
 
     def add_reparam(self, bottleneck: int) -> None:
         self.set_reparam(ResidualReparam(self.weight.shape[1], bottleneck))

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import cast
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "softprompt_gqa_sdpa"
@@ -48,8 +49,8 @@ def _sdpa(query, key, value, **kwargs):
 
 # attention arguments some models pass that change what attention computes; the functions here implement
 # none of them, so they refuse rather than silently ignore one (models with these normally fall back to the
-# concat before getting here: see DecoderPromptModel.shared_prefix_reason). A sliding window is harmless
-# when every key a query could see lies within it.
+# concat before getting here: see sharing.cannot_share). A sliding window is harmless when every key a query
+# could see lies within it.
 _UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias", "indices", "block_indices")
 
 
@@ -112,7 +113,7 @@ AttentionMaskInterface.register(PACKED, _no_mask)
 def _layers_config(model: torch.nn.Module):
     """The config the attention layers read: the backbone's. A head wrapper built around a backbone shared by
     several tasks (multitask.py) has a config of its own, so switching the wrapper's would change nothing."""
-    return model.base_model.config
+    return cast(PreTrainedModel, model.base_model).config
 
 
 def can_pack(model: torch.nn.Module) -> bool:
