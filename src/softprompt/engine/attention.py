@@ -112,7 +112,7 @@ AttentionMaskInterface.register(PACKED, _no_mask)
 
 def _layers_config(model: torch.nn.Module):
     """The config the attention layers read: the backbone's. A head wrapper built around a backbone shared by
-    several tasks (multitask.py) has a config of its own, so switching the wrapper's would change nothing."""
+    several tasks (multitask/backbones.py) has a config of its own, so switching the wrapper's would change nothing."""
     return cast(PreTrainedModel, model.base_model).config
 
 

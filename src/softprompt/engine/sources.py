@@ -1,7 +1,7 @@
 """What a prompt method hands the shared-prefix engine: input vectors or keys/values at every layer.
 
 A method implements one of the two protocols below, so a new one touches neither the engine nor its callers.
-This module imports nothing of softprompt's: `prompt.py` and `methods/` take their types and `version()` from it.
+This module imports nothing of softprompt's: the methods (methods/) take their types and `version()` from it.
 """
 
 from __future__ import annotations
