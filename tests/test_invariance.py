@@ -65,7 +65,8 @@ PRECISION: dict[str, str] = {}  # each saved checkpoint's precision, by folder
 # texts a client may send: nothing, blanks, one character, other scripts, emoji, control characters, and one far
 # over the 32-token limit the prompts were saved with
 TEXTS = st.one_of(
-    st.sampled_from(["", " ", "\t\n ", "a", ".", "é", "日本語の文章です", "Привет, мир", "مرحبا", "😀🎬🍿", "\x00\x07",
+    st.sampled_from(["", " ", "\t\n ", "a", ".", "é", "日本語の文章です", "Привет, мир", "مرحبا", "😀🎬🍿",
+                     "\x00\x07",
                      "\u200b", "good film", "the film was bad " * 40]),
     st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=30),
 )

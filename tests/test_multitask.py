@@ -70,7 +70,8 @@ def _mixed(prompts) -> list[tuple[str, object]]:
 def test_a_mixed_batch_equals_each_task_alone(family, decoder_prompts, encoder_prompts, monkeypatch):
     prompts = decoder_prompts if family == "decoder" else encoder_prompts
     model = MultiTaskModel.from_pretrained(prompts)
-    monkeypatch.setattr("softprompt.multitask.forward.each_prompt_alone", lambda *a: pytest.fail("took the one-prompt path"))
+    monkeypatch.setattr("softprompt.multitask.forward.each_prompt_alone",
+                        lambda *a: pytest.fail("took the one-prompt path"))
     items = _mixed(prompts)
     got = model.predict(items, batch_size=64)  # one forward for every row
     want = {task: iter(_alone(path, _inputs_for(task))) for task, path in prompts.items()}

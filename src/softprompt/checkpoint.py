@@ -211,7 +211,8 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     path = Path(directory) / META_FILE
     if not path.is_file():
         if (Path(directory) / PEFT_CONFIG_FILE).is_file():
-            raise SoftpromptError(f"{directory} is a peft adapter with no task: load it with PromptModel.from_pretrained("
+            raise SoftpromptError(f"{directory} is a peft adapter with no task: load it with "
+                                  "PromptModel.from_pretrained("
                                   "base_model, folder), or make a checkpoint of it with softprompt import")
         raise SoftpromptError(f"{directory} is not a softprompt checkpoint (no {META_FILE})")
     try:

@@ -416,7 +416,8 @@ def _check_label_sets(splits: Splits) -> None:
     task, seen = splits.task, {e.label for e in splits.train}
     if len(seen) < 2:
         raise SoftpromptError(f"the training data of {splits.source} holds one label only "
-                              f"({', '.join(task.labels[int(i)] for i in seen if i is not None)}); a classifier needs at least 2")
+                              f"({', '.join(task.labels[int(i)] for i in seen if i is not None)}); a classifier "
+                              "needs at least 2")
     for name in ("dev", "test"):
         unseen = sorted({e.label for e in getattr(splits, name) if e.label is not None} - seen)
         if unseen:

@@ -232,7 +232,8 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path, top: int = 
             f"<h2>Per run</h2>{section('runs')}"
             f"<h2>Dev confusion matrices</h2>{section('confusion')}"
             f"<h2>Nearest vocabulary tokens of each virtual token (a prefix: its norms per layer)</h2>{''.join(tables)}"
-            f"<h2>Prompt similarity between runs</h2>{section('similarity') if len(with_prompts) > 1 else '<p>one run: nothing to compare</p>'}")
+            f"<h2>Prompt similarity between runs</h2>"
+            f"{section('similarity') if len(with_prompts) > 1 else '<p>one run: nothing to compare</p>'}")
     subtitle = html.escape(", ".join(str(r.path) for r in runs))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,8 @@ def score(model: PromptModel, encoder: TaskEncoder, features: list[Feature], bat
 
 def labelled(labels: tuple[str, ...], probs: torch.Tensor) -> dict[str, Any]:
     """A classification answer: the most probable label and every label's probability (6 decimals)."""
-    return {"label": labels[int(probs.argmax())], "scores": {name: round(float(p), 6) for name, p in zip(labels, probs)}}
+    return {"label": labels[int(probs.argmax())],
+            "scores": {name: round(float(p), 6) for name, p in zip(labels, probs)}}
 
 
 def check_finite(scores: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:

@@ -103,7 +103,8 @@ class _MLflow:
         self.mlflow.end_run()
 
 
-_CLASSES: dict[str, type[_Wandb | _TensorBoard | _Trackio | _MLflow]] = {"wandb": _Wandb, "tensorboard": _TensorBoard, "trackio": _Trackio, "mlflow": _MLflow}
+_CLASSES: dict[str, type[_Wandb | _TensorBoard | _Trackio | _MLflow]] = {
+    "wandb": _Wandb, "tensorboard": _TensorBoard, "trackio": _Trackio, "mlflow": _MLflow}
 
 
 class RunLog:

@@ -327,8 +327,9 @@ class Trainer:
                 inputs = collate(sample[i:i + spec.eval_batch_size], self.encoder)
                 inputs.pop("labels")
                 if cosine:
-                    u, v = cast(EncoderPromptModel, self.model).pair_embeddings(inputs["input_ids"], inputs["attention_mask"],
-                                                      inputs["pair_ids"], inputs["pair_mask"])
+                    encoder = cast(EncoderPromptModel, self.model)
+                    u, v = encoder.pair_embeddings(inputs["input_ids"], inputs["attention_mask"], inputs["pair_ids"],
+                                                   inputs["pair_mask"])
                     seen.append((u * v).sum(-1))
                 else:
                     self.model(**inputs)

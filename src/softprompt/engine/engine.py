@@ -104,7 +104,8 @@ class SharedPrefix:
 
     def run_cached(self, layers: LayerKV, input_ids: torch.Tensor, mask: torch.Tensor,
                    positions: torch.Tensor) -> tuple[torch.Tensor, LayerKV]:
-        """paths.run_cached on this engine's model: rows of several prompts' stacked keys/values (multitask/forward.py)."""
+        """paths.run_cached on this engine's model: rows of several prompts' stacked keys/values
+        (multitask/forward.py)."""
         return run_cached(self.base, layers, input_ids, mask, positions)
 
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_cache: bool = False) -> Rows:

@@ -103,8 +103,9 @@ class PromptModel(nn.Module):
 
     def freeze_in(self, dtype: torch.dtype) -> None:
         """Keep the frozen weights in `dtype` (bf16: half the memory and, where the chip has bf16 matrix units,
-        faster steps; docs/recipe.md, "Precision"). What trains (prompt, head) keeps fp32 weights, so optimizer updates are not
-        rounded away; the head reads its input in its own dtype. Buffers (rotary frequencies) stay as they are."""
+        faster steps; docs/recipe.md, "Precision"). What trains (prompt, head) keeps fp32 weights, so optimizer
+        updates are not rounded away; the head reads its input in its own dtype. Buffers (rotary frequencies) stay
+        as they are."""
         trained = {id(p) for p in self.trainable_parameters()}
         for param in self.base.parameters():
             if id(param) not in trained:
