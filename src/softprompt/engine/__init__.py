@@ -9,7 +9,7 @@ concatenation's layout); docs/architecture.md has a line on each.
 from .cache import as_cache, cache_layers, positions_from_mask, stack_prefixes
 from .engine import SharedPrefix
 from .lm_loss import lm_cross_entropy
-from .paths import ContinuationTrie, Rows, RowsCache, continuation_trie
+from .paths import ContinuationTrie, Finished, Rows, RowsCache, Sampler, continuation_trie
 from .sharing import cache_kwarg, cannot_share
 from .sources import InputVectors, KeyValues, LayerKV, PrefixSource, parameters_version
 from .splice import insertion_index, splice
@@ -17,5 +17,5 @@ from .splice import insertion_index, splice
 __all__ = [
     "SharedPrefix", "InputVectors", "KeyValues", "PrefixSource", "LayerKV", "parameters_version", "cannot_share",
     "cache_kwarg", "as_cache", "cache_layers", "positions_from_mask", "stack_prefixes", "Rows", "RowsCache",
-    "ContinuationTrie", "continuation_trie", "lm_cross_entropy", "insertion_index", "splice",
+    "ContinuationTrie", "continuation_trie", "Sampler", "Finished", "lm_cross_entropy", "insertion_index", "splice",
 ]

@@ -12,7 +12,7 @@ source, and its public calls.
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -21,8 +21,8 @@ from transformers import PreTrainedModel
 from ..errors import SoftpromptError
 from .attention import can_pack
 from .cache import KeptPrefix, cache_forward, positions_from_mask, prefix_states
-from .paths import Rows, RowsCache, first_real, greedy_after, lm_logits, lm_loss, logit_scale, logprobs_after, \
-    packed, run_cached
+from .paths import Finished, Rows, RowsCache, Sampler, first_real, lm_logits, lm_loss, logit_scale, logprobs_after, \
+    packed, run_cached, sample_after
 from .probe import probe_mismatch
 from .sharing import cannot_share, fits_window, sliding_window
 from .sources import InputVectors, KeyValues, Kind, LayerKV, PrefixSource, source_kind
@@ -167,8 +167,11 @@ class SharedPrefix:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation after prefix + rows, from their keys/values; only the new token ids."""
         hidden, _, cache = self.states(input_ids, attention_mask, keep_cache=True)
-        return self.greedy_after(hidden[:, -1], cast(RowsCache, cache), max_new_tokens)
+        return self.sample_after(hidden[:, -1], cast(RowsCache, cache), max_new_tokens)
 
-    def greedy_after(self, last: torch.Tensor, cache: RowsCache, max_new_tokens: int) -> torch.Tensor:
-        """`generate` from rows already run: their last states (B, d) and `Rows.cache`."""
-        return greedy_after(self.base, last, cache, max_new_tokens)
+    def sample_after(self, last: torch.Tensor, cache: RowsCache, max_new_tokens: int, sampler: Sampler = Sampler(),
+                     generators: Sequence[torch.Generator | None] | None = None,
+                     finished: Finished | None = None) -> torch.Tensor:
+        """Continuation (greedy, or sampled by `sampler` with each row's generator) from rows already run: their
+        last states (B, d) and `Rows.cache` (paths.sample_after)."""
+        return sample_after(self.base, last, cache, max_new_tokens, sampler, generators, finished)

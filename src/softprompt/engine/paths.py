@@ -1,9 +1,9 @@
 """How rows run after a shared prefix: the packed training step, rows after cached keys/values, the
-continuations' trie, greedy continuation; and the LM head and loss over the states they give."""
+continuations' trie, continuation (greedy or sampled); and the LM head and loss over the states they give."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -141,14 +141,47 @@ def logprobs_after(base: PreTrainedModel, last: torch.Tensor, cache: RowsCache,
     return picked.new_zeros(logits.shape[0], trie.continuations).index_add(1, owner, picked)
 
 
+class Sampler(NamedTuple):
+    """How the next token is picked from the LM head's logits: the most likely at temperature 0 (greedy), else
+    drawn from the softmax at `temperature` over the nucleus (the most likely tokens whose probability first
+    reaches `top_p`). Each row draws from its own generator (None: torch's global one), one number per token, so a
+    seeded row picks the same tokens whatever rows share its batch."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def pick(self, logits: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+        """(B, 1) token ids from logits (B, V)."""
+        if self.temperature == 0:
+            return logits.argmax(-1, keepdim=True)
+        probs, order = torch.softmax(logits.float() / self.temperature, -1).sort(-1, descending=True)
+        if self.top_p < 1:
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p, 0)  # past the nucleus (its first stays)
+        cumulative = probs.cumsum(-1)
+        # uniform draws on the CPU, each from its row's generator: the same numbers on any device
+        draws = torch.stack([torch.rand((), generator=g) for g in generators or [None] * len(probs)])
+        at = torch.searchsorted(cumulative, draws.to(cumulative.device)[:, None] * cumulative[:, -1:])
+        return order.gather(-1, at.clamp(max=probs.shape[-1] - 1))
+
+
+Finished = Callable[[torch.Tensor], torch.Tensor]  # each step's new tokens (B, 1) -> (B,) bool: the row is done
+
+
 @torch.no_grad()
-def greedy_after(base: PreTrainedModel, last: torch.Tensor, cache: RowsCache, max_new_tokens: int) -> torch.Tensor:
-    """Greedy continuation of rows already run, from their last states (B, d) and `Rows.cache`: the new token ids."""
+def sample_after(base: PreTrainedModel, last: torch.Tensor, cache: RowsCache, max_new_tokens: int,
+                 sampler: Sampler = Sampler(), generators: Sequence[torch.Generator | None] | None = None,
+                 finished: Finished | None = None) -> torch.Tensor:
+    """Continuation of rows already run, from their last states (B, d) and `Rows.cache`: the new token ids (B, t),
+    t at most `max_new_tokens`, fewer once `finished` says every row is done (a finished row's later tokens are
+    whatever came; its caller reads up to its end). Greedy with the default sampler."""
     layers, mask, position = cache
     new = []
-    for _ in range(max_new_tokens):
-        token = lm_logits(base, last).argmax(-1, keepdim=True)
+    for step in range(max_new_tokens):
+        token = sampler.pick(lm_logits(base, last), generators)
         new.append(token)
+        done = finished is not None and bool(finished(token).all())  # every token seen, the last one too
+        if done or step + 1 == max_new_tokens:
+            break
         mask, position = torch.cat([mask, mask.new_ones(token.shape)], dim=1), position + 1
         hidden, layers = run_cached(base, layers, token, mask, position)
         last = hidden[:, -1]

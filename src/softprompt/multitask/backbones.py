@@ -33,6 +33,11 @@ class Backbones:
     def _load(self) -> Backbone:
         return load_backbone(self.info, SHARED_TYPE[self.info.family])
 
+    def weights(self, bf16: bool) -> nn.Module:
+        """The frozen weights in one precision (bf16 or not), held from now on."""
+        with self._lock:
+            return self._weights(bf16)
+
     def _weights(self, bf16: bool) -> nn.Module:
         if bf16 not in self.held:
             model = self._spare if self._spare is not None else self._load().model.eval()

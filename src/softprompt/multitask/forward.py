@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, StoppingCriteriaList
 
 from ..config import TaskType
 from ..data import Example
@@ -22,8 +23,8 @@ from ..engine import positions_from_mask, stack_prefixes
 from ..methods import INPUT_VECTORS
 from ..models.decoder import DecoderPromptModel
 from ..models.encoder import EncoderPromptModel, after_cls, rows_of
-from ..pipeline import decode_generated
 from ..scoring import first_token_scores, head_scores, label_scores
+from .generation import Progress, Reporting, Sampling, report, seeded
 from .registry import LoadedPrompt
 
 
@@ -127,21 +128,27 @@ def decoder_scores(rows: list[Row], pad_id: int) -> list[torch.Tensor]:
     return out
 
 
-def generate(rows: list[Row], max_new_tokens: int, tokenizer) -> list[str]:
-    """Greedy free text after each row's prompt + template: rows of one precision together where the engine
-    shares every prompt, else each prompt's own `generate`."""
-    out: list[str] = [""] * len(rows)
+def generate(rows: list[Row], sampling: Sampling, progress: list[Progress], pad_id: int) -> None:
+    """Each row's continuation after its prompt + template, every token reported to the row's `Progress`: the rows
+    of one precision whose prompts the engine shares in one batch (`engine.sample_after`), each other row alone
+    through its prompt's own `generate` (transformers', on the concatenated sequence, seeded by the row's seed)."""
+    alone = []
     for bf16 in dict.fromkeys(r.prompt.prompted.spec.bf16 for r in rows):  # each precision on its weights
         index = [i for i, r in enumerate(rows) if r.prompt.prompted.spec.bf16 == bf16]
-        group = [rows[i] for i in index]
-        if all(_decoder(r).shares(len(r.feature.input_ids) + max_new_tokens) for r in group):
-            hidden, cache, _ = decoder_run(group, tokenizer.pad_token_id)
-            new = _decoder(group[0]).engine.greedy_after(hidden[:, -1], cache, max_new_tokens)
-            texts = [decode_generated(tokenizer, row) for row in new.tolist()]
-        else:
-            texts = [row.prompt.prompted.generate([row.example], max_new_tokens)[0] for row in group]
-        _placed(index, texts, out)
-    return out
+        shared = [i for i in index
+                  if _decoder(rows[i]).shares(len(rows[i].feature.input_ids) + sampling.max_new_tokens)]
+        alone += [i for i in index if i not in shared]
+        if shared:
+            group, tracks = [rows[i] for i in shared], [progress[i] for i in shared]
+            hidden, cache, _ = decoder_run(group, pad_id)
+            _decoder(group[0]).engine.sample_after(hidden[:, -1], cache, sampling.max_new_tokens, sampling.sampler,
+                                                   [t.generator for t in tracks], partial(report, tracks))
+    for i in alone:
+        model, ids = _decoder(rows[i]), torch.tensor([rows[i].feature.input_ids])
+        with seeded(progress[i].wants.seed, model.base.device):
+            model.generate(ids, torch.ones_like(ids), sampling.max_new_tokens,
+                           stopping_criteria=StoppingCriteriaList([Reporting([progress[i]])]),
+                           **sampling.generate_kwargs())
 
 
 def can_generate(row: Row) -> bool:

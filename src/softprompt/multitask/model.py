@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
+from transformers import GenerationMixin, PreTrainedModel, StoppingCriteriaList
 
 from ..assets import describe_model
 from ..checkpoint import checkpoint_folder, load_tensors
 from ..data import Example, to_example
+from ..encoding import BLANK, is_blank
 from ..errors import SoftpromptError
 from ..metrics import compute_metrics
 from ..pipeline import PromptedTask, read_task_checkpoint
@@ -25,9 +27,12 @@ from ..scoring import by_length, check_finite
 from .backbones import Backbones
 from .ensemble import combine, prediction
 from .forward import Row, can_generate, forward, generate
+from .generation import Generated, Progress, Reporting, Sampling, Wants, seeded
 from .registry import BaseMismatch, LoadedPrompt, Registry, Snapshot, TaskInfo, UnknownTask
 
 Input = str | dict[str, Any]
+Chat = list[dict[str, str]]  # messages ({role, content}) for the base model, read through its chat template
+Item = tuple["str | None", "Input | Chat"]  # (task, input); task None: the base model, on a text or a chat
 
 
 class MultiTaskModel:
@@ -105,11 +110,12 @@ class MultiTaskModel:
         return self.registry.tasks()
 
     # -- prediction ----------------------------------------------------------------------------------------
-    def _rows(self, items: Sequence[tuple[str, Input | Example]], snapshot: Snapshot) -> list[list[Row]]:
+    def _rows(self, items: Sequence[tuple[str, Input | Example]], snapshot: Snapshot,
+              first: int = 0) -> list[list[Row]]:
         """Each item's rows: one per member of its task, encoded with that member's own template; a refused
-        item is named by its place in `items`."""
+        item is named by its place in `items` (counted from `first`)."""
         out = []
-        for i, (task, given) in enumerate(items):
+        for i, (task, given) in enumerate(items, first):
             if task not in snapshot:
                 raise UnknownTask(f"no task {task!r}; this model serves {', '.join(sorted(snapshot)) or 'none'}")
             members = list(snapshot[task].values())
@@ -120,10 +126,42 @@ class MultiTaskModel:
                 raise SoftpromptError(f"input {i}: {err}") from None
         return out
 
-    def check(self, items: Sequence[tuple[str, Input]]) -> None:
-        """Refuse what `predict` would refuse before any forward (an unknown task, a missing field, an empty input),
-        naming the item by its place in `items`: a server checks a request so, before it joins a batch."""
-        self._rows(items, self.registry.snapshot)
+    def check(self, items: Sequence[Item], max_new_tokens: int | None = None) -> list[int]:
+        """Refuse what `predict` (or, given `max_new_tokens`, `complete`) would refuse before any forward (an unknown
+        task, a missing field, an empty input, more tokens than the model has positions), naming the item by its
+        place in `items`: a server checks a request so, before it joins a batch. Returns each item's tokens as the
+        model reads them (template included, the prompt's virtual tokens not; an ensemble's first member's)."""
+        snapshot, counts = self.registry.snapshot, []
+        for i, (task, given) in enumerate(items):
+            if task is None:
+                prompt, ids = 0, self._plain_ids(given, i)
+            else:
+                row = self._rows([(task, cast(Input, given))], snapshot, i)[0][0]
+                prompt, ids = row.prompt.prompted.model.prompt.num_tokens, row.feature.input_ids
+            positions = self.info.max_positions
+            if max_new_tokens is not None and positions and prompt + len(ids) + max_new_tokens > positions:
+                raise SoftpromptError(f"input {i}: its {len(ids)} tokens, {prompt} virtual tokens and {max_new_tokens} "
+                                      f"new ones are more than the model's {positions} positions; ask for fewer")
+            counts.append(len(ids))
+        return counts
+
+    def _plain_ids(self, given: Input | Chat, index: int) -> list[int]:
+        """The base model's token ids for a text (with the special tokens its tokenizer adds) or a chat (through the
+        tokenizer's chat template, which places them itself)."""
+        if self.info.family != "decoder":
+            raise SoftpromptError(f"the base model {self.base_name} is an {self.info.family}: it cannot generate text")
+        if isinstance(given, dict):
+            raise SoftpromptError(f"input {index}: the base model takes a text, not fields")
+        texts = [given] if isinstance(given, str) else [m.get("content", "") for m in given]
+        if is_blank(texts):
+            raise SoftpromptError(f"input {index}: {BLANK}")
+        if not any(self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts):
+            raise SoftpromptError(f"input {index}: no token this model reads in the input (only characters its "
+                                  "tokenizer drops); give it some text")
+        if isinstance(given, str):
+            return self.tokenizer(given)["input_ids"]
+        chat = self.tokenizer.apply_chat_template(given, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(chat, add_special_tokens=False)["input_ids"]
 
     def _item_scores(self, grouped: list[list[Row]], batch_size: int) -> list[list[torch.Tensor]]:
         """Each item's scores, one per member, all finite (or an error naming the item)."""
@@ -171,15 +209,45 @@ class MultiTaskModel:
         return out
 
     def generate(self, items: Sequence[tuple[str, Input]], max_new_tokens: int = 20) -> list[str]:
-        """Greedy free text after each item's prompt + template, in one batch (an ensemble generates with its
-        first member)."""
-        rows = [group[0] for group in self._rows(items, self.registry.snapshot)]
+        """Greedy free text after each item's prompt + template, in one batch (`complete` at temperature 0)."""
+        return [out.text for out in self.complete(items, Sampling(max_new_tokens))]
+
+    def complete(self, items: Sequence[Item], sampling: Sampling = Sampling(),
+                 wants: Sequence[Wants] | None = None) -> list[Generated]:
+        """Free text after each item's prompt + template (an ensemble generates with its first member), or, task
+        None, the base model's after a text or a chat, with no prompt; every row with the same `sampling`, each with
+        its own `wants` (seed, stop strings, text as it comes, cancellation). Rows of tasks go through the shared
+        prefix in one batch where it shares their prompts; the others, and the base model's, one by one through
+        transformers' `generate`."""
+        wants = list(wants) if wants is not None else [Wants()] * len(items)
+        progress = [Progress(self.tokenizer, w, sampling.max_new_tokens) for w in wants]
+        tasked = [i for i, (task, _) in enumerate(items) if task is not None]
+        rows = [group[0] for group in self._rows([cast(tuple[str, Input], items[i]) for i in tasked],
+                                                 self.registry.snapshot)]
         for row in rows:
             if not can_generate(row):
                 raise SoftpromptError(f"task {row.prompt.task!r} cannot generate: it needs a decoder prompt trained "
                                       "with label words (CAUSAL_LM)")
+        plain = [(i, self._plain_ids(given, i)) for i, (task, given) in enumerate(items) if task is None]
         with torch.inference_mode():
-            return generate(rows, max_new_tokens, self.tokenizer)
+            if rows:
+                generate(rows, sampling, [progress[i] for i in tasked], self.tokenizer.pad_token_id)
+            for i, ids in plain:
+                self._plain_generate(ids, sampling, progress[i])
+        return [p.result() for p in progress]
+
+    def _plain_generate(self, ids: list[int], sampling: Sampling, progress: Progress) -> None:
+        """The base model alone after `ids`, through its own `generate`, in the precision `dtype` says (else one
+        already held, fp32 first)."""
+        held = self.backbones.held
+        bf16 = self.dtype == "bf16" if self.dtype else True in held and False not in held
+        model = cast(PreTrainedModel, self.backbones.weights(bf16))
+        tensor = torch.tensor([ids], device=model.device)
+        with seeded(progress.wants.seed, model.device):
+            cast(GenerationMixin, model).generate(
+                input_ids=tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=sampling.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([Reporting([progress])]), **sampling.generate_kwargs())
 
 
 def _checkpoint_or_run(path: Path) -> Path:
