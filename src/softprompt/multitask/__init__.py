@@ -2,8 +2,8 @@
 
 from .ensemble import majority_vote
 from .generation import Generated, Sampling, Wants
-from .model import MultiTaskModel
+from .model import Item, MultiTaskModel
 from .registry import BaseMismatch, LoadedPrompt, TaskInfo, UnknownTask
 
 __all__ = ["MultiTaskModel", "TaskInfo", "LoadedPrompt", "UnknownTask", "BaseMismatch", "majority_vote", "Sampling",
-           "Wants", "Generated"]
+           "Wants", "Generated", "Item"]

@@ -32,7 +32,7 @@ from .registry import BaseMismatch, LoadedPrompt, Registry, Snapshot, TaskInfo, 
 
 Input = str | dict[str, Any]
 Chat = list[dict[str, str]]  # messages ({role, content}) for the base model, read through its chat template
-Item = tuple["str | None", "Input | Chat"]  # (task, input); task None: the base model, on a text or a chat
+Item = tuple[str | None, Input | Chat]  # (task, input); task None: the base model, on a text or a chat
 
 
 class MultiTaskModel:

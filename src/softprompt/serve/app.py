@@ -12,10 +12,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ..version import __version__
 from ..multitask import MultiTaskModel
-from . import routes
+from . import openai, routes
 from .batcher import Batcher
 from .errors import HANDLERS
-from .guard import Guard
+from .guard import OPEN_PATHS, Guard
+from .metrics import Counted, Metrics
 from .options import ServeOptions
 from .state import Served
 from .watcher import PromptWatcher
@@ -25,12 +26,19 @@ def create_app(model: MultiTaskModel, options: ServeOptions) -> FastAPI:
     """The HTTP app around `model`; its batcher (and folder watcher) start and stop with the app."""
     app = FastAPI(title="softprompt", version=__version__, lifespan=_lifespan, exception_handlers=HANDLERS,
                   description="One frozen model, many soft-prompted tasks. Errors are `{\"detail\": \"...\"}`.")
-    app.state.softprompt = Served(model, options, PromptWatcher(model, options.watch) if options.watch else None)
+    metrics = Metrics()
+    watcher = PromptWatcher(model, options.watch, loaded=lambda ok: metrics.loaded("watch", ok)) if options.watch \
+        else None
+    app.state.softprompt = Served(model, options, metrics, watcher)
     # the key in the OpenAPI page's form, when there is one (Guard checks it); a route module is one line here
     keyed = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))] if options.api_key else []
     app.include_router(routes.router, dependencies=keyed)
+    app.include_router(openai.router, dependencies=keyed)
     app.include_router(routes.open_router)
-    app.add_middleware(Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
+    app.include_router(routes.metrics_router, dependencies=[] if options.metrics_open else keyed)
+    open_paths = OPEN_PATHS | {"/metrics"} if options.metrics_open else OPEN_PATHS
+    app.add_middleware(Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes, open_paths=open_paths)
+    app.add_middleware(Counted, metrics=metrics)  # added last, so outermost: it sees what the guard refuses too
     return app
 
 
@@ -39,7 +47,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """The batcher's thread (and the watcher's) for as long as the app runs; the watched folder's prompts are in
     before the first request."""
     served: Served = app.state.softprompt
-    served.batcher = Batcher(served.run, served.options.max_batch, served.options.max_wait_ms)
+    served.batcher = Batcher(served.run, served.options.max_batch, served.options.max_wait_ms, served.metrics)
+    served.metrics.track(served.batcher.waiting, lambda: len(served.model.tasks()))
     if served.watcher:
         await run_in_threadpool(served.watcher.poll)
         served.watcher.start()

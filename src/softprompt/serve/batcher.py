@@ -13,14 +13,22 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 Run = Callable[[Hashable, list[Any]], list[Any]]  # (key, rows) -> one result per row
 
 
+class Observer(Protocol):
+    """Told, on the worker thread, how long each job waited for its first batch and how many rows each call ran."""
+
+    def waited(self, seconds: float) -> None: ...
+
+    def ran(self, rows: int) -> None: ...
+
+
 @dataclass(eq=False)
 class _Job:
-    key: Hashable  # only rows with the same key share a call (predict, or generate with one max_new_tokens)
+    key: Hashable  # only rows with the same key share a call (predict, or generate with one Sampling)
     rows: list[Any]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -45,8 +53,8 @@ Segment = tuple[_Job, int, int]  # a job's rows [start, stop) within one batch
 class Batcher:
     """Owns the worker thread; `submit` from the event loop, `close` once at shutdown."""
 
-    def __init__(self, run: Run, max_batch: int, max_wait_ms: float) -> None:
-        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
+    def __init__(self, run: Run, max_batch: int, max_wait_ms: float, observer: Observer | None = None) -> None:
+        self.run, self.max_batch, self.max_wait, self.observer = run, max_batch, max_wait_ms / 1000, observer
         self._queue: deque[_Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -70,6 +78,11 @@ class Batcher:
         finally:
             job.abandoned = True  # a no-op once answered; otherwise the worker skips what is left of it
 
+    def waiting(self) -> int:
+        """Rows queued and not yet taken into a batch."""
+        with self._ready:
+            return sum(len(job.rows) - job.taken for job in self._queue if not job.abandoned)
+
     def close(self) -> None:
         with self._ready:
             self._closed = True
@@ -82,6 +95,11 @@ class Batcher:
                 batch = self._next_batch()
             if batch is None:
                 return
+            if self.observer:
+                now = time.monotonic()
+                for job, start, _ in batch:
+                    if start == 0:
+                        self.observer.waited(now - job.arrived)
             self._run(batch[0][0].key, batch)
 
     def _queued_rows(self, key: Hashable) -> int:
@@ -134,6 +152,8 @@ class Batcher:
         rows = [row for job, start, stop in batch for row in job.rows[start:stop]]
         try:
             self.calls += 1
+            if self.observer:
+                self.observer.ran(len(rows))
             results = self.run(key, rows)
         except Exception as err:  # noqa: BLE001 -- handed to the request(s) it belongs to
             if len({id(job) for job, _, _ in batch}) > 1:

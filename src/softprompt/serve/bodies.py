@@ -6,8 +6,6 @@ from typing import Union, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_NEW_TOKENS = 256
-
 Input = Union[str, dict[str, str]]
 UNION_TAGS = ("str", "dict[str,str]")  # how pydantic names Input's branches in an error's location
 INPUT_IS = "an input is a text, or an object with a text for each of the task's fields"
@@ -39,7 +37,7 @@ class PredictBody(BaseModel):
 
 
 class GenerateBody(PredictBody):
-    max_new_tokens: int = Field(20, ge=1, le=MAX_NEW_TOKENS)
+    max_new_tokens: int = Field(20, ge=1, description="at most the server's --max-new-tokens")
 
 
 class PromptBody(BaseModel):

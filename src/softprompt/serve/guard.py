@@ -11,15 +11,15 @@ from .errors import error
 from .page import page
 
 KEY_COOKIE = "softprompt_key"  # set by the login page; accepted on GET only, so it cannot carry a forged POST
-OPEN_PATHS = {"/health"}
+OPEN_PATHS = frozenset({"/health"})  # and /metrics with --metrics-open
 
 
 class Guard:
     """Refuses a request without the key (a browser gets the login page) or with too large a body; the body is
     read here, at most `max_body_bytes` of it, and handed on to the app in one piece."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, open_paths: frozenset[str] = OPEN_PATHS) -> None:
+        self.app, self.api_key, self.max_body_bytes, self.open_paths = app, api_key, max_body_bytes, open_paths
 
     def _authorized(self, method: str, headers: dict[str, str]) -> bool:
         offered = [headers.get("x-api-key", "")]
@@ -45,19 +45,20 @@ class Guard:
         if body is None:
             return  # the client left before sending its body
         if len(body) > self.max_body_bytes:
-            return await self._too_large()(scope, receive, send)
+            return await self._too_large(scope["path"])(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
 
     def _refusal(self, scope, headers: dict[str, str]) -> Response | None:
         """The answer to a request refused before its body is read: no key, or a declared length over the limit."""
-        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(scope["method"], headers):
+        path = scope["path"]
+        if self.api_key and path not in self.open_paths and not self._authorized(scope["method"], headers):
             if scope["method"] == "GET" and "text/html" in headers.get("accept", ""):  # a browser: the login page
                 return page("login", status_code=401)
             return error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' or "
-                              "'X-API-Key: KEY'")
+                              "'X-API-Key: KEY'", path, code="invalid_api_key")
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return self._too_large()
+            return self._too_large(path)
         return None
 
     async def _read(self, receive) -> bytes | None:
@@ -71,8 +72,8 @@ class Guard:
             more = message.get("more_body", False)
         return bytes(body)
 
-    def _too_large(self) -> Response:
-        return error(413, f"the body is over {self.max_body_bytes} bytes")
+    def _too_large(self, path: str) -> Response:
+        return error(413, f"the body is over {self.max_body_bytes} bytes", path)
 
 
 def _replay(body: bytes, receive):

@@ -24,6 +24,10 @@ class ServeOptions:
     max_inputs: int = option(64, "inputs per request at most")
     max_input_chars: int = option(4000, "characters per input (per field) at most")
     max_body_bytes: int = option(1_000_000, "request body size at most")
+    max_new_tokens: int = option(256, "tokens generated per input at most (/v1/generate's max_new_tokens, the OpenAI "
+                                      "routes' max_tokens)")
+    metrics_open: bool = option(False, "serve /metrics without the API key (for a scraper on a trusted network)",
+                                flag="--metrics-open")
     watch: str | None = option(None, "serve the checkpoints of DIR (DIR/<task>/ or DIR/<task>/<member>/), following "
                                    "changes", metavar="DIR")
     workers: int = option(1, "worker processes, each with its own copy of the model")
@@ -33,7 +37,8 @@ class ServeOptions:
                                    "it was trained and evaluated)")
 
     def __post_init__(self) -> None:
-        if min(self.max_batch, self.max_inputs, self.max_input_chars, self.max_body_bytes) < 1 or self.max_wait_ms < 0:
-            raise SoftpromptError("--max-batch, --max-inputs, --max-input-chars and --max-body-bytes must be at least "
-                                  "1, --max-wait-ms at least 0")
+        limits = self.max_batch, self.max_inputs, self.max_input_chars, self.max_body_bytes, self.max_new_tokens
+        if min(limits) < 1 or self.max_wait_ms < 0:
+            raise SoftpromptError("--max-batch, --max-inputs, --max-input-chars, --max-body-bytes and --max-new-tokens "
+                                  "must be at least 1, --max-wait-ms at least 0")
         check_dtype(self.dtype)

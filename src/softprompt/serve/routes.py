@@ -1,40 +1,51 @@
 """The HTTP routes over the shared model: predict, generate, tasks, prompts added and removed, the playground
-(`router`, behind the API key) and health (`open_router`). Every request is checked (limits, tasks, fields)
-before its rows queue for the batcher, so a bad one never shares a batch with good ones."""
+(`router`, behind the API key), health (`open_router`) and the metrics (`metrics_router`, behind the key unless
+--metrics-open). Every request is checked (limits, tasks, fields) before its rows queue for the batcher, so a bad
+one never shares a batch with good ones."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import asdict
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Iterable, Sequence
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from ..encoding import BLANK, is_blank
-from ..multitask import TaskInfo
-from .bodies import GenerateBody, Input, PredictBody, PromptBody
+from ..errors import SoftpromptError
+from ..multitask import Item, Sampling, TaskInfo, Wants
+from .bodies import INPUT_IS, GenerateBody, PredictBody, PromptBody
+from .errors import Refused
 from .page import page
 from .sources import local_path
 from .state import Served, ServedDep
 
 router = APIRouter()
 open_router = APIRouter()  # no key asked (guard.OPEN_PATHS)
+metrics_router = APIRouter()  # behind the key unless --metrics-open
 
 
-def checked(served: Served, pairs: list[tuple[str, Input]], generate: bool = False) -> list[tuple[str, Input]]:
-    """`pairs` once they pass the limits (413), then tasks (404) and fields (422), against one snapshot of the
-    tasks."""
+def checked(served: Served, items: Sequence[Item], generate: bool = False,
+            max_new_tokens: int | None = None) -> list[int]:
+    """Each input's tokens as the model reads them, once `items` pass the limits (413), then tasks (404) and fields
+    (422), against one snapshot of the tasks, then what only the model can tell (422); counted as prompt tokens.
+    A task of None is the base model (a text or a chat: the model checks it)."""
     limits = served.options
-    if len(pairs) > limits.max_inputs:
-        raise HTTPException(413, f"{len(pairs)} inputs in one request; the limit is {limits.max_inputs}")
-    for i, (_, value) in enumerate(pairs):
-        texts = [value] if isinstance(value, str) else list(value.values())
+    if len(items) > limits.max_inputs:
+        raise HTTPException(413, f"{len(items)} inputs in one request; the limit is {limits.max_inputs}")
+    for i, (_, value) in enumerate(items):
+        texts = [value] if isinstance(value, str) else list(value.values()) if isinstance(value, dict) else \
+            [m["content"] for m in value]
         if any(len(t) > limits.max_input_chars for t in texts):
             raise HTTPException(413, f"input {i} is over {limits.max_input_chars} characters")
     tasks = served.model.tasks()
-    for i, (name, value) in enumerate(pairs):
+    for i, (name, value) in enumerate(items):
+        if name is None:
+            continue
         info = tasks.get(name)
         if info is None:
             raise HTTPException(404, f"unknown task {name!r}; this server has: {', '.join(sorted(tasks)) or 'none'}")
@@ -42,11 +53,29 @@ def checked(served: Served, pairs: list[tuple[str, Input]], generate: bool = Fal
         if generate and not info.can_generate:
             raise HTTPException(422, f"task {name!r} cannot generate text (it needs a decoder prompt trained with "
                                      "label words)")
-    served.model.check(pairs)  # what only the tokenizer can tell (an input of characters it drops), by request index
-    return pairs
+    # what only the tokenizer can tell (an input of characters it drops, more tokens than positions), by index
+    counts = served.model.check(items, max_new_tokens)
+    served.metrics.prompt_tokens.inc(sum(counts))
+    return counts
 
 
-def _check_fields(info: TaskInfo, value: Input, index: int) -> None:
+def new_tokens(served: Served, asked: int, field: str) -> int:
+    """`asked` tokens to generate, unless over the server's --max-new-tokens (422, naming the request's field)."""
+    if asked > served.options.max_new_tokens:
+        raise Refused(422, f"{field}: {asked} is over this server's limit of {served.options.max_new_tokens} new "
+                           "tokens", param=field)
+    return asked
+
+
+def tag(request: Request, tasks: Iterable[str]) -> None:
+    """The task label of the request's count in the metrics: its one task (or model), or `mixed`."""
+    names = set(tasks)
+    request.state.task = names.pop() if len(names) == 1 else "mixed"
+
+
+def _check_fields(info: TaskInfo, value: Any, index: int) -> None:
+    if not isinstance(value, (str, dict)):
+        raise HTTPException(422, f"input {index}: {INPUT_IS}")
     if isinstance(value, str):
         if len(info.fields) != 1:
             raise HTTPException(422, f"input {index}: task {info.name!r} takes the fields {', '.join(info.fields)}; "
@@ -62,9 +91,15 @@ def _check_fields(info: TaskInfo, value: Input, index: int) -> None:
         raise HTTPException(422, f"input {index}: {BLANK}")
 
 
-async def batched(request: Request, served: Served, key: tuple[str, int], pairs: list[tuple[str, Input]]) -> Any:
-    """The batcher's results for `pairs`, or a 499 once the client has gone (its rows left unrun)."""
-    results = await _unless_disconnected(request, served.batcher.submit(key, pairs))
+async def batched(request: Request, served: Served, key: tuple[str, Sampling | None], rows: Sequence[Any],
+                  cancel: threading.Event | None = None) -> Any:
+    """The batcher's results for `rows` (as `Served.run` takes them), or a 499 once the client has gone (its rows
+    left unrun, and `cancel`, the generating rows' flag, set: they stop at their next token)."""
+    try:
+        results = await _unless_disconnected(request, served.batcher.submit(key, rows))
+    finally:
+        if cancel is not None:
+            cancel.set()  # a no-op once answered
     return Response(status_code=499) if results is None else results
 
 
@@ -92,18 +127,25 @@ def _writable(served: ServedDep) -> None:
 @router.post("/v1/predict")
 async def predict(body: PredictBody, request: Request, served: ServedDep) -> Any:
     """Labels and per-label probabilities (or values, for regression), one result per input, in order."""
-    results = await batched(request, served, ("predict", 0), checked(served, body.pairs()))
+    pairs = body.pairs()
+    checked(served, pairs)
+    tag(request, (task for task, _ in pairs))
+    results = await batched(request, served, ("predict", None), pairs)
     return results if isinstance(results, Response) else {"results": results}
 
 
 @router.post("/v1/generate")
 async def generate(body: GenerateBody, request: Request, served: ServedDep) -> Any:
     """Greedy free text after each input's prompt and template (decoder prompts trained with label words)."""
-    pairs = checked(served, body.pairs(), generate=True)
-    texts = await batched(request, served, ("generate", body.max_new_tokens), pairs)
-    if isinstance(texts, Response):
-        return texts
-    return {"results": [{"task": task, "generated": text} for (task, _), text in zip(pairs, texts)]}
+    pairs, asked = body.pairs(), new_tokens(served, body.max_new_tokens, "max_new_tokens")
+    checked(served, pairs, generate=True, max_new_tokens=asked)
+    tag(request, (task for task, _ in pairs))
+    cancel = threading.Event()
+    out = await batched(request, served, ("generate", Sampling(asked)), [(*pair, Wants(cancelled=cancel))
+                                                                         for pair in pairs], cancel)
+    if isinstance(out, Response):
+        return out
+    return {"results": [{"task": task, "generated": g.text} for (task, _), g in zip(pairs, out)]}
 
 
 @router.get("/v1/tasks")
@@ -115,8 +157,13 @@ async def tasks(served: ServedDep) -> dict[str, Any]:
 @router.post("/v1/prompts", status_code=201, dependencies=[Depends(_writable)])
 async def add_prompt(body: PromptBody, served: ServedDep) -> dict[str, Any]:
     """Load a checkpoint (a folder on the server's disk or a hub repo id) as a task or an ensemble member."""
-    prompt = await run_in_threadpool(served.model.load, local_path(body.path), body.task, body.member)
-    served.model.add(prompt)
+    try:
+        prompt = await run_in_threadpool(served.model.load, local_path(body.path), body.task, body.member)
+        served.model.add(prompt)
+    except SoftpromptError:
+        served.metrics.loaded("api", ok=False)
+        raise
+    served.metrics.loaded("api", ok=True)
     return asdict(served.model.tasks()[prompt.task])
 
 
@@ -136,3 +183,9 @@ async def playground() -> HTMLResponse:
 async def health(served: ServedDep) -> dict[str, Any]:
     """Open without a key, for load balancers."""
     return {"status": "ok", "base_model": served.model.base_name, "tasks": len(served.model.tasks())}
+
+
+@metrics_router.get("/metrics")
+async def metrics(served: ServedDep) -> Response:
+    """Prometheus' text format (docs/serving.md lists the metrics)."""
+    return Response(generate_latest(served.metrics.registry), media_type=CONTENT_TYPE_LATEST)

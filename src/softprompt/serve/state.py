@@ -8,28 +8,33 @@ from typing import Annotated, Any, Hashable, cast
 
 from fastapi import Depends, Request
 
-from ..multitask import MultiTaskModel
+from ..multitask import MultiTaskModel, Sampling
 from .batcher import Batcher
-from .bodies import Input
+from .metrics import Metrics
 from .options import ServeOptions
 from .watcher import PromptWatcher
 
 
 @dataclass
 class Served:
-    """One app's model, options and folder watcher; `batcher` is set while the app runs (by its lifespan)."""
+    """One app's model, options, metrics and folder watcher; `batcher` is set while the app runs (by its
+    lifespan)."""
 
     model: MultiTaskModel
     options: ServeOptions
+    metrics: Metrics
     watcher: PromptWatcher | None
     batcher: Batcher = field(init=False)
 
-    def run(self, key: Hashable, rows: list[tuple[str, Input]]) -> list[Any]:
-        """The batcher's call: `key` is ("predict", 0) or ("generate", max_new_tokens), as the routes submit."""
-        kind, max_new_tokens = cast(tuple[str, int], key)
-        if kind == "generate":
-            return self.model.generate(rows, max_new_tokens)
-        return self.model.predict(rows)
+    def run(self, key: Hashable, rows: list[Any]) -> list[Any]:
+        """The batcher's call, as the routes submit: ("predict", None) with (task, input) rows, or ("generate",
+        Sampling) with (task or None for the base model, input, Wants) rows, answered with `Generated`s."""
+        kind, sampling = cast(tuple[str, Sampling], key)
+        if kind == "predict":
+            return self.model.predict(rows)
+        out = self.model.complete([(task, given) for task, given, _ in rows], sampling, [w for _, _, w in rows])
+        self.metrics.generation_tokens.inc(sum(g.tokens for g in out))
+        return out
 
 
 def _served(request: Request) -> Served:

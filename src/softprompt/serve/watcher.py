@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Callable
 
 from ..checkpoint import META_FILE, checkpoint_folder
 from ..errors import SoftpromptError
@@ -50,10 +51,12 @@ def _signature(checkpoint: Path) -> tuple[int, int, int]:
 
 class PromptWatcher:
     """Polls `directory` every `interval` seconds on its own thread; loading happens on that thread, so requests
-    in flight never wait for it, and each prompt enters the model in one atomic `add`."""
+    in flight never wait for it, and each prompt enters the model in one atomic `add`. `loaded(ok)` hears of each
+    load tried (the server's metrics)."""
 
-    def __init__(self, model: MultiTaskModel, directory: str | Path, interval: float = 1.0) -> None:
-        self.model, self.directory, self.interval = model, prompt_folder(directory), interval
+    def __init__(self, model: MultiTaskModel, directory: str | Path, interval: float = 1.0,
+                 loaded: Callable[[bool], None] | None = None) -> None:
+        self.model, self.directory, self.interval, self.loaded = model, prompt_folder(directory), interval, loaded
         self.seen: dict[Key, tuple[int, int, int]] = {}  # what was last loaded (or failed to load) from each
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="softprompt-watch", daemon=True)
@@ -75,11 +78,15 @@ class PromptWatcher:
             if self.seen.get(key) == signature:
                 continue
             self.seen[key] = signature
+            ok = True
             try:
                 self.model.add(self.model.load(path, task=key[0], member=key[1]))
                 log.info("watch: loaded %s as %s", path, "/".join(k for k in key if k))
             except SoftpromptError as err:
+                ok = False
                 log.warning("watch: cannot load %s: %s", path, err)
+            if self.loaded:
+                self.loaded(ok)
 
     def start(self) -> None:
         self._thread.start()
