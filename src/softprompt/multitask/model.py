@@ -160,7 +160,11 @@ class MultiTaskModel:
                                   "tokenizer drops); give it some text")
         if isinstance(given, str):
             return self.tokenizer(given)["input_ids"]
-        chat = self.tokenizer.apply_chat_template(given, tokenize=False, add_generation_prompt=True)
+        try:
+            chat = self.tokenizer.apply_chat_template(given, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001 -- the template's own refusal (jinja2's TemplateError, or its raise)
+            raise SoftpromptError(f"input {index}: the tokenizer's chat template refuses these messages ({err})") \
+                from None
         return self.tokenizer(chat, add_special_tokens=False)["input_ids"]
 
     def _item_scores(self, grouped: list[list[Row]], batch_size: int) -> list[list[torch.Tensor]]:
