@@ -3,7 +3,9 @@
 Every request's rows go through one dynamic batcher, so concurrent requests for any mix of tasks become one
 `MultiTaskModel.predict` call on one worker thread. Requests are checked (key, body size, number and length of
 inputs, tasks, fields) before they queue, so bad input never reaches a batch, and every error is a JSON
-`{"detail": "one line"}` with a 4xx status. docs/serving.md says what each module does.
+`{"detail": "one line"}` with a 4xx status. OpenAI's API (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
+with OpenAI's error object) and Prometheus' (`/metrics`) are spoken too. docs/serving.md says what each module
+does.
 """
 
 from .app import create_app
