@@ -103,10 +103,11 @@ def test_models_lists_the_base_model_and_every_task(client, model):
 
 
 @pytest.mark.parametrize("task,inputs", [("sentiment", SENTENCES), ("head", SENTENCES[:3]), ("ensemble", SENTENCES[:3]),
-                                         ("pair", [PAIR])])
+                                         ("pair", [PAIR, {**PAIR, "note": 5}])])
 def test_a_classification_is_predict_s_label_with_every_label_s_log_probability(client, server, model, task, inputs):
     prompts = [i if isinstance(i, str) else json.dumps(i) for i in inputs]
     answer = client.completions.create(model=task, prompt=prompts)
+    inputs = [i if isinstance(i, str) else {f: i[f] for f in PAIR} for i in inputs]  # a field it does not take: unread
     want = _predicted(server, task, inputs)
     assert answer.object == "text_completion" and answer.model == task and len(answer.choices) == len(inputs)
     for choice, result in zip(answer.choices, want):
@@ -183,6 +184,10 @@ def test_stop_cuts_the_text_and_the_generation(client, server):
                                        stop=[stop, "never appears"])
     assert answer.choices[0].text == greedy[:greedy.index(stop)] and answer.choices[0].finish_reason == "stop"
     assert answer.usage.completion_tokens < 12
+    chunks = list(client.completions.create(model="sentiment", prompt=SENTENCES[0], max_tokens=12, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == answer.choices[0].text  # never a piece of the stop string
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

@@ -208,7 +208,7 @@ def _task_input(info: TaskInfo, text: str, param: str) -> Input:
         example = json.dumps({f: "..." for f in info.fields})
         raise Refused(400, f"{param}: task {info.name!r} takes the fields {', '.join(info.fields)}: give a JSON "
                            f"object with a text for each, e.g. {example}", param=param)
-    return value
+    return {f: value[f] for f in info.fields}
 
 
 async def _answer(request: Request, served: Served, body: OpenAIBody, shape: _Shape, info: TaskInfo | None,

@@ -16,7 +16,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "presence_penalty": (0,),
     "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
     "function_call": ("none",), "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},),
-    "modalities": (["text"],)}
+    "modalities": (["text"],), "store": (False,), "metadata": ({},)}
 WHY = {"n": "one choice per input (several prompts make several choices)",
        "tools": "tool calls are not supported", "functions": "function calls are not supported",
        "tool_choice": "tool calls are not supported", "function_call": "function calls are not supported"}

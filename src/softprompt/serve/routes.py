@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import asdict
-from typing import Any, Awaitable, Iterable, Sequence
+from typing import Any, Awaitable, Iterable, Sequence, cast
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from ..encoding import BLANK, is_blank
 from ..errors import SoftpromptError
 from ..multitask import Item, Sampling, TaskInfo, Wants
-from .bodies import INPUT_IS, GenerateBody, PredictBody, PromptBody
+from .bodies import GenerateBody, Input, PredictBody, PromptBody
 from .errors import Refused
 from .page import page
 from .sources import local_path
@@ -49,7 +49,7 @@ def checked(served: Served, items: Sequence[Item], generate: bool = False,
         info = tasks.get(name)
         if info is None:
             raise HTTPException(404, f"unknown task {name!r}; this server has: {', '.join(sorted(tasks)) or 'none'}")
-        _check_fields(info, value, i)
+        _check_fields(info, cast(Input, value), i)  # a task's input (a chat is the base model's only)
         if generate and not info.can_generate:
             raise HTTPException(422, f"task {name!r} cannot generate text (it needs a decoder prompt trained with "
                                      "label words)")
@@ -73,9 +73,7 @@ def tag(request: Request, tasks: Iterable[str]) -> None:
     request.state.task = names.pop() if len(names) == 1 else "mixed"
 
 
-def _check_fields(info: TaskInfo, value: Any, index: int) -> None:
-    if not isinstance(value, (str, dict)):
-        raise HTTPException(422, f"input {index}: {INPUT_IS}")
+def _check_fields(info: TaskInfo, value: Input, index: int) -> None:
     if isinstance(value, str):
         if len(info.fields) != 1:
             raise HTTPException(422, f"input {index}: task {info.name!r} takes the fields {', '.join(info.fields)}; "
