@@ -67,10 +67,11 @@ class PromptedTask:
         there is one). Code from the base model's repository runs only when the caller says so, whatever the
         checkpoint recorded."""
         check_dtype(dtype)
+        where = resolve_device(device)  # a device that is not there is refused before anything is read
         directory, meta, spec = read_task_checkpoint(checkpoint, trust_remote_code)
         info = describe_model(model or spec.model, trust_remote_code)
         meta.check_base(info.config, info.name)
-        spec = replace(spec, trust_remote_code=trust_remote_code, device=str(resolve_device(device)))
+        spec = replace(spec, trust_remote_code=trust_remote_code, device=str(where))
         if dtype is not None:
             spec = replace(spec, bf16=dtype == "bf16", fp16=False)
         prompted = cls.build(spec, info, initialise=False)
