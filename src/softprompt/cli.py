@@ -12,7 +12,6 @@ import typing
 from pathlib import Path
 from typing import Any, List, Optional
 
-import datasets
 import transformers
 import typer
 
@@ -42,8 +41,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
 
 
 def _fmt(metrics: dict | None) -> str:
