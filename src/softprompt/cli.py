@@ -18,7 +18,7 @@ import typer
 from .assets import BUILTIN_MODELS
 from .checkpoint import read_checkpoint
 from .data import BUILTIN_DATASETS, to_examples
-from .distributed import Ranks
+from .distributed import main_process
 from .errors import SoftpromptError
 from .hub import push_folder
 from .interpret import view
@@ -107,7 +107,7 @@ def train(**options: Any) -> None:
     resume = options["resume"]
     cfg = _settings(TrainConfig, {**options, "output": resume} if resume else options)
     result = run_training(cfg, resume=bool(resume), log=typer.echo)
-    if not Ranks.from_env().is_main:
+    if not main_process():
         return  # under a launcher the main rank reports
     typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s ({result.eval_seconds:.0f} s of them on dev "
                "evaluation)")

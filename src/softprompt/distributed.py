@@ -34,6 +34,12 @@ Row = TypeVar("Row")
 Built = TypeVar("Built")
 
 
+def main_process() -> bool:
+    """Whether this process is the one that logs and writes (rank 0, or no launcher), read off the launcher's
+    environment without starting a process group, whose backend depends on the device decided later."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0

@@ -23,7 +23,7 @@ from .assets import describe_model
 from .checkpoint import BEST, LAST, RESULTS, TrainerState, load_tensors, read_checkpoint, read_trainer_state
 from .data import Example, Splits, load_data
 from .devices import activate, fitting_rows, gpu_name, resolve_device, rng_states, set_rng_states, to_device
-from .distributed import Ranks
+from .distributed import Ranks, main_process
 from .encoding import Feature, collate
 from .errors import SoftpromptError
 from .metrics import compute_metrics, confusion_matrix
@@ -552,7 +552,7 @@ class Trainer:
 
 def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Trainer:
     """A fresh run: the base model's config read once, the data loaded, every default resolved, the model built."""
-    if not Ranks.from_env().is_main:
+    if not main_process():
         log = _silent  # under a launcher the main rank logs
     check_writable(Path(cfg.output))
     require_trackers(cfg.report_to)
