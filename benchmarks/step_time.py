@@ -4,7 +4,8 @@ shared-prefix engine, side by side in one run.
 
     python benchmarks/step_time.py                 # SmolLM2-135M, batch 8, inputs 16/64/256, prompts 20/100
     python benchmarks/step_time.py --quick         # one cell (64/64), for a smoke check
-    python benchmarks/step_time.py --model llama-1b --bf16   # GPU: a Llama-3.2-1B-shaped decoder, random weights
+    python benchmarks/step_time.py --model llama-8b --bf16 --lengths 512 --prompts 100   # GPU: a Llama-3.1-8B
+                                                   # shape, random weights (also smollm2-shape, llama-1b)
 
 A training step is forward + backward to what trains (the input embeddings for the base) with the LM loss on
 every real token a method can predict. Every row takes its loss through softprompt's chunked LM loss
@@ -42,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from softprompt import PromptTuningConfig, get_prompt_model
 from softprompt.assets import describe_model, load_backbone
@@ -234,53 +236,62 @@ def rank_throughput(base, tokenizer, p: int, examples, device, batch: int, round
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def llama_1b(device: str, dtype: torch.dtype):
-    """A Llama-3.2-1B-shaped decoder with random weights (timing needs the shape, not the training), and
-    SmolLM2's tokenizer, whose ids all fall inside its vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+SHAPES = {  # decoders built from configs with random weights: timing needs the shape, not the training
+    "smollm2-shape": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+}
 
-    tokenizer = load_backbone(describe_model("smollm2-135m"), TaskType.CAUSAL_LM).tokenizer
-    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+
+def shaped(name: str, device: str, dtype: torch.dtype):
+    """A Llama-architecture decoder of one of SHAPES (SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B), random weights,
+    built on `device` in `dtype`; no tokenizer (the training rows are random ids)."""
+    config = LlamaConfig(max_position_embeddings=4096, rope_theta=500000.0, pad_token_id=0, **SHAPES[name])
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
-    return model, tokenizer
+        return LlamaForCausalLM._from_config(config, torch_dtype=dtype).eval().requires_grad_(False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a built-in model, or llama-1b (random weights)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help=f"a built-in model, or a shape with random weights: {', '.join(SHAPES)}")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--prompts", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--glue", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
-    parser.add_argument("--infer-examples", type=int, default=128, help="SST-2 dev examples to classify (0: all)")
+    parser.add_argument("--infer-examples", type=int, default=128, help="SST-2 dev examples to classify (0: none)")
     parser.add_argument("--rounds", type=int, default=3, help="inference passes per method (median kept)")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights (the GPU setting)")
     parser.add_argument("--quick", action="store_true", help="one cell (64/64), 64 inference examples")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's dense bf16 peak, for the share of it a step uses (H100/H200 SXM: 989)")
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.prompts, args.infer_examples, args.repeats = [64], [64], 64, 5
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    if args.model == "llama-1b":
-        base, tokenizer = llama_1b(device, dtype)
+    tokenizer = None
+    if args.model in SHAPES:
+        base = shaped(args.model, device, dtype)
     else:
         backbone = load_backbone(describe_model(args.model), TaskType.CAUSAL_LM)
-        base, tokenizer = backbone.model, backbone.tokenizer
-    base = base.to(device=device, dtype=dtype)
+        base, tokenizer = backbone.model.to(device=device, dtype=dtype), backbone.tokenizer
+    params = sum(p.numel() for p in base.parameters())
     where = f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})"
-    print(f"# {args.model} {str(dtype)[6:]} on {where}, batch {args.batch}, median of {args.repeats} "
-          "repeats; 'vs no prompt' is the median of the per-repeat ratios")
-    print("| input | prompt | method | step s | vs no prompt | bound (Bn+p)/Bn | saved MB |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"# {args.model} ({params / 1e9:.2f}B parameters) {str(dtype)[6:]} on {where}, batch {args.batch}, median "
+          f"of {args.repeats} repeats; 'vs no prompt' is the median of the per-repeat ratios; memory: "
+          f"{'peak allocated' if device == 'cuda' else 'saved for backward'}")
+    print("| input | prompt | method | step s | tokens/s | vs no prompt | bound (Bn+p)/Bn | memory MB |")
+    print("|---|---|---|---|---|---|---|---|")
     results = {}
     cells = [(n, p) for n in args.lengths for p in args.prompts]
-    if (64, 64) not in cells:
-        cells.append((64, 64))  # the cell the RESULT lines report
+    if not args.quick and (64, 64) not in cells and device == "cpu":
+        cells.append((64, 64))  # the cell the CPU RESULT lines report
     for n, p in cells:
         ids = torch.randint(100, base.config.vocab_size - 100, (args.batch, n), device=device)
         mask = torch.ones_like(ids)
@@ -288,15 +299,18 @@ def main() -> None:
         check_losses(cell, dtype)
         bound = f"{(args.batch * n + p) / (args.batch * n):.3f}"
         for name, m in cell.items():  # the bound is a prompt's run once per step; a prefix runs no tokens
-            print(f"| {n} | {p} | {name} | {m['s']:.3f} | {m['vs no prompt']:.2f} | "
+            print(f"| {n} | {p} | {name} | {m['s']:.3f} | {args.batch * n / m['s']:.0f} | {m['vs no prompt']:.2f} | "
                   f"{'-' if name in PREFIX_ROWS else bound} | {m['mb']:.0f} |")
         results[(n, p)] = cell
         sys.stdout.flush()
+    if device == "cuda":
+        gpu_results(results, args, params)
+        return
     examples = []
     glue = Path(args.glue)
-    if (glue / "SST-2").is_dir():
+    if (glue / "SST-2").is_dir() and tokenizer is not None and args.infer_examples:
         examples = load_data(str(glue), "sst2").dev
-        examples = examples[: args.infer_examples] if args.infer_examples else examples
+        examples = examples[: args.infer_examples]
     infer_p = max(args.prompts)
     if examples:
         tput = rank_throughput(base, tokenizer, infer_p, examples, device, 32, args.rounds)
@@ -307,7 +321,7 @@ def main() -> None:
         for name, rate in tput.items():
             print(f"| {name} | {rate:.1f} | {rate / tput['no prompt']:.2f} |")
     else:
-        print(f"\n# no SST-2 at {glue}: inference throughput skipped")
+        print(f"\n# inference throughput skipped: no SST-2 at {glue}, or a shape without a tokenizer")
         tput = {}
     cell = results[(64, 64)]
     fmt = lambda x: "na" if x is None else f"{x:.3f}"  # noqa: E731
@@ -326,6 +340,21 @@ def main() -> None:
     train, train_peft, saved, infer, infer_peft = ratios("softprompt prefix", "peft prefix")
     print(f"RESULT prefix_train_vs_base={fmt(train)} prefix_train_vs_peft={fmt(train_peft)} "
           f"prefix_saved_vs_peft={fmt(saved)} prefix_infer_vs_base={fmt(infer)} prefix_infer_vs_peft={fmt(infer_peft)}")
+
+
+def gpu_results(results: dict, args, params: int) -> None:
+    """The GPU's RESULT line, for each cell: our step against the frozen model's forward and backward to the input
+    embeddings and against peft's, and the share of the GPU's bf16 peak our step uses, counting its useful work as
+    4 x parameters x tokens (a forward, and a backward to the activations only: the frozen weights take no
+    gradient)."""
+    for (n, p), cell in results.items():
+        ours = cell["softprompt"]
+        share = 4 * params * args.batch * n / ours["s"] / (args.peak_tflops * 1e12)
+        vs_peft = ours["vs peft"] if "peft" in cell else float("nan")
+        print(f"RESULT gpu model={args.model} input={n} prompt={p} train_vs_base={ours['vs no prompt']:.3f} "
+              f"train_vs_peft={vs_peft:.3f} peak_share={share:.3f} step_s={ours['s']:.4f} "
+              f"tokens_per_s={args.batch * n / ours['s']:.0f} memory_mb={ours['mb']:.0f} "
+              f"peft_memory_mb={cell['peft']['mb'] if 'peft' in cell else float('nan'):.0f}")
 
 
 if __name__ == "__main__":

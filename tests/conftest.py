@@ -31,6 +31,21 @@ def fp32_by_default(monkeypatch):
     monkeypatch.setattr("softprompt.spec.fast_bf16", lambda: False)
 
 
+NO_GPU = "no CUDA device here: the GPU half of the device tests runs where one is (scripts/gpu_check.sh)"
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                 reason=NO_GPU)])]
+# how far a result on the device may be from the reference on the same device, per dtype: fp32 differs by summation
+# order only (on a GPU its kernels pick other orders); bf16 rounds every product
+TOLERANCE = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 1e-4, ("cpu", torch.bfloat16): 2e-2,
+             ("cuda", torch.bfloat16): 2e-2}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each exactness test that takes it runs on the CPU always and on a GPU where there is one."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())

@@ -92,7 +92,7 @@ def test_tasks_that_cannot_share_run_alone_with_the_same_results(decoder_prompts
 def test_the_backbone_is_loaded_once_and_shared(decoder_prompts):
     model = MultiTaskModel.from_pretrained(decoder_prompts)
     backbones = {id(p.prompted.model.base.base_model) for task in model.tasks() for p in model.prompts(task)}
-    assert backbones == {id(model.backbones.held[False].base_model)} and len(model.backbones.held) == 1
+    assert backbones == {id(model.backbones.held["fp32"].base_model)} and len(model.backbones.held) == 1
     assert model.prompts("head")[0].prompted.model.head is not model.prompts("similarity")[0].prompted.model.head
 
 

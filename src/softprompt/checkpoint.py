@@ -105,7 +105,7 @@ class TrainerState:
 
     counters: dict[str, Any]
     optimizer: dict[str, Any]
-    rng: torch.Tensor
+    rng: dict[str, torch.Tensor]  # "torch" (the host's), "cuda" (the GPU's where the run used one)
     prompt_module: dict[str, torch.Tensor]
 
 
@@ -184,7 +184,7 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, tensors: dict
             (tmp / name).write_text(json.dumps(content, indent=2))
         if trainer_state is not None:
             state_tensors, plain = _flatten_optimizer(trainer_state.optimizer)
-            state_tensors["rng.torch"] = trainer_state.rng
+            state_tensors.update({f"rng.{name}": state for name, state in trainer_state.rng.items()})
             state_tensors.update({f"prompt_module.{k}": v.detach().contiguous().cpu()
                                   for k, v in trainer_state.prompt_module.items()})
             save_file(state_tensors, str(tmp / STATE_TENSORS))
@@ -303,7 +303,8 @@ def read_trainer_state(directory: str | Path, checkpoint: Checkpoint | None = No
     else:
         counters, prefix = rest["counters"], "prompt_module."
     module = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return TrainerState(counters, optimizer, tensors["rng.torch"], module)
+    rng = {name[len("rng."):]: value for name, value in tensors.items() if name.startswith("rng.")}
+    return TrainerState(counters, optimizer, rng, module)
 
 
 def _from_format_1(meta: dict[str, Any]) -> Checkpoint:

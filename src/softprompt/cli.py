@@ -12,14 +12,13 @@ import typing
 from pathlib import Path
 from typing import Any, List, Optional
 
-import datasets
 import transformers
 import typer
 
 from .assets import BUILTIN_MODELS
 from .checkpoint import read_checkpoint
 from .data import BUILTIN_DATASETS, to_examples
-from .distributed import Ranks
+from .distributed import main_process
 from .errors import SoftpromptError
 from .hub import push_folder
 from .interpret import view
@@ -42,8 +41,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
 
 
 def _fmt(metrics: dict | None) -> str:
@@ -110,7 +107,7 @@ def train(**options: Any) -> None:
     resume = options["resume"]
     cfg = _settings(TrainConfig, {**options, "output": resume} if resume else options)
     result = run_training(cfg, resume=bool(resume), log=typer.echo)
-    if not Ranks.from_env().is_main:
+    if not main_process():
         return  # under a launcher the main rank reports
     typer.echo(f"trained {result.step} steps in {result.seconds:.0f} s ({result.eval_seconds:.0f} s of them on dev "
                "evaluation)")
@@ -122,12 +119,14 @@ def train(**options: Any) -> None:
 
 
 _SERVE = {p.name: p.default for p in _parameters(ServeOptions)}
-TRUST, DTYPE = _SERVE["trust_remote_code"], _SERVE["dtype"]  # eval, predict, inspect load checkpoints as serve does
+# eval, predict, inspect load checkpoints as serve does
+TRUST, DTYPE, DEVICE = _SERVE["trust_remote_code"], _SERVE["dtype"], _SERVE["device"]
 
 
-def _load(checkpoint: str, model: Optional[str], trust_remote_code: bool = False, dtype: Optional[str] = None):
+def _load(checkpoint: str, model: Optional[str], trust_remote_code: bool = False, dtype: Optional[str] = None,
+          device: str = "auto"):
     _quiet_libraries()
-    return PromptedTask.from_pretrained(checkpoint, model, trust_remote_code, dtype)
+    return PromptedTask.from_pretrained(checkpoint, model, trust_remote_code, dtype, device)
 
 
 @app.command("eval")
@@ -140,17 +139,19 @@ def evaluate(
     trust_remote_code: bool = TRUST,
     batch_size: int = typer.Option(64),
     dtype: Optional[str] = DTYPE,
+    device: str = DEVICE,
 ) -> None:
     """Score a checkpoint on a labelled split and print its metrics as JSON; with several, each member's and
     the ensemble's (mean probability, majority vote), all in one batched pass."""
     if split not in ("dev", "test"):
         raise SoftpromptError(f"--split must be dev or test, not {split!r}")
     if len(checkpoints) == 1:
-        prompted = _load(checkpoints[0], model, trust_remote_code, dtype)
+        prompted = _load(checkpoints[0], model, trust_remote_code, dtype, device)
         spec, score = prompted.spec, prompted.evaluate
     else:
         _quiet_libraries()
-        ensemble = MultiTaskModel.from_pretrained({"ensemble": checkpoints}, trust_remote_code, dtype, base_model=model)
+        ensemble = MultiTaskModel.from_pretrained({"ensemble": checkpoints}, trust_remote_code, dtype, base_model=model,
+                                                  device=device)
         spec = ensemble.prompts("ensemble")[0].prompted.spec
 
         def score(examples, batch_size):
@@ -211,9 +212,10 @@ def predict(
                                                             "instead of a label (decoder checkpoints)"),
     max_new_tokens: int = typer.Option(20, help="with --generate: tokens to generate at most"),
     dtype: Optional[str] = DTYPE,
+    device: str = DEVICE,
 ) -> None:
     """Classify texts; prints one JSON line per input with the label and per-label scores."""
-    prompted = _load(checkpoint, model, trust_remote_code, dtype)
+    prompted = _load(checkpoint, model, trust_remote_code, dtype, device)
     fields = prompted.task.fields
     items = [dict(zip(fields, i.split("\t"))) if isinstance(i, str) and len(fields) > 1 else i
              for i in _read_inputs(texts or [], file)]
@@ -234,7 +236,7 @@ def info(checkpoint: Optional[str] = typer.Argument(None, help="checkpoint folde
         size = sum(f.stat().st_size for f in Path(checkpoint).iterdir() if f.suffix == ".safetensors")
         spec = meta.spec
         typer.echo(json.dumps({"base_model": meta.base_model, "family": meta.family, "prompt": meta.prompt.to_dict(),
-                               "precision": spec and ("bf16" if spec.bf16 else "fp32"),
+                               "precision": spec and spec.precision,
                                "task": spec and spec.task.name, "template": spec and spec.task.template,
                                "verbalizer": spec and spec.task.verbalizer, "step": meta.step,
                                "metrics": meta.metrics, "decided": spec and spec.decided, "format": meta.format,
@@ -274,12 +276,13 @@ def inspect(
     top: int = typer.Option(5, help="nearest vocabulary tokens per virtual token"),
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
     trust_remote_code: bool = TRUST,
+    device: str = DEVICE,
 ) -> None:
     """The nearest vocabulary tokens (cosine) of each virtual token of a trained prompt; per-layer norms of a
     prefix."""
     if top < 1:
         raise SoftpromptError("--top must be at least 1")
-    prompted = _load(checkpoint, model, trust_remote_code)
+    prompted = _load(checkpoint, model, trust_remote_code, device=device)
     shown, k = view(prompted.model, prompted.encoder.tokenizer, top), prompted.model.prompt.num_tokens
     if shown.norms is not None:
         typer.echo(f"{checkpoint}: a prefix of {k} virtual tokens of {prompted.base_name}; mean norm of a virtual "

@@ -301,6 +301,9 @@ def from_hub(name: str, task: TaskSpec | None, text_columns=None, label_column=N
     """A dataset on the Hugging Face hub (or a local dataset folder in hub layout) through `datasets`."""
     import datasets  # deferred: datasets and pyarrow take seconds to import, and only hub data needs them
 
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
     repo, config = parse_hub_name(name)
     if task is None:
         matches = [t.name for t in TASKS.values() if t.hub == (repo, config)]

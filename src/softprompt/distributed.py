@@ -4,8 +4,9 @@ The process group comes from accelerate (`PartialState`), from the environment t
 does not wrap the model in DDP: its losses (rank loss, the shared-prefix LM loss) do not all go through `forward`,
 where DDP's hooks live. What DDP would do it does by hand, on the KB that train: the rows of every batch are split
 across ranks, each rank's loss is weighted by its share of the rows, and the prompt's (and head's) gradients are
-summed in one all-reduce, so all ranks take the same optimizer step and hold the same prompt. The loop runs on CPU
-(gloo). One process without a launcher gets `Ranks()`, whose every method returns its input untouched.
+summed in one all-reduce, so all ranks take the same optimizer step and hold the same prompt. On GPUs each rank
+takes its own local GPU and the ranks talk over NCCL; on CPUs over gloo. One process without a launcher gets
+`Ranks()`, whose every method returns its input untouched.
 
 With `--fsdp` (or accelerate's FSDP config) the frozen backbone is sharded too (FSDP2, `shard_backbone`): each
 rank keeps 1/N of every transformer layer's weights. Every rank then has to run the same forwards in the same
@@ -33,6 +34,12 @@ Row = TypeVar("Row")
 Built = TypeVar("Built")
 
 
+def main_process() -> bool:
+    """Whether this process is the one that logs and writes (rank 0, or no launcher), read off the launcher's
+    environment without starting a process group, whose backend depends on the device decided later."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0
@@ -40,17 +47,21 @@ class Ranks:
     local_rank: int = 0  # among the processes of this machine
     local_world: int = 1
     sharded: bool = False  # the frozen backbone's layers are split across the ranks (FSDP)
+    device: torch.device = torch.device("cpu")  # where this rank computes, and so where its collectives run
 
     @classmethod
-    def from_env(cls, fsdp: bool = False) -> "Ranks":
-        """This process's place among those a launcher started (WORLD_SIZE > 1), else a single process. The
-        backbone is sharded with `fsdp` or when `accelerate launch` runs an FSDP config (ACCELERATE_USE_FSDP)."""
+    def from_env(cls, fsdp: bool = False, device: torch.device | None = None) -> "Ranks":
+        """This process's place among those a launcher started (WORLD_SIZE > 1), else a single process. Ranks on
+        GPUs talk over NCCL (each its own local GPU, `devices.resolve_device`), on CPUs over gloo. The backbone is
+        sharded with `fsdp` or when `accelerate launch` runs an FSDP config (ACCELERATE_USE_FSDP)."""
+        device = device or torch.device("cpu")
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls()
-        state = PartialState(cpu=True, backend="gloo")  # the loop's tensors live on CPU
+            return cls(device=device)
+        gpu = device.type == "cuda"
+        state = PartialState(cpu=not gpu, backend="nccl" if gpu else "gloo")
         sharded = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
         return cls(state.process_index, state.num_processes, state.local_process_index,
-                   int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)), sharded)
+                   int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)), sharded, device)
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +87,7 @@ class Ranks:
         if self.world == 1:
             return loss
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten().float() for g in grads] + [torch.tensor([loss])])
+        flat = torch.cat([g.flatten().float() for g in grads] + [torch.tensor([loss], device=self.device)])
         dist.all_reduce(flat)
         start = 0
         for p, g in zip(params, grads):
@@ -88,7 +99,7 @@ class Ranks:
         """The largest of the ranks' values (elapsed time), so budgets and schedules decide alike everywhere."""
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
@@ -135,7 +146,7 @@ class Ranks:
         stacks = layer_stacks(backbone)
         if not stacks:
             raise SoftpromptError(f"--fsdp: {type(backbone).__name__} has no list of frozen layers to shard")
-        mesh = init_device_mesh("cpu", (self.world,))
+        mesh = init_device_mesh(self.device.type, (self.world,))
         for holder, layers in stacks:
             for layer in layers:
                 fully_shard(layer, mesh=mesh)

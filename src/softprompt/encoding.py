@@ -145,7 +145,10 @@ class TaskEncoder:
         return features
 
 
-def pad(rows: list[list[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad(rows: list[list[int]], value: int, side: str = "right", device: torch.device | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids padded to the longest on `side`, and their mask; built on the host, then moved to `device`
+    in one copy each."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -153,7 +156,7 @@ def pad(rows: list[list[int]], value: int, side: str = "right") -> tuple[torch.T
         span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
         ids[i, span] = torch.tensor(r, dtype=torch.long)
         mask[i, span] = 1
-    return ids, mask
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
 def collate(features: list[Feature], encoder: TaskEncoder) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from .assets import Backbone, ModelInfo, describe_model, load_backbone
 from .checkpoint import Checkpoint, TrainerState, fingerprint, load_tensors, read_checkpoint, save_checkpoint
 from .config import TaskType
 from .data import Example, to_examples
+from .devices import resolve_device
 from .encoding import TaskEncoder, pad
 from .errors import SoftpromptError
 from .hub import local_folder, push_saved
@@ -41,8 +42,9 @@ class PromptedTask:
     @classmethod
     def build(cls, spec: RunSpec, model: ModelInfo | None = None, corpus: Iterable[str] | None = None,
               initialise: bool = True, backbone: Backbone | None = None) -> "PromptedTask":
-        """The base model with a fresh prompt as `spec` says (`model`: its config, already loaded; `backbone`:
-        the weights with the task's head, already loaded, e.g. a backbone shared by several tasks)."""
+        """The base model with a fresh prompt as `spec` says, on its device and in its precision (`model`: its
+        config, already loaded; `backbone`: the weights with the task's head, already loaded, e.g. a backbone
+        shared by several tasks)."""
         model = model or describe_model(spec.model, spec.trust_remote_code)
         task = spec.task
         backbone = backbone or load_backbone(model, spec.task_type, num_labels=max(len(task.labels), 1),
@@ -51,23 +53,28 @@ class PromptedTask:
                               spec.prompt.pooling == "siamese", spec.truncation)
         generator = torch.Generator().manual_seed(spec.seed)
         prompted = get_prompt_model(backbone.model, spec.prompt, backbone.tokenizer, corpus, generator, initialise)
-        if spec.bf16:
-            prompted.freeze_in(torch.bfloat16)  # scored as it was trained and evaluated
+        prompted.to(torch.device(spec.device))
+        if spec.bf16 or spec.fp16:
+            prompted.freeze_in(torch.bfloat16 if spec.bf16 else torch.float16)  # scored as trained and evaluated
         return cls(prompted, encoder, spec, model.config)
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | Path, model: str | None = None,
-                        trust_remote_code: bool = False, dtype: str | None = None) -> "PromptedTask":
+    def from_pretrained(cls, checkpoint: str | Path, model: str | None = None, trust_remote_code: bool = False,
+                        dtype: str | None = None, device: str | None = "auto") -> "PromptedTask":
         """Everything comes from the checkpoint folder (or a hub repo holding one); `model` only points at
         another copy of the same base. The frozen weights run in the precision the prompt was trained and
-        evaluated in, unless `dtype` ("bf16" or "fp32") says otherwise. Code from the base model's repository
-        runs only when the caller says so, whatever the checkpoint recorded."""
+        evaluated in, unless `dtype` ("bf16" or "fp32") says otherwise, on `device` (the device rule: a GPU when
+        there is one). Code from the base model's repository runs only when the caller says so, whatever the
+        checkpoint recorded."""
         check_dtype(dtype)
+        where = resolve_device(device)  # a device that is not there is refused before anything is read
         directory, meta, spec = read_task_checkpoint(checkpoint, trust_remote_code)
         info = describe_model(model or spec.model, trust_remote_code)
         meta.check_base(info.config, info.name)
-        bf16 = spec.bf16 if dtype is None else dtype == "bf16"
-        prompted = cls.build(replace(spec, trust_remote_code=trust_remote_code, bf16=bf16), info, initialise=False)
+        spec = replace(spec, trust_remote_code=trust_remote_code, device=str(where))
+        if dtype is not None:
+            spec = replace(spec, bf16=dtype == "bf16", fp16=False)
+        prompted = cls.build(spec, info, initialise=False)
         prompted.model.load_tensors(load_tensors(directory, meta))
         prompted.model.eval()
         return prompted
@@ -110,6 +117,7 @@ class PromptedTask:
         texts: list[str] = []
         for start in range(0, len(features), batch_size):
             ids, mask = pad([f.input_ids for f in features[start:start + batch_size]], tokenizer.pad_token_id)
+            ids, mask = ids.to(self.model.device), mask.to(self.model.device)
             with torch.inference_mode():
                 new = cast(DecoderPromptModel, self.model).generate(ids, mask, max_new_tokens=max_new_tokens)
             texts.extend(decode_generated(tokenizer, row) for row in new.tolist())

@@ -12,6 +12,7 @@ from typing import Any, cast
 import torch
 
 from .config import TaskType
+from .devices import to_device
 from .encoding import Feature, TaskEncoder, collate, pad
 from .errors import SoftpromptError
 from .models import DecoderPromptModel, PromptModel
@@ -30,29 +31,30 @@ def first_token_scores(last_logits: torch.Tensor, label_ids: list[list[int]]) ->
 def _decoder_label_scores(model: DecoderPromptModel, prefixes: list[list[int]], label_ids: list[list[int]],
                           pad_id: int) -> torch.Tensor:
     """Rows are left-aligned inside the model, so each row ends with its label: only the tail needs logits."""
+    device = model.device
     if all(len(ids) == 1 for ids in label_ids):  # one forward: the next-token distribution after the prefix
-        ids, mask = pad(prefixes, pad_id)
+        ids, mask = pad(prefixes, pad_id, device=device)
         return first_token_scores(model.tail_logits(ids, mask, 1)[:, 0], label_ids)
-    ids, mask = pad(prefixes, pad_id)
+    ids, mask = pad(prefixes, pad_id, device=device)
     shared = model.continuation_logprobs(ids, mask, label_ids)
     if shared is not None:  # the prompt and the input ran once, then every label string in one more forward
         return shared
     columns = []
     for label in label_ids:
-        ids, mask = pad([p + label for p in prefixes], pad_id)
+        ids, mask = pad([p + label for p in prefixes], pad_id, device=device)
         # the logit at column t predicts token t+1: the last len(label)+1 columns cover the label
         logits = model.tail_logits(ids, mask, len(label) + 1)[:, :-1]
-        targets = torch.tensor([label] * len(prefixes))
+        targets = torch.tensor([label] * len(prefixes), device=device)
         columns.append(_token_logprobs(logits, targets))
     return torch.stack(columns, dim=1)
 
 
 def _seq2seq_label_scores(model, prefixes, label_ids, pad_id) -> torch.Tensor:
-    ids, mask = pad(prefixes, pad_id)
+    ids, mask = pad(prefixes, pad_id, device=model.device)
     encoded, enc_mask = model.encode(ids, mask)
     columns = []
     for label in label_ids:
-        labels = torch.tensor([label] * len(prefixes))
+        labels = torch.tensor([label] * len(prefixes), device=model.device)
         logits = model.base(encoder_outputs=encoded, attention_mask=enc_mask, labels=labels).logits
         columns.append(_token_logprobs(logits, labels))
     return torch.stack(columns, dim=1)
@@ -66,7 +68,7 @@ def label_scores(model: PromptModel, encoder: TaskEncoder, features: list[Featur
         return _decoder_label_scores(cast(DecoderPromptModel, model), prefixes, encoder.label_ids, pad_id)
     if encoder.task_type is TaskType.SEQ_2_SEQ_LM:
         return _seq2seq_label_scores(model, prefixes, encoder.label_ids, pad_id)
-    batch = collate([replace(f, label=0) for f in features], encoder)  # labels may be unknown here
+    batch = to_device(collate([replace(f, label=0) for f in features], encoder), model.device)  # labels may be unknown
     batch.pop("labels")
     return head_scores(model(**batch).logits, encoder.task.is_regression)
 

@@ -14,8 +14,11 @@ import types
 import typing
 from typing import Any, Callable
 
+import torch
+
 from . import precision
 from .assets import ModelInfo
+from .devices import DEVICE_HELP, gpu_name, gpu_supports_bf16, resolve_device
 from .config import POOLINGS, TRUNCATIONS, PromptInit, PromptTuningConfig, TaskType
 from .errors import SoftpromptError
 from .families import check_pooling, check_prompt_length, check_task_type
@@ -112,10 +115,12 @@ class TrainConfig:
     max_train_examples: int | None = option(None, "train on a seeded sample of this many examples")
     max_eval_examples: int | None = option(None, "evaluate on a seeded sample of this many examples")
     seed: int = option(0, "seed of the data order, sampling and prompt init")
+    device: str = option("auto", f"where the run computes: {DEVICE_HELP}")
     bf16: bool | None = option(None, "the frozen model's weights and activations in bf16 (prompt and head train in "
-                                   "fp32); default: bf16 under --max-time for decoders with label words (and a "
-                                   "decoder on a user's file under its default time cap) where a timed probe finds "
-                                   "bf16 fast (GPUs that support it), else fp32",
+                                   "fp32); default: on a GPU, bf16 where it supports it (fp16 with loss scaling "
+                                   "where not); on a CPU, bf16 under --max-time for decoders with label words (and "
+                                   "a decoder on a user's file under its default time cap) where a timed probe "
+                                   "finds bf16 fast, else fp32",
                                 flag="--bf16/--fp32")
     output: str = option("runs/latest", "run folder: best/ and last/ checkpoints, metrics.jsonl")
     save_every: int | None = option(None, "also save last/ (for --resume) every N steps; by default every 50 steps "
@@ -215,11 +220,19 @@ class RunSpec:
     report_to: tuple[str, ...]
     fsdp: bool = False  # a default only for specs written before the field existed
     truncation: str = "head"  # the same: runs before the field cut a long text's end
+    device: str = "cpu"  # where it ran (`cuda:N` or `cpu`); a checkpoint loads wherever its reader says
+    fp16: bool = False  # fp16 frozen weights with loss scaling: a GPU without bf16
+    tf32: bool = False  # TF32 matmuls for what stays fp32 on a GPU
     decided: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def task_type(self) -> TaskType:
         return self.prompt.task_type
+
+    @property
+    def precision(self) -> str:
+        """The frozen weights' dtype: bf16, fp16 (a GPU without bf16) or fp32."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     @property
     def method(self) -> str:
@@ -482,6 +495,37 @@ def _saving(run: _Run) -> tuple[int, float | None]:
     return run.decide("save_every", 50, "a killed run resumes from last/; saving a prompt takes milliseconds"), 60.0
 
 
+def _device(run: _Run, device: torch.device | None) -> torch.device:
+    if device is not None:
+        return device
+    found = resolve_device(run.cfg.device)
+    if run.cfg.device != "auto":
+        return found
+    return run.decide("device", found, "the accelerator when there is one (each launcher rank its own local GPU), "
+                      "else the CPU")
+
+
+def _gpu_precision(run: _Run, device: torch.device) -> tuple[bool, bool, bool]:
+    """bf16, fp16 and TF32 on a GPU: bf16 frozen weights where it has bf16, else fp16 with loss scaling; TF32 for
+    the fp32 rest. Asking for bf16 on a GPU without it is an error, not a slow emulation."""
+    supported = gpu_supports_bf16(device)
+    if run.cfg.bf16 and not supported:
+        raise SoftpromptError(f"--bf16: {gpu_name(device)} has no bf16; leave it out (fp16 with loss scaling is "
+                              "the default there) or pass --fp32")
+    if run.cfg.bf16 is not None:
+        bf16 = run.cfg.bf16
+    else:
+        bf16 = run.decide("bf16", supported, "a GPU that supports bf16 runs the frozen weights in it: half the memory "
+                          "and its tensor cores; what trains stays fp32")
+    fp16 = False
+    if run.cfg.bf16 is None and not supported:
+        fp16 = run.decide("fp16", True, "a GPU without bf16 runs the frozen weights in fp16, with loss scaling so "
+                          "that the prompt's small gradients survive it")
+    tf32 = run.decide("tf32", True, "TF32 matmuls for what stays fp32 on a GPU (the prompt, a head): Ampere and "
+                      "later run them on tensor cores")
+    return bf16, fp16, tf32
+
+
 def _bf16(run: _Run, max_time: float | None, bf16_fast: bool | None) -> bool:
     if run.cfg.bf16 is not None:
         return run.cfg.bf16
@@ -504,10 +548,11 @@ def _truncation(run: _Run) -> str:
 
 
 def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool | None = None,
-            label_counts: list[int] | None = None) -> RunSpec:
+            label_counts: list[int] | None = None, device: torch.device | None = None) -> RunSpec:
     """Decide every default of `cfg` for this base model and task (the one place that does); `label_counts`
     (training rows per label) lets the data decide class weights and a user's data its budget; `bf16_fast`
-    stands in for the CPU check in tests. Each decision is a small function above, recording its reason."""
+    stands in for the CPU check in tests, `device` for the device rule (a checkpoint's record). Each decision is a
+    small function above, recording its reason."""
     run = _Run(cfg, model, resolve_task(task, cfg.template, cfg.verbalizer), task.name not in TASKS, label_counts)
     run.task_type = _task_type(run)
     pooling = _pooling(run)
@@ -524,11 +569,14 @@ def resolve(cfg: TrainConfig, model: ModelInfo, task: TaskSpec, bf16_fast: bool 
     loss = _loss(run)
     max_steps, max_time = _budget(run)
     save_every, save_seconds = _saving(run)
+    where = _device(run, device)
+    bf16, fp16, tf32 = _gpu_precision(run, where) if where.type == "cuda" else (
+        _bf16(run, max_time, bf16_fast), False, False)
     same = {f.name: getattr(cfg, f.name) for f in fields(RunSpec) if f.name in TrainConfig.__dataclass_fields__}
     same.update(text_columns=tuple(cfg.text_columns) if cfg.text_columns else None, report_to=tuple(cfg.report_to))
     return RunSpec(**{**same, "family": model.family, "task": run.task, "prompt": prompt,
                       "max_length": _max_length(run), "residual_reparam": _residual_reparam(run, method),
                       "head_init": _head_init(run, pooling), "lr": lr, "head_lr": head_lr, "loss": loss,
                       "class_weights": _class_weights(run, loss), "max_steps": max_steps, "max_time": max_time,
-                      "bf16": _bf16(run, max_time, bf16_fast), "save_every": save_every, "save_seconds": save_seconds,
-                      "truncation": _truncation(run), "decided": run.why})
+                      "bf16": bf16, "fp16": fp16, "tf32": tf32, "device": str(where), "save_every": save_every,
+                      "save_seconds": save_seconds, "truncation": _truncation(run), "decided": run.why})

@@ -22,7 +22,8 @@ from transformers.optimization import Adafactor
 from .assets import describe_model
 from .checkpoint import BEST, LAST, RESULTS, TrainerState, load_tensors, read_checkpoint, read_trainer_state
 from .data import Example, Splits, load_data
-from .distributed import Ranks
+from .devices import activate, fitting_rows, gpu_name, resolve_device, rng_states, set_rng_states, to_device
+from .distributed import Ranks, main_process
 from .encoding import Feature, collate
 from .errors import SoftpromptError
 from .metrics import compute_metrics, confusion_matrix
@@ -142,7 +143,7 @@ class Trainer:
 
     def __init__(self, spec: RunSpec, prompted: PromptedTask, splits: Splits,
                  log: Callable[[str], None] = print) -> None:
-        self.ranks = Ranks.from_env(spec.fsdp)
+        self.ranks = Ranks.from_env(spec.fsdp, torch.device(spec.device))
         self.spec, self.prompted, self.splits = spec, prompted, splits
         self.log = log if self.ranks.is_main else _silent
         sharded = self.ranks.shard_backbone(prompted.model.base)
@@ -165,7 +166,10 @@ class Trainer:
         self._loss_ema: float | None = None
         self._last_metrics: dict[str, float] = {}
         self._saved_at = 0.0  # when last/ was saved (the seconds clock of --save-every's default)
-        self._step_start: tuple[int, int, torch.Tensor] = (0, 0, torch.get_rng_state())
+        self.device = torch.device(spec.device)
+        # fp16 frozen weights (a GPU without bf16): the loss scaled so the prompt's small gradients survive them
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=spec.fp16)
+        self._step_start: tuple[int, int, dict[str, torch.Tensor]] = (0, 0, rng_states(self.device))
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The prompt (and its residual MLP) at --lr, a head at --head-lr."""
@@ -177,7 +181,8 @@ class Trainer:
         return groups
 
     # -- bookkeeping --------------------------------------------------------------------------------
-    def _save(self, name: str, metrics: dict[str, Any] | None = None, rng: torch.Tensor | None = None) -> Path:
+    def _save(self, name: str, metrics: dict[str, Any] | None = None,
+              rng: dict[str, torch.Tensor] | None = None) -> Path:
         """best/ (with its dev metrics) or last/ (with what --resume needs), one atomic write each."""
         if not all(torch.isfinite(p).all() for p in self.model.trainable_parameters()):
             raise SoftpromptError("the prompt (or head) holds NaN or infinite values; not saved. Lower --lr, or "
@@ -186,8 +191,9 @@ class Trainer:
             return self.output / name
         state = None
         if name == LAST:
-            state = TrainerState(dict(self.state), self.optimizer.state_dict(),
-                                 torch.get_rng_state() if rng is None else rng, self.model.prompt.state_dict())
+            counters = {**self.state, **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})}
+            state = TrainerState(counters, self.optimizer.state_dict(), rng_states(self.device) if rng is None else rng,
+                                 self.model.prompt.state_dict())
         return self.prompted.save_pretrained(self.output / name, self.state["step"], metrics, state)
 
     def resume(self) -> None:
@@ -200,8 +206,11 @@ class Trainer:
         self.model.load_head(load_tensors(last, meta))
         self.model.prompt.load_state_dict(saved.prompt_module)
         self.optimizer.load_state_dict(saved.optimizer)
-        torch.set_rng_state(saved.rng)
-        self.state.update(saved.counters)
+        set_rng_states(saved.rng, self.device)
+        counters = dict(saved.counters)
+        if "scaler" in counters:
+            self.scaler.load_state_dict(counters.pop("scaler"))
+        self.state.update(counters)
         if self.ranks.is_main:
             truncate_metrics(self.output, self.state["step"])  # what a killed run logged after its last save
         self.log(f"resumed from {last} at step {self.state['step']}")
@@ -324,7 +333,7 @@ class Trainer:
         self.model.eval()
         try:
             for i in range(0, len(sample), spec.eval_batch_size):
-                inputs = collate(sample[i:i + spec.eval_batch_size], self.encoder)
+                inputs = to_device(collate(sample[i:i + spec.eval_batch_size], self.encoder), self.model.device)
                 inputs.pop("labels")
                 if cosine:
                     encoder = cast(EncoderPromptModel, self.model)
@@ -337,7 +346,7 @@ class Trainer:
             if hook is not None:
                 hook.remove()
         labels = torch.tensor([f.label for f in sample], dtype=torch.float if self.splits.task.is_regression
-                              else torch.long)
+                              else torch.long, device=self.model.device)
         if cosine:
             cast(EncoderPromptModel, self.model).start_head_at_cosine(torch.cat(seen).float(), labels)
         else:
@@ -355,7 +364,7 @@ class Trainer:
             labels = torch.tensor([f.label for f in features], device=scores.device)
             weight = None if self.class_weights is None else self.class_weights.to(scores.device)
             return torch.nn.functional.cross_entropy(scores, labels, weight=weight)
-        return self.model.training_loss(**collate(features, self.encoder))
+        return self.model.training_loss(**to_device(collate(features, self.encoder), self.model.device))
 
     def _set_lr(self) -> float:
         factor = self.factor(self._progress())
@@ -412,7 +421,7 @@ class Trainer:
                      f"cut to fit, keeping each text's {kept} (--truncation; the template and label slot are kept)")
         self.log(f"{self.splits.source}: {len(self.splits.train)} train / {len(self.splits.dev)} dev / "
                  f"{len(self.splits.test)} test; {self.model.family} model {spec.model}, "
-                 f"{spec.task_type.value} in {'bf16' if spec.bf16 else 'fp32'}, "
+                 f"{spec.task_type.value} in {spec.precision}{'' if spec.device == 'cpu' else ' on ' + spec.device}, "
                  f"{self.model.num_trainable_parameters():,} trainable parameters")
         return features
 
@@ -422,20 +431,28 @@ class Trainer:
         when its clock says."""
         spec, start = self.spec, time.perf_counter()
         # where this step starts: a Ctrl-C inside it rolls back to here, so resuming repeats it exactly
-        self._step_start = (self.state["epoch"], self.state["batch_in_epoch"], torch.get_rng_state())
+        self._step_start = (self.state["epoch"], self.state["batch_in_epoch"], rng_states(self.device))
+        held = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         lr = self._set_lr()
         total, tokens = 0.0, 0
         for _ in range(spec.grad_accum):
             batch = next(batches)
             part = self.ranks.shard(batch)
             tokens += sum(len(f) for f in part)
-            # a rank without rows runs one at weight 0: with a sharded backbone every rank runs every forward
-            loss = self.ranks.weighted(self.loss(part or batch[:1]), len(part), len(batch)) / spec.grad_accum
-            loss.backward()
+            try:
+                # a rank without rows runs one at weight 0: with a sharded backbone every rank runs every forward
+                loss = self.ranks.weighted(self.loss(part or batch[:1]), len(part), len(batch)) / spec.grad_accum
+                self.scaler.scale(loss).backward()
+            except torch.OutOfMemoryError:
+                self._out_of_memory(len(part or batch[:1]), held)
             total += float(loss.detach())
         total = self.ranks.sum_gradients(self.model.trainable_parameters(), total)
+        self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), spec.max_grad_norm)
-        if math.isfinite(total) and math.isfinite(float(norm)):
+        if self.scaler.is_enabled() and math.isfinite(total):
+            self.scaler.step(self.optimizer)  # an overflow at this scale skips the step, and the scale halves
+            self.scaler.update()
+        elif math.isfinite(total) and math.isfinite(float(norm)):
             self.optimizer.step()
         else:
             self._non_finite(total)
@@ -463,6 +480,20 @@ class Trainer:
         self.state["skipped_steps"] += 1
         self.log(f"step {self.state['step'] + 1}: loss or gradient not finite, step skipped "
                  f"({self.state['skipped_steps']} so far)")
+
+    def _out_of_memory(self, rows: int, held: int) -> None:
+        """Out of (GPU) memory inside a step: `last/` as of the step before, and one line saying what would fit."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["epoch"], self.state["batch_in_epoch"], rng = self._step_start
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        last = self._save(LAST, rng=rng)
+        spec, fit = self.spec, fitting_rows(self.device, rows, held)
+        accum = -(-spec.batch_size * spec.grad_accum // fit)
+        raise SoftpromptError(f"out of memory on {gpu_name(self.device)} at step {self.state['step'] + 1} with "
+                              f"--batch-size {spec.batch_size} ({rows} rows on this process); about {fit} rows fit: "
+                              f"--batch-size {fit} --grad-accum {accum} keeps the batch. {last} holds the step "
+                              f"before; continue with softprompt train --resume {self.output}")
 
     def _evaluate_for_early_stop(self, run_log: RunLog | NullLog) -> bool:
         """Evaluate dev (keeping best/); whether --patience says to stop."""
@@ -521,7 +552,7 @@ class Trainer:
 
 def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Trainer:
     """A fresh run: the base model's config read once, the data loaded, every default resolved, the model built."""
-    if not Ranks.from_env().is_main:
+    if not main_process():
         log = _silent  # under a launcher the main rank logs
     check_writable(Path(cfg.output))
     require_trackers(cfg.report_to)
@@ -539,8 +570,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Trainer:
 
 def prepare_resume(output: str | Path, overrides: dict[str, Any] | None = None,
                    log: Callable[[str], None] = print) -> Trainer:
-    """The run in `output` as its last/ checkpoint recorded it (budgets and the progress bar may change), with
-    the state restored."""
+    """The run in `output` as its last/ checkpoint recorded it (budgets, the device and the progress bar may
+    change), with the state restored."""
     if not (Path(output) / LAST).is_dir():
         raise SoftpromptError(f"nothing to resume in {output}: no {LAST}/ checkpoint there (give the run's folder, "
                               "or start it without --resume)")
@@ -562,17 +593,20 @@ def _trainer(spec: RunSpec, splits: Splits, log: Callable[[str], None], model=No
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     corpus = [" ".join(e.fields.values()) for e in splits.train[:5000]]
+    activate(torch.device(spec.device), spec.tf32)
     # with --fsdp each process keeps its shard of the backbone before the next one on its machine loads it
-    return Ranks.from_env(spec.fsdp).in_turns(
+    return Ranks.from_env(spec.fsdp, torch.device(spec.device)).in_turns(
         lambda: Trainer(spec, PromptedTask.build(spec, model, corpus), splits, log))
 
 
 def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
     """Run one training job end to end (the API behind `softprompt train`). With `resume`, the run in
-    `cfg.output` continues; of `cfg` only `max_steps`, `max_time` and `progress` apply then."""
+    `cfg.output` continues; of `cfg` only `max_steps`, `max_time`, `device` and `progress` apply then."""
     if resume:
         overrides = {k: getattr(cfg, k) for k in ("max_steps", "max_time") if getattr(cfg, k)}
-        trainer = prepare_resume(cfg.output, {**overrides, "progress": cfg.progress}, log)
+        # the device is this machine's (the device rule), not the one the run started on
+        trainer = prepare_resume(cfg.output, {**overrides, "progress": cfg.progress,
+                                              "device": str(resolve_device(cfg.device))}, log)
         baselines = {}
     else:
         trainer = prepare(cfg, log)

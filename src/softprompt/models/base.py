@@ -58,7 +58,7 @@ class PromptModel(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         base.requires_grad_(False)
-        self.prompt = self.new_prompt()
+        self.prompt = self.new_prompt().to(self.device)  # where the frozen model is (get_prompt_model keeps it)
         self.head_name = self._find_head() if config.task_type is TaskType.SEQ_CLS else None
         if self.head is not None:
             self.head.requires_grad_(True)
@@ -91,6 +91,11 @@ class PromptModel(nn.Module):
         old = self.readout
         head = nn.Linear(width, old.out_features, bias=old.bias is not None)
         setattr(self.base, str(self.head_name), head.to(old.weight.device, old.weight.dtype))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the frozen model lives; batches are moved here."""
+        return self.embedding_matrix().device
 
     def embedding_matrix(self) -> torch.Tensor:
         """The frozen input-embedding matrix (vocab, dim): the space the prompt lives in."""

@@ -16,44 +16,48 @@ from ..spec import RunSpec
 SHARED_TYPE = {"decoder": TaskType.CAUSAL_LM, "encoder": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM}
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 class Backbones:
     """The base model loaded once (decoders and encoder-decoders with their LM head, which text-to-text prompts
-    share whole; encoders only the backbone, every task having its own head), held in each precision a prompt
-    asks for: the loaded copy for the first, cast in place; a second precision loads the weights once more."""
+    share whole; encoders only the backbone, every task having its own head) on `device`, held in each precision a
+    prompt asks for: the loaded copy for the first, cast in place; another precision loads the weights once more."""
 
-    def __init__(self, info: ModelInfo, trust_remote_code: bool) -> None:
-        self.info, self.trust_remote_code = info, trust_remote_code
+    def __init__(self, info: ModelInfo, trust_remote_code: bool, device: torch.device) -> None:
+        self.info, self.trust_remote_code, self.device = info, trust_remote_code, device
         loaded = self._load()
         self._spare: nn.Module | None = loaded.model.eval()  # loaded, not yet held for a precision
         self.tokenizer = loaded.tokenizer
         self._head_dtype = next(loaded.model.parameters()).dtype
-        self.held: dict[bool, nn.Module] = {}  # bf16 or not -> the frozen weights in that precision
+        self.held: dict[str, nn.Module] = {}  # precision (RunSpec.precision) -> the frozen weights in it
         self._lock = threading.Lock()  # builds share the weights: one at a time
 
     def _load(self) -> Backbone:
-        return load_backbone(self.info, SHARED_TYPE[self.info.family])
+        loaded = load_backbone(self.info, SHARED_TYPE[self.info.family])
+        loaded.model.to(self.device)
+        return loaded
 
-    def weights(self, bf16: bool) -> nn.Module:
-        """The frozen weights in one precision (bf16 or not), held from now on."""
+    def weights(self, precision: str) -> nn.Module:
+        """The frozen weights in one precision (RunSpec.precision), held from now on."""
         with self._lock:
-            return self._weights(bf16)
+            return self._weights(precision)
 
-    def _weights(self, bf16: bool) -> nn.Module:
-        if bf16 not in self.held:
+    def _weights(self, precision: str) -> nn.Module:
+        if precision not in self.held:
             model = self._spare if self._spare is not None else self._load().model.eval()
             self._spare = None
-            if bf16:
-                for param in model.parameters():
-                    param.data = param.data.to(torch.bfloat16)
-            self.held[bf16] = model
-        return self.held[bf16]
+            for param in model.parameters():
+                param.data = param.data.to(DTYPES[precision])
+            self.held[precision] = model
+        return self.held[precision]
 
     def build(self, spec: RunSpec, build: Any) -> Any:
         """`build(backbone)` under the lock, with the backbone `spec` runs on: the shared model itself for
         text-to-text prompts; for a head, a model of the task's head class whose backbone is the shared one (only
         the head is new: built empty on the meta device, then filled from the checkpoint)."""
         with self._lock:
-            shared = self._weights(spec.bf16)
+            shared = self._weights(spec.precision)
             if spec.task_type is not TaskType.SEQ_CLS:
                 return build(Backbone(shared, self.tokenizer, self.info.name))
             config = head_config(self.info.config, len(spec.task.labels), spec.task.is_regression)

@@ -67,7 +67,7 @@ def forward(rows: list[Row], family: str, pad_id: int) -> list[torch.Tensor]:
         mixes, run = [r.prompt.prompted.model.method.contributes == INPUT_VECTORS for r in rows], encoder_scores
     else:
         return each_prompt_alone(rows)
-    group = [(r.prompt.prompted.spec.bf16, mix) for r, mix in zip(rows, mixes)]
+    group = [(r.prompt.prompted.spec.precision, mix) for r, mix in zip(rows, mixes)]
     out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
     for key in dict.fromkeys(group):
         index = [i for i, g in enumerate(group) if g == key]
@@ -95,13 +95,14 @@ def decoder_run(rows: list[Row], pad_id: int):
     """Run the rows (all of prompts that share) after their prompts in one forward: their final states and the
     cache of prompts + rows (keys/values, mask, each row's last position), and the rows of each prompt."""
     groups = by_prompt(rows)
-    owner = torch.empty(len(rows), dtype=torch.long)
+    owner = torch.empty(len(rows), dtype=torch.long, device=_decoder(rows[0]).device)
     prefixes = []
     for g, index in enumerate(groups.values()):
         owner[index] = g
         prefixes.append(_decoder(rows[index[0]]).engine.prefix_states()[0])
     layers, prefix_mask = stack_prefixes(prefixes, owner)
-    ids, mask = pad([r.feature.input_ids for r in rows], pad_id, side="left")
+    device = _decoder(rows[0]).device
+    ids, mask = pad([r.feature.input_ids for r in rows], pad_id, side="left", device=device)
     full_mask = torch.cat([prefix_mask, mask], dim=1)
     positions = positions_from_mask(full_mask)[:, prefix_mask.shape[1]:]
     hidden, layers = _decoder(rows[0]).engine.run_cached(layers, ids, full_mask, positions)
@@ -114,7 +115,7 @@ def decoder_scores(rows: list[Row], pad_id: int) -> list[torch.Tensor]:
     hidden, (layers, mask, last_position), groups = decoder_run(rows, pad_id)
     for index in groups.values():
         prompted, model = rows[index[0]].prompt.prompted, _decoder(rows[index[0]])
-        at = torch.tensor(index)
+        at = torch.tensor(index, device=hidden.device)
         last = hidden[at, -1]
         if model.head is not None:  # the rows' own columns of the mask over prompts + rows mark their text
             features = model.pooled(hidden[at], mask[at, -hidden.shape[1]:])
@@ -133,8 +134,8 @@ def generate(rows: list[Row], sampling: Sampling, progress: list[Progress], pad_
     of one precision whose prompts the engine shares in one batch (`engine.sample_after`), each other row alone
     through its prompt's own `generate` (transformers', on the concatenated sequence, seeded by the row's seed)."""
     alone = []
-    for bf16 in dict.fromkeys(r.prompt.prompted.spec.bf16 for r in rows):  # each precision on its weights
-        index = [i for i, r in enumerate(rows) if r.prompt.prompted.spec.bf16 == bf16]
+    for precision in dict.fromkeys(r.prompt.prompted.spec.precision for r in rows):  # each on its own weights
+        index = [i for i, r in enumerate(rows) if r.prompt.prompted.spec.precision == precision]
         shared = [i for i in index
                   if _decoder(rows[i]).shares(len(rows[i].feature.input_ids) + sampling.max_new_tokens)]
         alone += [i for i in index if i not in shared]
@@ -144,7 +145,8 @@ def generate(rows: list[Row], sampling: Sampling, progress: list[Progress], pad_
             _decoder(group[0]).engine.sample_after(hidden[:, -1], cache, sampling.max_new_tokens, sampling.sampler,
                                                    [t.generator for t in tracks], partial(report, tracks))
     for i in alone:
-        model, ids = _decoder(rows[i]), torch.tensor([rows[i].feature.input_ids])
+        model = _decoder(rows[i])
+        ids = torch.tensor([rows[i].feature.input_ids], device=model.device)
         with seeded(progress[i].wants.seed, model.base.device):
             model.generate(ids, torch.ones_like(ids), sampling.max_new_tokens,
                            stopping_criteria=StoppingCriteriaList([Reporting([progress[i]])]),
@@ -165,22 +167,24 @@ def encoder_scores(rows: list[Row], pad_id: int) -> list[torch.Tensor]:
         if r.feature.pair_ids is not None:
             second[i] = len(sequences)
             sequences.append((i, r.feature.pair_ids, None))
-    ids, mask = pad([s[1] for s in sequences], pad_id)
+    device = _encoder(rows[0]).device
+    ids, mask = pad([s[1] for s in sequences], pad_id, device=device)
     types = None
     if any(s[2] is not None for s in sequences):
-        types, _ = pad([s[2] or [0] * len(s[1]) for s in sequences], 0)
+        types, _ = pad([s[2] or [0] * len(s[1]) for s in sequences], 0, device=device)
     models = [_encoder(rows[i]) for i, _, _ in sequences]
-    lengths = torch.tensor([m.prompt.num_tokens for m in models])
+    lengths = torch.tensor([m.prompt.num_tokens for m in models], device=device)
     prompts = nn.utils.rnn.pad_sequence([m.prompt.embeddings() for m in models], batch_first=True)
     backbone = cast(PreTrainedModel, models[0].base.base_model)  # the frozen weights of these rows' precision
     inputs, text = after_cls(backbone.get_input_embeddings(), ids, mask, types, prompts, lengths)
     output = backbone(**inputs)
     out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
     for index in by_prompt(rows).values():
-        model, first = _encoder(rows[index[0]]), torch.tensor(index)  # a row's first sequence sits at its index
+        model = _encoder(rows[index[0]])
+        first = torch.tensor(index, device=device)  # a row's first sequence sits at its index
         pair = None
         if model.config.pooling == "siamese":
-            at = torch.tensor([second[i] for i in index])
+            at = torch.tensor([second[i] for i in index], device=device)
             pair = (rows_of(output, at), text[at])
         logits = model.read(rows_of(output, first), text[first], pair)
         _placed(index, head_scores(logits, rows[index[0]].prompt.prompted.task.is_regression), out)

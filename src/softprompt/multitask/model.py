@@ -22,6 +22,7 @@ from ..encoding import BLANK, is_blank
 from ..errors import SoftpromptError
 from ..metrics import compute_metrics
 from ..pipeline import PromptedTask, read_task_checkpoint
+from ..devices import resolve_device
 from ..precision import check_dtype
 from ..scoring import by_length, check_finite
 from .backbones import Backbones
@@ -44,18 +45,20 @@ class MultiTaskModel:
     `PromptedTask.from_pretrained(checkpoint).predict`'s; `dtype="bf16"` or `"fp32"` runs every prompt in that one.
     """
 
-    def __init__(self, base_model: str, trust_remote_code: bool = False, dtype: str | None = None) -> None:
+    def __init__(self, base_model: str, trust_remote_code: bool = False, dtype: str | None = None,
+                 device: str | None = "auto") -> None:
         self.dtype = check_dtype(dtype)
+        self.device = resolve_device(device)
         self.info = describe_model(base_model, trust_remote_code)
         self.base_name, self.trust_remote_code = base_model, trust_remote_code
-        self.backbones = Backbones(self.info, trust_remote_code)
+        self.backbones = Backbones(self.info, trust_remote_code, self.device)
         self.tokenizer = self.backbones.tokenizer
         self.registry = Registry()
 
     @classmethod
     def from_pretrained(cls, checkpoints: Sequence[str | Path] | Mapping[str, str | Path | Sequence[str | Path]],
                         trust_remote_code: bool = False, dtype: str | None = None,
-                        base_model: str | None = None) -> "MultiTaskModel":
+                        base_model: str | None = None, device: str | None = "auto") -> "MultiTaskModel":
         """Checkpoints of one base model: a list (each named by its task; several of one task make an ensemble)
         or {task: checkpoint or [checkpoints]}. The base model (unless `base_model` points at another copy of it)
         comes from the first checkpoint; each prompt runs in its own checkpoint's precision unless `dtype` says
@@ -69,7 +72,7 @@ class MultiTaskModel:
         if not entries:
             raise SoftpromptError("no checkpoints given")
         _, _, first = read_task_checkpoint(_checkpoint_or_run(Path(entries[0][0])), trust_remote_code)
-        model = cls(base_model or first.model, trust_remote_code, dtype)
+        model = cls(base_model or first.model, trust_remote_code, dtype, device)
         for path, task in entries:
             model.add(model.load(path, task))
         return model
@@ -85,8 +88,9 @@ class MultiTaskModel:
             meta.check_base(self.info.config, self.base_name)
         except SoftpromptError as err:
             raise BaseMismatch(str(err)) from None
-        bf16 = spec.bf16 if self.dtype is None else self.dtype == "bf16"
-        spec = replace(spec, trust_remote_code=self.trust_remote_code, bf16=bf16)
+        spec = replace(spec, trust_remote_code=self.trust_remote_code, device=str(self.device))
+        if self.dtype is not None:
+            spec = replace(spec, bf16=self.dtype == "bf16", fp16=False)
         tensors = load_tensors(directory, meta)
         prompted = self.backbones.build(spec, lambda backbone: PromptedTask.build(spec, self.info, initialise=False,
                                                                                   backbone=backbone))
@@ -244,8 +248,8 @@ class MultiTaskModel:
         """The base model alone after `ids`, through its own `generate`, in the precision `dtype` says (else one
         already held, fp32 first)."""
         held = self.backbones.held
-        bf16 = self.dtype == "bf16" if self.dtype else True in held and False not in held
-        model = cast(PreTrainedModel, self.backbones.weights(bf16))
+        precision = self.dtype or ("fp32" if "fp32" in held or not held else next(iter(held)))
+        model = cast(PreTrainedModel, self.backbones.weights(precision))
         tensor = torch.tensor([ids], device=model.device)
         with seeded(progress.wants.seed, model.device):
             cast(GenerationMixin, model).generate(

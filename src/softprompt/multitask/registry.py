@@ -93,4 +93,4 @@ def _info(name: str, members: dict[str, LoadedPrompt]) -> TaskInfo:
     task = next(iter(members.values())).prompted.task
     return TaskInfo(name, () if task.is_regression else tuple(task.labels), task.is_regression, tuple(task.fields),
                     tuple(members), all(m.prompted.spec.task_type is TaskType.CAUSAL_LM for m in members.values()),
-                    tuple("bf16" if m.prompted.spec.bf16 else "fp32" for m in members.values()))
+                    tuple(m.prompted.spec.precision for m in members.values()))

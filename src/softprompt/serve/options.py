@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import SoftpromptError
 from ..options import option
+from ..devices import DEVICE_HELP, resolve_device
 from ..precision import check_dtype
 
 
@@ -35,6 +36,7 @@ class ServeOptions:
                                           "trust)", flag="--trust-remote-code")
     dtype: str | None = option(None, "the frozen model's precision: bf16 | fp32 (default: each checkpoint's own, as "
                                    "it was trained and evaluated)")
+    device: str = option("auto", f"where the model computes: {DEVICE_HELP}")
 
     def __post_init__(self) -> None:
         limits = self.max_batch, self.max_inputs, self.max_input_chars, self.max_body_bytes, self.max_new_tokens
@@ -42,3 +44,4 @@ class ServeOptions:
             raise SoftpromptError("--max-batch, --max-inputs, --max-input-chars, --max-body-bytes and --max-new-tokens "
                                   "must be at least 1, --max-wait-ms at least 0")
         check_dtype(self.dtype)
+        resolve_device(self.device)  # a device that is not there is refused before anything loads

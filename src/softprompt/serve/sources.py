@@ -55,7 +55,7 @@ def load_model(sources: Sequence[str], options: ServeOptions | None = None) -> M
     if first is None:
         raise SoftpromptError("nothing to serve: give a checkpoint, or a --watch folder that holds one")
     _, _, spec = read_task_checkpoint(first, options.trust_remote_code)
-    model = MultiTaskModel(spec.model, options.trust_remote_code, options.dtype)
+    model = MultiTaskModel(spec.model, options.trust_remote_code, options.dtype, options.device)
     for path, task, member in entries:
         model.add(model.load(path, task, member))
     return model
