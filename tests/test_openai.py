@@ -220,7 +220,7 @@ def test_a_streamed_classification_is_one_piece(client, server):
 
 
 def test_the_base_model_generates_with_no_prompt(client, model):
-    tokenizer, base = model.tokenizer, model.backbones.held[False]
+    tokenizer, base = model.tokenizer, model.backbones.held["fp32"]
     ids = tokenizer(SENTENCES[0], return_tensors="pt")
     with torch.inference_mode():
         new = base.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], max_new_tokens=6,
