@@ -34,7 +34,7 @@ for model in smollm2-shape llama-1b llama-8b; do
 done
 
 echo "== serving on the GPU: one task, 64 tasks mixed, peft switching adapters (100-token prompts)"
-timeout 240 python3 benchmarks/serve.py --device cuda --model smollm2-shape --prompt-length 100 --dtype bf16 \
+timeout 240 python3 benchmarks/serve.py --device cuda --model smollm2-shape --prompt-length 100 --dtypes bf16 \
     --quick 2>&1 | tee "$OUT/serve.log" | grep -E "^\||^RESULT|^#"
 
 python3 benchmarks/gpu_report.py "$OUT" docs/benchmarks.md
