@@ -34,8 +34,7 @@ def by_task(checkpoints: Checkpoints, trust_remote_code: bool = False) -> dict[s
         pairs = [(task, p) for task, paths in checkpoints.items()
                  for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     else:
-        pairs = [tuple(str(c).split("=", 1)) if "=" in str(c) and not Path(c).expanduser().exists()  # type: ignore
-                 else (None, c) for c in checkpoints]
+        pairs = [_named(c) for c in checkpoints]
     out: dict[str, list[str]] = {}
     for task, given in pairs:
         local = Path(given).expanduser()
@@ -48,7 +47,16 @@ def by_task(checkpoints: Checkpoints, trust_remote_code: bool = False) -> dict[s
     return out
 
 
-def shapes_of(checkpoints: dict[str, list[str]], trust_remote_code: bool = False) -> tuple[Shapes, dict]:
+def _named(given: str | Path) -> tuple[str | None, str | Path]:
+    """NAME=CHECKPOINT as its two parts (unless it is the name of a folder that exists); anything else unnamed."""
+    if "=" in str(given) and not Path(given).expanduser().exists():
+        name, path = str(given).split("=", 1)
+        return name, path
+    return None, given
+
+
+def shapes_of(checkpoints: dict[str, list[str]],
+              trust_remote_code: bool = False) -> tuple[Shapes, dict[str, tuple[str, ...]]]:
     """Each task's labels and number of prompts, and its fields, read from the checkpoints' metadata alone (no
     weights: a Ray driver knows the answers' schema without loading the model)."""
     shapes, fields = {}, {}

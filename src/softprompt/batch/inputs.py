@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from ..encoding import is_blank
 from ..errors import SoftpromptError
 
+
 class Unreadable(SoftpromptError):
     """A file pyarrow cannot read."""
 
@@ -198,7 +199,8 @@ def read_file(path: Path, kind: str, size: int) -> Iterator[pa.Table]:
         elif kind == "jsonl":
             yield from _rechunk(pa_json.read_json(path).to_batches(), size)
         else:
-            header = pa_csv.open_csv(path, **read_options(kind)).schema.names
+            with pa_csv.open_csv(path, **read_options(kind)) as first_block:
+                header = first_block.schema.names
             yield from _rechunk(pa_csv.open_csv(path, **read_options(kind, header)), size)
     except (pa.ArrowException, OSError) as err:
         raise Unreadable(f"cannot read {path}: {_first_line(err)}") from None

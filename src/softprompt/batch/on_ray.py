@@ -13,12 +13,13 @@ single-process path does, so a bad input is one line before any actor starts.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import SoftpromptError
 from .answers import Checkpoints, SoftpromptPredictor
-from .inputs import read_options
+from .inputs import Inputs, read_options
 from .job import Written, plan
 from .outputs import conform
 
@@ -50,26 +51,19 @@ def predict_files_ray(checkpoints: Checkpoints, input: str | Path, output: str |
             raise SoftpromptError(f"the Ray cluster has {cpus:g} CPUs; {concurrency} actors need {concurrency + 1} "
                                   "(one each, and one for reading): lower --concurrency")
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True
-        context.enable_progress_bars = False
-        answered = _read(ray, job.inputs.kind, [str(p.resolve()) for p in job.inputs.files],
-                         job.inputs.schema.names).repartition(target_num_rows_per_block=chunk_size).map_batches(
-            SoftpromptPredictor, batch_size=chunk_size, batch_format="pyarrow", num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            fn_constructor_kwargs={"checkpoints": job.checkpoints, "task_column": task_column,
-                                   "answer_prefix": answer_prefix, "batch_size": batch_size, "dtype": dtype,
-                                   "trust_remote_code": trust_remote_code, "base_model": base_model})
-        with job.progress(progress) as bar:
+        predictor = {"checkpoints": job.checkpoints, "task_column": task_column, "answer_prefix": answer_prefix,
+                     "batch_size": batch_size, "dtype": dtype, "trust_remote_code": trust_remote_code,
+                     "base_model": base_model}
+        with _in_order(ray.data.DataContext.get_current()), job.progress(progress) as bar:
+            answered = _read(ray, job.inputs, chunk_size).map_batches(
+                SoftpromptPredictor, fn_constructor_kwargs=predictor, batch_size=chunk_size, batch_format="pyarrow",
+                num_cpus=1, compute=ray.data.ActorPoolStrategy(size=concurrency))
             for batch in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
                 job.output.write(conform(batch, job.schema))
                 bar.update(batch.num_rows)
         job.output.finish()
-    except Exception as err:
-        refused = _softprompt_error(err)
-        if refused is None:
-            raise
-        raise refused from None
+    except SoftpromptError as err:  # an actor's comes wrapped by Ray, its message followed by advice on retries
+        raise SoftpromptError(str(err.args[0] if err.args else err).splitlines()[0]) from None
     finally:
         job.output.close()
         if started:
@@ -77,21 +71,28 @@ def predict_files_ray(checkpoints: Checkpoints, input: str | Path, output: str |
     return job.written(0)
 
 
-def _read(ray: Any, kind: str, files: list[str], columns: list[str]) -> Any:
-    """The files as a Ray dataset, read as `inputs.read_file` reads them (no columns made of folder names)."""
-    common = {"partitioning": None, "file_extensions": None}
-    if kind == "parquet":
-        return ray.data.read_parquet(files, **common)
-    if kind == "jsonl":
-        return ray.data.read_json(files, **common)
-    return ray.data.read_csv(files, **common, **read_options(kind, columns))
+@contextmanager
+def _in_order(context: Any) -> Iterator[None]:
+    """Ray Data's settings while this runs, then as they were: rows in input order, no progress bars of its own
+    (the driver shows one), an actor's SoftpromptError raised as one (wrapped by Ray, but of its type). Set before
+    the dataset is made: a dataset keeps the settings it was made under."""
+    options = context.execution_options
+    saved = options.preserve_order, context.enable_progress_bars, context.raise_original_map_exception
+    options.preserve_order, context.enable_progress_bars, context.raise_original_map_exception = True, False, True
+    try:
+        yield
+    finally:
+        options.preserve_order, context.enable_progress_bars, context.raise_original_map_exception = saved
 
 
-def _softprompt_error(err: BaseException) -> SoftpromptError | None:
-    """The SoftpromptError an actor raised, out of the exceptions Ray wraps it in, as one line."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, SoftpromptError):
-            return SoftpromptError(str(seen.args[0]) if seen.args else str(seen))
-        seen = getattr(seen, "cause", None) or seen.__cause__
-    return None
+def _read(ray: Any, inputs: Inputs, chunk_size: int) -> Any:
+    """The input as a Ray dataset, read as `inputs.read_file` reads it (and no columns made of folder names), in
+    blocks of at most `chunk_size` rows, so that even one file feeds every actor."""
+    files, common = [str(p.resolve()) for p in inputs.files], {"partitioning": None, "file_extensions": None}
+    if inputs.kind == "parquet":
+        dataset = ray.data.read_parquet(files, **common)
+    elif inputs.kind == "jsonl":
+        dataset = ray.data.read_json(files, **common)
+    else:
+        dataset = ray.data.read_csv(files, **common, **read_options(inputs.kind, inputs.schema.names))
+    return dataset.repartition(target_num_rows_per_block=chunk_size)

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,15 +39,17 @@ class JsonLines:
 
     def __init__(self, path: Path, answers: Iterable[str], resume: bool) -> None:
         self.path, self.answers, self.done = path, set(answers), 0
+        self.file: IO[bytes] | None = None  # opened by the first write: a run refused before it leaves no file
         if path.exists():
             if not resume:
                 raise SoftpromptError(f"{path} exists; pass --resume to continue it, or remove it")
             self.done, end = _complete_lines(path)
             with path.open("r+b") as f:
                 f.truncate(end)
-        self.file = path.open("ab")
 
     def write(self, table: pa.Table) -> None:
+        if self.file is None:
+            self.file = self.path.open("ab")
         lines = "".join(json.dumps(self._row(row), default=str) + "\n" for row in table.to_pylist())
         self.file.write(lines.encode("utf-8"))
         self.file.flush()
@@ -61,7 +63,8 @@ class JsonLines:
         """Every line is in place as it is written."""
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 class ParquetParts:
@@ -77,7 +80,6 @@ class ParquetParts:
         if self.finished:
             self.done = pq.read_metadata(path).num_rows
             return
-        self.parts.mkdir(parents=True, exist_ok=True)
         for stray in self.parts.glob("*.tmp"):
             stray.unlink()
         held = sorted(self.parts.glob("*.parquet"))
@@ -88,6 +90,7 @@ class ParquetParts:
         self.done, self.count = sum(pq.read_metadata(p).num_rows for p in held), len(held)
 
     def write(self, table: pa.Table) -> None:
+        self.parts.mkdir(exist_ok=True)  # made by the first write: a run refused before it leaves no folder
         part = self.parts / f"{self.count:08d}.parquet"
         pq.write_table(table, part.with_suffix(".tmp"))
         os.replace(part.with_suffix(".tmp"), part)
