@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -281,6 +282,14 @@ def test_misused_options_are_one_line(prompts, tmp_path, capsys, monkeypatch, ar
     write_rows(tmp_path / "in.csv", [{"text": "good"}])
     code, _, err = run(["predict", prompts["sentiment"][0], *args], capsys)
     _assert_clean_error(code, err, message)
+
+
+def test_ray_missing_is_one_line(prompts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
+    source = write_rows(tmp_path / "in.csv", [{"text": "good"}])
+    code, _, err = run(["predict", prompts["sentiment"][0], "--input", source, "--output", tmp_path / "o.jsonl",
+                        "--ray"], capsys)
+    _assert_clean_error(code, err, "Ray is not installed: pip install 'softprompt[ray]'")
 
 
 @pytest.fixture(scope="module")
