@@ -20,6 +20,11 @@ Many tasks (and prompt ensembles) on one frozen model, in mixed batches::
     model = MultiTaskModel.from_pretrained({"sentiment": "runs/a/best", "nli": ["runs/b/best", "runs/c/best"]})
     model.predict([("sentiment", "a gorgeous film"), ("nli", {"sentence1": "...", "sentence2": "..."})])
 
+Every row of files (CSV/TSV/JSONL/Parquet), streamed into one output, resumable; on Ray Data actors too::
+
+    predict_files({"sentiment": "runs/a/best", "nli": "runs/b/best"}, "rows.parquet", "answers.parquet")
+    ds.map_batches(SoftpromptPredictor, fn_constructor_kwargs={"checkpoints": {...}}, batch_format="pyarrow")
+
 Several runs and a report::
 
     sweep(TrainConfig(max_time=120, output="runs/sweep"), {"prompt_length": [8, 20], "lr": [3e-2, 0.1]})
@@ -27,6 +32,7 @@ Several runs and a report::
 """
 
 from .assets import ModelInfo, describe_model
+from .batch import SoftpromptPredictor, predict_files
 from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from .config import PromptInit, PromptTuningConfig, TaskType
 from .data import Example, Splits, load_data, to_examples
@@ -55,5 +61,6 @@ __all__ = [
     "describe_model", "Trainer", "TrainResult", "TrainingInterrupted", "train", "TaskSpec", "TASKS", "get_task",
     "Example", "Splits", "load_data", "to_examples", "compute_metrics", "Checkpoint", "read_checkpoint",
     "save_checkpoint", "SoftpromptError", "RunLog", "read_metrics", "sweep", "write_report", "nearest_tokens",
-    "prompt_similarity", "Neighbour", "MultiTaskModel", "TaskInfo", "UnknownTask", "BaseMismatch", "__version__",
+    "prompt_similarity", "Neighbour", "MultiTaskModel", "TaskInfo", "UnknownTask", "BaseMismatch", "predict_files",
+    "SoftpromptPredictor", "__version__",
 ]

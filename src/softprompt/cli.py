@@ -16,6 +16,7 @@ import transformers
 import typer
 
 from .assets import BUILTIN_MODELS
+from .batch import predict_files, predict_files_ray
 from .checkpoint import read_checkpoint
 from .data import BUILTIN_DATASETS, to_examples
 from .distributed import main_process
@@ -202,8 +203,9 @@ def _read_inputs(texts: list[str], file: Optional[str]) -> list[str | dict]:
 
 @app.command()
 def predict(
-    checkpoint: str = typer.Argument(..., help="checkpoint folder"),
-    texts: Optional[List[str]] = typer.Argument(None, help="texts to classify (then those of --file and of stdin)"),
+    checkpoint: str = typer.Argument(..., help="checkpoint folder; with --input, CHECKPOINT or NAME=CHECKPOINT"),
+    texts: Optional[List[str]] = typer.Argument(None, help="texts to classify (then those of --file and of stdin); "
+                                                           "with --input, more checkpoints"),
     file: Optional[str] = typer.Option(None, help="one input per line: a text, tab-separated fields, or JSON"),
     model: Optional[str] = typer.Option(None, help="another copy of the same base model"),
     trust_remote_code: bool = TRUST,
@@ -213,8 +215,47 @@ def predict(
     max_new_tokens: int = typer.Option(20, help="with --generate: tokens to generate at most"),
     dtype: Optional[str] = DTYPE,
     device: str = DEVICE,
+    input_: Optional[str] = typer.Option(None, "--input", help="a CSV/TSV/JSONL/Parquet file or a folder of them: "
+                                                               "answer every row into --output"),
+    output: Optional[str] = typer.Option(None, help="with --input: the .jsonl or .parquet file to write, each row "
+                                                    "with its answer, in input order"),
+    task_column: Optional[str] = typer.Option(None, help="with --input: the column naming each row's task "
+                                                         "(default: task; read when there are several)"),
+    chunk_size: int = typer.Option(256, help="with --input: rows read, predicted and written at a time"),
+    resume: bool = typer.Option(False, "--resume", help="with --input: continue an interrupted --output after "
+                                                        "the rows it holds"),
+    answer_prefix: str = typer.Option("", help="with --input: put before the answer columns' names (label, "
+                                               "scores, value, vote, members)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="with --input: a progress bar on stderr"),
+    ray: bool = typer.Option(False, "--ray", help="with --input: answer on Ray Data actors "
+                                                  "(pip install 'softprompt[ray]')"),
+    ray_address: Optional[str] = typer.Option(None, help="with --ray: the cluster to join (auto: the one "
+                                                         "`ray start` began; default: a local Ray)"),
+    concurrency: int = typer.Option(2, help="with --ray: actors, each holding the model"),
 ) -> None:
-    """Classify texts; prints one JSON line per input with the label and per-label scores."""
+    """Classify texts; prints one JSON line per input with the label and per-label scores. With --input, answers
+    every row of files into --output, streaming, resumable, on Ray with --ray."""
+    if input_ or output:
+        if not (input_ and output) or file or generate:
+            raise SoftpromptError("--input and --output go together, without --file or --generate")
+        if resume and ray:
+            raise SoftpromptError("--resume runs without --ray (Ray's readers cannot start mid-file)")
+        _quiet_libraries()
+        common: dict[str, Any] = {
+            "task_column": task_column, "chunk_size": chunk_size, "batch_size": batch_size,
+            "answer_prefix": answer_prefix, "dtype": dtype, "trust_remote_code": trust_remote_code, "base_model": model,
+            "progress": progress, "device": device}
+        checkpoints = [checkpoint, *(texts or [])]
+        if ray:
+            written = predict_files_ray(checkpoints, input_, output, address=ray_address, concurrency=concurrency,
+                                        **common)
+        else:
+            written = predict_files(checkpoints, input_, output, resume=resume, **common)
+        typer.echo(f"{written.output}: {written.rows} rows answered" +
+                   (f" after the {written.skipped} it held" if written.skipped else ""))
+        return
+    if resume or ray:
+        raise SoftpromptError("--resume and --ray go with --input and --output")
     prompted = _load(checkpoint, model, trust_remote_code, dtype, device)
     fields = prompted.task.fields
     items = [dict(zip(fields, i.split("\t"))) if isinstance(i, str) and len(fields) > 1 else i
