@@ -16,6 +16,7 @@ number of rows (`even_shard`) and a rank without rows in a batch runs one at wei
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar, cast
@@ -59,6 +60,7 @@ class Ranks:
             return cls(device=device)
         gpu = device.type == "cuda"
         state = PartialState(cpu=not gpu, backend="nccl" if gpu else "gloo")
+        atexit.register(_close_group)
         sharded = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
         return cls(state.process_index, state.num_processes, state.local_process_index,
                    int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)), sharded, device)
@@ -158,6 +160,14 @@ class Ranks:
         full = sum(p.numel() for p in params)
         return (f"FSDP: rank {self.rank} of {self.world} holds {held:,} of the frozen model's {full:,} weights "
                 f"({sum(len(layers) for _, layers in stacks)} layers sharded)")
+
+
+def _close_group() -> None:
+    """Destroy the process group while the interpreter is still whole: a gloo group left to the interpreter's
+    teardown can abort the process (SIGABRT, "terminate called without an active exception") after a run that
+    succeeded, failing the launcher."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _first_gather_outside_inference(holder: nn.Module, layers: nn.ModuleList) -> None:
