@@ -59,12 +59,14 @@ def test_a_checkpoint_of_the_previous_format_scores_as_it_did(tmp_path):
 @pytest.mark.parametrize("name", ["llama_prompt", "llama_prefix", "llama_ptuning", "llama_head", "bert_mean",
                                   "bert_prefix"])
 def test_a_checkpoint_of_0_2_0_scores_as_it_did(tiny_dirs, name):
-    """Checkpoints softprompt 0.2.0 wrote (before the restructure): the same scores on the same tiny models."""
+    """Checkpoints softprompt 0.2.0 wrote (before the restructure): the same scores on the same tiny models, to
+    fp32 rounding (relative 1e-6: the expected scores were written on another CPU, whose matrix products round
+    the last bits differently; the head's scores, near 70, moved by 1.5e-5 there)."""
     expected = json.loads((LEGACY_V2 / "expected.json").read_text())
     loaded = PromptedTask.from_pretrained(LEGACY_V2 / name, model=tiny_dirs[name.split("_")[0]])
     assert loaded.spec.method == {"prefix": "prefix", "ptuning": "ptuning"}.get(name.split("_")[1], "prompt")
     scores = loaded.scores([Example({"text": t}, None) for t in expected["texts"]])
-    torch.testing.assert_close(scores, torch.tensor(expected[name]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(scores, torch.tensor(expected[name]), atol=1e-6, rtol=1e-6)
 
 
 def test_a_previous_format_decoder_checkpoint_scores_its_prompt_before_the_template(tiny_dirs, tmp_path, tokenizer):
