@@ -14,8 +14,9 @@ whole budget before they are scored, do not spend. Our rows are `softprompt trai
 defaults and `--method`. peft rows follow what a peft user copies: AdamW with linear decay and no warmup, at the
 learning rate of peft's own examples for the method (prompt tuning 3e-2, P-tuning 1e-3, prefix tuning 1e-2,
 LoRA 5e-4); decoders learn the label word with the LM loss (prompt tuning from a text init), encoders a
-classifier head from peft's random init; decoder rows are right-padded and read at each row's last real token. Rows are kept in docs/results.json, and docs/results.md
-is written beside it, so runs of different tasks add up to one table.
+classifier head from peft's random init; decoder rows are right-padded and read at each row's last real token.
+Rows are kept in docs/results.json, and docs/results.md is written beside it, so runs of different tasks add up
+to one table.
 """
 
 from __future__ import annotations

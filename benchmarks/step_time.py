@@ -215,7 +215,8 @@ def rank_throughput(base, tokenizer, p: int, examples, device, batch: int, round
     label_ids = [ids[0] for ids in encoder.label_ids]
     build = lambda k, method="prompt": get_prompt_model(  # noqa: E731
         base, PromptTuningConfig(num_virtual_tokens=k, task_type="CAUSAL_LM", method=method)).to(device)
-    models = {"no prompt": build(0), "concat": build(p), "softprompt": build(p), "softprompt prefix": build(p, "prefix")}
+    models = {"no prompt": build(0), "concat": build(p), "softprompt": build(p),
+              "softprompt prefix": build(p, "prefix")}
     models["concat"].engine.force_off("benchmark: the concatenated sequence")
     runs = {}
     for name, ours in models.items():

@@ -33,7 +33,8 @@ def _encoder(tokenizer) -> TaskEncoder:
 
 
 def _model(base, tokenizer, method: str):
-    config = PromptTuningConfig(num_virtual_tokens=3, task_type=TaskType.CAUSAL_LM, method=method, init=PromptInit.VOCAB)
+    config = PromptTuningConfig(num_virtual_tokens=3, task_type=TaskType.CAUSAL_LM, method=method,
+                                init=PromptInit.VOCAB)
     model = get_prompt_model(base, config, tokenizer, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # trained-looking values, so that nothing passes on an init prompt
         for p in model.prompt.parameters():

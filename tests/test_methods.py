@@ -379,7 +379,8 @@ def test_a_prefix_starts_from_another_prefix_and_a_prompt_run_refuses_one(tiny_l
     source.save_pretrained(tmp_path / "prefix")
     config = PromptTuningConfig(num_virtual_tokens=3, method="prefix", init="file", init_file=str(tmp_path / "prefix"))
     assert torch.equal(get_prompt_model(tiny_llama, config, tokenizer).prompt.weight, source.prompt.weight)
-    with pytest.raises(SoftpromptError, match="holds keys/values at every layer .method prefix.; start a run of the same method"):
+    with pytest.raises(SoftpromptError,
+                       match="holds keys/values at every layer .method prefix.; start a run of the same method"):
         get_prompt_model(tiny_llama, PromptTuningConfig(num_virtual_tokens=3, init="file",
                                                         init_file=str(tmp_path / "prefix")), tokenizer)
     longer = PromptTuningConfig(num_virtual_tokens=5, method="prefix", init="file", init_file=str(tmp_path / "prefix"))

@@ -43,7 +43,8 @@ def decoder_prompts(tiny_dirs, tmp_path_factory):
             "head": random_checkpoint(root / "c", llama, get_task("rotten_tomatoes"), 5, "SEQ_CLS", 3),
             "similarity": random_checkpoint(root / "d", llama, get_task("stsb"), 3, "SEQ_CLS", 4),
             "mean": random_checkpoint(root / "e", llama, get_task("rotten_tomatoes"), 2, "SEQ_CLS", 5, "mean"),
-            "last_mean": random_checkpoint(root / "f", llama, get_task("rotten_tomatoes"), 3, "SEQ_CLS", 6, "last_mean")}
+            "last_mean": random_checkpoint(root / "f", llama, get_task("rotten_tomatoes"), 3, "SEQ_CLS", 6,
+                                           "last_mean")}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,8 @@ def test_majority_vote_and_mean_on_a_constructed_case():
 
 def test_an_ensemble_averages_its_members_in_one_forward(tiny_dirs, tmp_path):
     llama, task = tiny_dirs["llama"], get_task("rotten_tomatoes")
-    members = [random_checkpoint(tmp_path / f"m{i}", llama, task, k, "CAUSAL_LM", 10 + i) for i, k in enumerate((3, 4, 6))]
+    members = [random_checkpoint(tmp_path / f"m{i}", llama, task, k, "CAUSAL_LM", 10 + i)
+               for i, k in enumerate((3, 4, 6))]
     model = MultiTaskModel.from_pretrained({"sentiment": members})
     assert model.tasks()["sentiment"].members == tuple(members)
     results = model.predict([("sentiment", t) for t in TEXTS])
@@ -162,8 +164,9 @@ def test_cli_eval_of_several_checkpoints_reports_members_and_ensemble(tiny_dirs,
     runs = []
     for seed, k in ((1, 3), (2, 5)):
         runs.append(tmp_path / f"run{seed}")
-        assert main(["train", "--model", tiny_dirs["llama"], "--data", tiny_csv, "--max-steps", "2", "--seed", str(seed),
-                     "--prompt-length", str(k), "--no-progress", "--no-baselines", "--output", str(runs[-1])]) == 0
+        assert main(["train", "--model", tiny_dirs["llama"], "--data", tiny_csv, "--max-steps", "2",
+                     "--seed", str(seed), "--prompt-length", str(k), "--no-progress", "--no-baselines",
+                     "--output", str(runs[-1])]) == 0
     capsys.readouterr()
     alone = []
     for run in runs:

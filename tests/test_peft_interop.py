@@ -119,7 +119,8 @@ def test_trained_checkpoint_round_trip_is_bit_identical(tiny_dirs, tiny_csv, tmp
     assert main(["export", str(best), str(tmp_path / "peft"), "--format", "peft"]) == 0
     assert main(["import", str(tmp_path / "peft"), str(tmp_path / "back")]) == 0
     assert "peft adapter: " in capsys.readouterr().out
-    before, after = load_file(str(best / "prompt.safetensors")), load_file(str(tmp_path / "back" / "prompt.safetensors"))
+    before = load_file(str(best / "prompt.safetensors"))
+    after = load_file(str(tmp_path / "back" / "prompt.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert read_checkpoint(best).spec == read_checkpoint(tmp_path / "back").spec
     examples = to_examples([{"text": t} for t in TEXTS], ("text",))
