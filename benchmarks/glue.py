@@ -73,6 +73,7 @@ LORA_TARGETS = {"smollm2-135m": ["q_proj", "v_proj"], "minilm-l6": ["query", "va
 # rows since issue 33: peft at our row's precision and batch size, and a seed and budget kind in every row; the
 # table shows a group's rows of the newest format only, so older single runs give way as new ones land
 ROW_FORMAT = 2
+RAW_METRICS = ("pearson", "spearman", "mcc")  # shown as they are; the others as percentages
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -238,7 +239,7 @@ def spread(members: list[dict], metric: str) -> tuple[float, float | None]:
 
 
 def _cell(mean: float, sd: float | None, metric: str) -> str:
-    scale, digits = (1, 4) if metric in ("pearson", "spearman", "mcc") else (100, 2)
+    scale, digits = (1, 4) if metric in RAW_METRICS else (100, 2)
     return f"{scale * mean:.{digits}f}" + ("" if sd is None else f" ± {scale * sd:.{digits}f}")
 
 
@@ -247,7 +248,7 @@ def verdict(a: str, b: str, first: list[dict], second: list[dict], metric: str) 
     deviations; otherwise the line says why no winner is named."""
     (mean_a, sd_a), (mean_b, sd_b) = spread(first, metric), spread(second, metric)
     seeds = f"{len(first)} and {len(second)} seeds"
-    unit = metric if metric in ("pearson", "spearman", "mcc") else f"points of {metric}"
+    unit = metric if metric in RAW_METRICS else f"points of {metric}"
     if sd_a is None or sd_b is None:
         return f"{a} against {b}: no claim, single runs ({seeds})"
     gap = mean_a - mean_b
