@@ -48,6 +48,7 @@ import transformers
 from softprompt.assets import describe_model, load_backbone, resolve_model
 from softprompt.checkpoint import read_checkpoint
 from softprompt.config import TaskType
+from softprompt.data import Example, Splits
 from softprompt.encoding import TaskEncoder, collate, pad
 from softprompt.metrics import compute_metrics
 from softprompt.spec import resolve
@@ -123,7 +124,28 @@ def _stored(checkpoint: Path) -> int:
     return sum(t.numel() for f in checkpoint.glob("*.safetensors") for t in load_file(str(f)).values())
 
 
+@dataclass
+class PeftRun:
+    """A trained peft model and what scoring it needs."""
+    net: torch.nn.Module
+    encoder: TaskEncoder
+    kind: TaskType
+    splits: Splits
+    row: dict  # steps, seconds, parameters, precision and batch size
+
+    def score(self, examples: list[Example]) -> dict[str, float]:
+        """The task's metrics on labelled `examples` (the dev split, or another set of the same labels)."""
+        return compute_metrics(self.encoder.task.metrics, _peft_predict(self.net, self.encoder, examples, self.kind),
+                               [e.label for e in examples])
+
+
 def peft_run(method: str, cfg: TrainConfig, budget: Budget) -> dict:
+    """peft's `method` trained as its users do, for the budget, scored on the dev split."""
+    run = peft_train(method, cfg, budget)
+    return {"metrics": run.score(run.splits.dev), **run.row}
+
+
+def peft_train(method: str, cfg: TrainConfig, budget: Budget) -> PeftRun:
     """peft's `method` trained as its users do, for the budget, at the precision and batch size the resolver
     picks for our row of the same settings `cfg`."""
     task = get_task(cfg.task)
@@ -160,11 +182,9 @@ def peft_run(method: str, cfg: TrainConfig, budget: Budget) -> dict:
         optimizer.zero_grad(set_to_none=True)
         steps += 1
         elapsed += time.perf_counter() - start
-    metrics = compute_metrics(task.metrics, _peft_predict(net, encoder, splits.dev, kind),
-                              [e.label for e in splits.dev])
     count = sum(p.numel() for p in params)
-    return {"metrics": metrics, "steps": steps, "seconds": elapsed, "params": count, "stored": count,
-            "precision": spec.precision, "batch_size": spec.batch_size}
+    return PeftRun(net, encoder, kind, splits, {"steps": steps, "seconds": elapsed, "params": count, "stored": count,
+                                                "precision": spec.precision, "batch_size": spec.batch_size})
 
 
 def _peft_config(method: str, model: str, task, kind: TaskType, prompt_length: int):

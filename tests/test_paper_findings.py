@@ -1,0 +1,68 @@
+"""docs/paper.md's verdicts (benchmarks/paper.py): a finding holds only where the gap it rests on exceeds the
+five-seed spread, and the transfer table scores only texts no model trained on."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from softprompt.data import Example
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper.py"
+
+
+@pytest.fixture(scope="module")
+def paper():
+    spec = importlib.util.spec_from_file_location("paper_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_length_holds_only_when_one_token_is_clearly_worse_and_longer_adds_within_noise(paper):
+    row = {1: 0.70, 5: 0.78, 20: 0.80, 100: 0.805, 150: 0.802}
+    assert "Holds" in paper._length_finding("m", row, sd=0.01)
+    assert "Does not hold" in paper._length_finding("m", {**row, 150: 0.85}, sd=0.01)  # 150 adds 5 points
+    assert "Does not hold" in paper._length_finding("m", {**row, 1: 0.795}, sd=0.01)  # one token is level
+    assert "one token is level with 20" in paper._length_finding("m", {**row, 1: 0.795}, sd=0.01)
+
+
+def test_init_needs_class_labels_ahead_of_random_beyond_the_spread(paper):
+    row = {"random": 0.70, "vocab": 0.75, "class_labels": 0.80, "text": 0.78}
+    assert "Holds" in paper._init_finding("m", row, sd=0.02)
+    assert "class_labels 80.00 > text 78.00 > vocab 75.00 > random 70.00" in paper._init_finding("m", row, sd=0.02)
+    assert "Does not hold" in paper._init_finding("m", {**row, "random": 0.79}, sd=0.02)
+
+
+def test_ensemble_verdict_reads_the_vote_against_the_best_and_the_average(paper):
+    members = [0.80, 0.82, 0.81, 0.79, 0.83]
+    assert paper._ensemble_finding("m", {"members": members, "majority_vote": 0.84, "mean_probability": 0.835}) \
+        .split(". ")[1].startswith("Holds:")
+    assert "Holds in part" in paper._ensemble_finding("m", {"members": members, "majority_vote": 0.82,
+                                                            "mean_probability": 0.825})
+    assert "Does not hold" in paper._ensemble_finding("m", {"members": members, "majority_vote": 0.80,
+                                                            "mean_probability": 0.805})
+
+
+def scores(sst2: float, rotten: float) -> dict:
+    return {"sst2 unseen": {"accuracy": sst2}, "rotten_tomatoes unseen": {"accuracy": rotten}}
+
+
+def test_transfer_compares_each_methods_drop_on_the_other_set(paper):
+    row = {"prompt:sst2": scores(0.85, 0.80), "prompt:rotten_tomatoes": scores(0.82, 0.84),
+           "lora:sst2": scores(0.90, 0.78), "lora:rotten_tomatoes": scores(0.80, 0.88)}
+    text = paper._transfer_finding("m", row, sd=0.01)
+    assert "prompt tuning drops 5.00 points, LoRA 12.00" in text and "Holds:" in text
+    level = {**row, "lora:rotten_tomatoes": scores(0.805, 0.84)}  # LoRA drops 3.5, prompt 2: within 0.02
+    assert "Holds in one direction" in paper._transfer_finding("m", level, sd=0.02)
+
+
+def test_unseen_drops_texts_equal_in_letters_and_digits_to_a_trained_one(paper):
+    trained = [Example({"sentence": "a gorgeous , moving film"}, 1), Example({"text": "Dull, dull, dull."}, 0)]
+    rows = [Example({"sentence": "dull , dull , dull ."}, 0), Example({"sentence": "fine"}, 1),
+            Example({"text": "A gorgeous, moving film!"}, 1)]
+    assert paper.unseen(rows, trained) == [rows[1]]
