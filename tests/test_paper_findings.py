@@ -3,24 +3,16 @@ five-seed spread, and the transfer table scores only texts no model trained on."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from softprompt.data import Example
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper.py"
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def paper():
-    spec = importlib.util.spec_from_file_location("paper_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paper")
 
 
 def test_length_holds_only_when_one_token_is_clearly_worse_and_longer_adds_within_noise(paper):

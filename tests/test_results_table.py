@@ -3,22 +3,14 @@ both standard deviations, older-format rows giving way to newer ones of the same
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-GLUE_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "glue.py"
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def glue():
-    spec = importlib.util.spec_from_file_location("glue_benchmark", GLUE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("glue")
 
 
 def row(method: str, accuracy: float, seed: int = 0, match: str = "time", budget: float = 900.0,
