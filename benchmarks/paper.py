@@ -226,24 +226,15 @@ def write(path: Path, results: dict, paper: Paper, yardstick: dict[str, float | 
                                         if sd is not None) + ".", ""]
     findings: list[str] = []
     if "length" in results:
-        lines += ["## Prompt length", "", f"Paper: {PAPER['length']}", "",
-                  "| model | " + " | ".join(f"{n} tokens" for n in LENGTHS) + " |",
-                  "|---|" + "---|" * len(LENGTHS)]
-        for model, row in results["length"].items():
-            lines.append(f"| {model} | " + " | ".join(pts(row[n]) for n in LENGTHS) + " |")
-            findings.append(_length_finding(model, row, yardstick.get(model)))
-        lines.append("")
+        lines += _sweep("Prompt length", "length", [], LENGTHS, [f"{n} tokens" for n in LENGTHS],
+                        results["length"], _length_finding, yardstick, findings)
     if "init" in results:
-        lines += ["## Initialisation (20 tokens)", "", f"Paper: {PAPER['init']}", "",
-                  "random: uniform in [-0.5, 0.5], the paper's; vocab: embeddings of tokens sampled from the 5,000 "
-                  "most frequent in the training texts (the paper: T5's 5,000 most common); class_labels: the "
-                  "label words' embeddings, the rest sampled vocabulary, the paper's; text: the task's instruction "
-                  "('Sentiment analysis of movie reviews.'), peft's addition.", "",
-                  "| model | " + " | ".join(INITS) + " |", "|---|" + "---|" * len(INITS)]
-        for model, row in results["init"].items():
-            lines.append(f"| {model} | " + " | ".join(pts(row[name]) for name in INITS) + " |")
-            findings.append(_init_finding(model, row, yardstick.get(model)))
-        lines.append("")
+        note = ["random: uniform in [-0.5, 0.5], the paper's; vocab: embeddings of tokens sampled from the 5,000 "
+                "most frequent in the training texts (the paper: T5's 5,000 most common); class_labels: the label "
+                "words' embeddings, the rest sampled vocabulary, the paper's; text: the task's instruction "
+                "('Sentiment analysis of movie reviews.'), peft's addition.", ""]
+        lines += _sweep("Initialisation (20 tokens)", "init", note, INITS, list(INITS), results["init"],
+                        _init_finding, yardstick, findings)
     if "ensemble" in results:
         lines += ["## Prompt ensembles (five seeds, one batched forward)", "", f"Paper: {PAPER['ensemble']}", "",
                   "| model | members | mean ± sd | best | ensemble, mean probability | ensemble, majority vote |",
@@ -285,6 +276,18 @@ def write(path: Path, results: dict, paper: Paper, yardstick: dict[str, float | 
         lines.append("")
     lines += ["## What holds at 22M-135M parameters", ""] + [f"- {f}" for f in findings] + [""]
     path.write_text("\n".join(lines))
+
+
+def _sweep(title: str, experiment: str, note: list[str], values: tuple, headers: list[str], rows: dict,
+           finding, yardstick: dict[str, float | None], findings: list[str]) -> list[str]:
+    """One factor's table (a model per row, a value of the factor per column); each model's finding is added to
+    `findings`."""
+    lines = [f"## {title}", "", f"Paper: {PAPER[experiment]}", "", *note,
+             "| model | " + " | ".join(headers) + " |", "|---|" + "---|" * len(values)]
+    for model, row in rows.items():
+        lines.append(f"| {model} | " + " | ".join(pts(row[value]) for value in values) + " |")
+        findings.append(finding(model, row, yardstick.get(model)))
+    return lines + [""]
 
 
 def _level(gap: float, sd: float | None) -> bool:

@@ -3,6 +3,8 @@ five-seed spread, and the transfer table scores only texts no model trained on."
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from softprompt.data import Example
@@ -21,6 +23,20 @@ def test_length_holds_only_when_one_token_is_clearly_worse_and_longer_adds_withi
     assert "Does not hold" in paper._length_finding("m", {**row, 150: 0.85}, sd=0.01)  # 150 adds 5 points
     assert "Does not hold" in paper._length_finding("m", {**row, 1: 0.795}, sd=0.01)  # one token is level
     assert "one token is level with 20" in paper._length_finding("m", {**row, 1: 0.795}, sd=0.01)
+
+
+def test_the_length_and_init_tables_put_a_model_per_row_and_its_finding_under_every_table(paper, tmp_path):
+    results = {"length": {"m": {1: 0.70, 5: 0.78, 20: 0.80, 100: 0.805, 150: 0.802}},
+               "init": {"m": {"random": 0.70, "vocab": 0.75, "class_labels": 0.80, "text": 0.78}}}
+    out = tmp_path / "paper.md"
+    paper.write(out, results, SimpleNamespace(steps={"m": 500}), {"m": 0.01}, "python benchmarks/paper.py")
+    text = out.read_text()
+    assert "| model | 1 tokens | 5 tokens | 20 tokens | 100 tokens | 150 tokens |" in text
+    assert "| m | 70.00 | 78.00 | 80.00 | 80.50 | 80.20 |" in text
+    init_table = "| model | random | vocab | class_labels | text |\n|---|---|---|---|---|\n"
+    assert init_table + "| m | 70.00 | 75.00 | 80.00 | 78.00 |" in text
+    assert text.index("## Prompt length") < text.index("## Initialisation") < text.index("## What holds")
+    assert text.split("## What holds")[1].count("\n- ") == 2
 
 
 def test_init_needs_class_labels_ahead_of_random_beyond_the_spread(paper):
