@@ -177,7 +177,10 @@ def main() -> None:
     parser.add_argument("--pooling", choices=["cls", "mean", "last_mean"], help="override how the head reads the model")
     parser.add_argument("--truncation", choices=["head", "head_tail"], help="override what of a long text is kept")
     args = parser.parse_args()
-    seeds = [int(seed) for seed in args.seeds.split(",")]
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2")
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("task_type", args.task_type), ("bf16", args.bf16),
                                    ("max_length", args.max_length), ("pooling", args.pooling),
                                    ("truncation", args.truncation)) if v is not None}
