@@ -44,7 +44,6 @@ INITS = ("random", "vocab", "class_labels", "text")
 ENSEMBLE_SEEDS = (0, 1, 2, 3, 4)
 EXPERIMENTS = ("length", "init", "ensemble", "transfer")
 SETS = {"sst2": "SST-2 dev", "rotten_tomatoes": "Rotten Tomatoes test"}
-TRAINED_ON = {"sst2": "SST-2 train", "rotten_tomatoes": "Rotten Tomatoes train"}
 UNSEEN = " unseen"  # a scored set less the texts that either set's training texts contain
 # what the paper reports for each experiment (T5, SuperGLUE dev; section 3.2, figure 3, tables 1-3)
 PAPER = {
