@@ -299,6 +299,9 @@ def _length_finding(model: str, row: dict, sd: float | None) -> str:
              f"one token is {pts(abs(short))} points {'under' if short < 0 else 'over'} 20")
     beyond = ("longer prompts than 20 add nothing beyond one seed's spread" if _level(base, sd) or base < 0 else
               f"the best longer prompt adds {pts(base)} points to 20 tokens")
+    worst = min((100, 150), key=lambda length: row[length])
+    if row[worst] < row[20] and not _level(row[worst] - row[20], sd):
+        beyond += f", though {worst} tokens, one run, falls {pts(row[20] - row[worst])} points under 20"
     holds = (short < 0 and not _level(short, sd)) and (_level(base, sd) or base < 0)
     return (f"Length, {model}: {first}; {beyond} (150 tokens: {pts(long_):s} against 20). "
             f"{'Holds' if holds else 'Does not hold as stated'}: the paper has more than one token matter at small "

@@ -23,6 +23,9 @@ def test_length_holds_only_when_one_token_is_clearly_worse_and_longer_adds_withi
     assert "Does not hold" in paper._length_finding("m", {**row, 150: 0.85}, sd=0.01)  # 150 adds 5 points
     assert "Does not hold" in paper._length_finding("m", {**row, 1: 0.795}, sd=0.01)  # one token is level
     assert "one token is level with 20" in paper._length_finding("m", {**row, 1: 0.795}, sd=0.01)
+    dip = paper._length_finding("m", {**row, 100: 0.72}, sd=0.01)  # a longer prompt far under 20 is named
+    assert "Holds" in dip and "100 tokens, one run, falls 8.00 points under 20" in dip
+    assert "falls" not in paper._length_finding("m", row, sd=0.01)
 
 
 def test_the_length_and_init_tables_put_a_model_per_row_and_its_finding_under_every_table(paper, tmp_path):
